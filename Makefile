@@ -1,0 +1,29 @@
+# make demo   set up .venv if needed, then run the offline main job end to end
+# make test   set up .venv if needed, then lint and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: env demo test lint bench-ingest clean-demo
+
+env:
+	@bash scripts/setup_env.sh $(VENV)
+
+demo: env
+	@bash scripts/demo.sh $(VENV)
+
+test: env
+	$(VENV)/bin/ruff check tapir_ray tests benchmarks
+	$(PY) -m pytest -q tests
+
+lint: env
+	$(VENV)/bin/ruff check tapir_ray tests benchmarks
+	$(VENV)/bin/ruff format --check tapir_ray tests benchmarks
+
+bench-ingest: env
+	$(PY) benchmarks/ingest_throughput.py --rows 100000 1000000
+
+clean-demo:
+	rm -rf runs/demo

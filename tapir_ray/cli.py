@@ -1,0 +1,141 @@
+"""The `tapir-ray` command line. Configuration lives in YAML files, not in flags.
+
+tapir-ray config validate FILE     check a config; one line per problem
+tapir-ray config show FILE         the resolved config, secrets redacted
+tapir-ray ingest POOL... --out DIR [--config FILE]
+tapir-ray doctor [--config FILE]   what this machine and cluster can run
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from tapir_ray.config import Config, ConfigError, load_config
+
+
+class UsageError(Exception):
+    """A problem the user can fix, reported as one line without a traceback."""
+
+
+def _load(path: str | None) -> Config:
+    return load_config(path) if path else Config()
+
+
+# --- config --------------------------------------------------------------------------------------
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    cfg = load_config(args.file)
+    algo = cfg.curriculum.algorithm
+    print(f"{args.file}: valid ({algo}, run dir {cfg.run.dir}, student {cfg.student.model})")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    sys.stdout.write(load_config(args.file).to_yaml())
+    return 0
+
+
+# --- ingest --------------------------------------------------------------------------------------
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from tapir_ray.ingest import IngestError, ingest
+    from tapir_ray.runtime import ensure_ray
+
+    cfg = _load(args.config)
+    pool = cfg.pool.model_copy(update={"paths": list(args.pool)})
+    if args.limit is not None:
+        pool = pool.model_copy(update={"limit": args.limit})
+    ensure_ray(cfg.resources)
+    try:
+        summary = ingest(pool, args.out, block_rows=cfg.resources.ingest_batch_size)
+    except IngestError as exc:
+        raise UsageError(str(exc)) from None
+    print(summary.table())
+    return 0 if summary.reconciles else 1
+
+
+# --- doctor --------------------------------------------------------------------------------------
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from tapir_ray.doctor import run_doctor
+
+    cfg = _load(args.config)
+    return run_doctor(cfg, check_endpoints=not args.no_endpoints)
+
+
+# --- entry point ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tapir-ray",
+        description="Distil a teacher LLM into a student with TAPIR or CITING on Ray.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = sub.add_parser("config", help="validate or show a config file")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    p = config_sub.add_parser("validate", help="check a config file; one line per problem")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_config_validate)
+    p = config_sub.add_parser(
+        "show", help="print the resolved config (defaults filled in, secrets redacted)"
+    )
+    p.add_argument("file")
+    p.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser(
+        "ingest", help="read pool files into canonical rows; prints reconciled counts"
+    )
+    p.add_argument(
+        "pool",
+        nargs="+",
+        help="files or folders (JSON, JSONL, Parquet, CSV, saved HF dataset) or bundled:alpaca-5k",
+    )
+    p.add_argument("--out", required=True, help="output folder (local path or fsspec URL)")
+    p.add_argument("--config", help="take pool.format, schema, columns, limits from this config")
+    p.add_argument("--limit", type=int, help="read at most this many rows")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser(
+        "doctor", help="report Ray, GPUs, student engines, bundled assets and endpoints"
+    )
+    p.add_argument("--config", help="also check this config's endpoints")
+    p.add_argument("--no-endpoints", action="store_true", help="skip the endpoint checks")
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")):
+        os.environ.setdefault(name, value)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"tapir-ray: {exc.source}: {problem}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"tapir-ray: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tapir-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Run-directory I/O for local paths and fsspec URLs (s3://, gs://, ...) alike.
+
+Small JSON files (state, summaries, metrics) are written atomically: to a temporary name, then
+renamed, so a reader never sees half a file and a killed writer leaves the previous version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+
+
+def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for p in parts:
+        out += "/" + p.strip("/")
+    return out
+
+
+def exists(url: str) -> bool:
+    fs, path = fs_and_path(url)
+    return fs.exists(path)
+
+
+def makedirs(url: str) -> None:
+    fs, path = fs_and_path(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def remove(url: str) -> None:
+    fs, path = fs_and_path(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def write_text_atomic(url: str, text: str) -> None:
+    fs, path = fs_and_path(url)
+    parent = path.rsplit("/", 1)[0] if "/" in path else "."
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    if (
+        fs.protocol in ("file", ("file", "local"))
+        or isinstance(fs.protocol, tuple)
+        and "file" in fs.protocol
+    ):
+        os.replace(tmp, path)  # atomic on POSIX
+    else:
+        fs.mv(tmp, path)  # object stores: a put is atomic per object; mv = copy + delete
+
+
+def read_text(url: str) -> str:
+    fs, path = fs_and_path(url)
+    with fs.open(path, "r", encoding="utf-8") as f:
+        return f.read()
+
+
+def write_json_atomic(url: str, data: Any) -> None:
+    write_text_atomic(url, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_text(url))
+
+
+def mark_success(stage_dir: str, info: dict[str, Any] | None = None) -> None:
+    write_json_atomic(join(stage_dir, "_SUCCESS"), info or {})
+
+
+def is_done(stage_dir: str) -> bool:
+    return exists(join(stage_dir, "_SUCCESS"))

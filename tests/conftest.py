@@ -1,0 +1,50 @@
+"""Shared fixtures: one local Ray cluster for the session, offline settings, a fresh asset cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def asset_cache(tmp_path_factory) -> Path:
+    """A cache directory fresh for this session, so the real GGUF conversion runs once per session."""
+    path = tmp_path_factory.mktemp("tapir-ray-cache")
+    os.environ["TAPIR_RAY_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(asset_cache):
+    """A real local Ray cluster (2 CPUs) shared by every test of the session."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"TAPIR_RAY_CACHE": str(asset_cache), "HF_HUB_OFFLINE": "1"}},
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def run_cli(
+    *args: str, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Runs `tapir-ray ARGS` as a user would, in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "tapir_ray.cli", *args],
+        capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO,
+    )  # fmt: skip

@@ -1,0 +1,366 @@
+"""Streaming ingest through a real local Ray cluster: formats, schemas, quarantine, dedup, decontamination."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tapir_ray.config import PoolConfig
+from tapir_ray.ingest import IngestError, ingest, normalize_text, read_pool, row_id
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.timeout(300)
+
+ALPACA = [
+    {
+        "instruction": "Give three tips for staying healthy.",
+        "input": "",
+        "output": "Eat well, sleep, move.",
+    },
+    {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+    {"instruction": "What is 2 + 2?", "input": "", "output": "4"},
+]
+
+
+def run_ingest(tmp_path: Path, paths, **pool) -> tuple:
+    pool.setdefault("decontaminate_against", [])
+    summary = ingest(PoolConfig(paths=[str(p) for p in paths], **pool), str(tmp_path / "out"))
+    rows = sorted(read_pool(str(tmp_path / "out")).take_all(), key=lambda r: r["order"])
+    return summary, rows
+
+
+def quarantine(tmp_path: Path) -> list[dict]:
+    folder = tmp_path / "out" / "quarantine"
+    return [
+        json.loads(line)
+        for f in sorted(folder.glob("*.json*"))
+        for line in f.read_text().splitlines()
+    ]
+
+
+def write_jsonl(path: Path, records, extra_lines: tuple[bytes, ...] = ()) -> Path:
+    with path.open("wb") as f:
+        for r in records:
+            f.write(json.dumps(r).encode() + b"\n")
+        for line in extra_lines:
+            f.write(line + b"\n")
+    return path
+
+
+# --- formats ---------------------------------------------------------------------------------------
+
+
+def _as_json(path, records):
+    path.write_text(json.dumps(records))
+
+
+def _as_jsonl(path, records):
+    write_jsonl(path, records)
+
+
+def _as_parquet(path, records):
+    pd.DataFrame(records).to_parquet(path)
+
+
+def _as_csv(path, records):
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def _as_hf(path, records):
+    import datasets
+
+    datasets.Dataset.from_list(records).save_to_disk(str(path))
+
+
+def _as_hf_dict(path, records):
+    import datasets
+
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(records),
+            "test": datasets.Dataset.from_list(records[:1]),
+        }
+    ).save_to_disk(str(path))
+
+
+@pytest.mark.parametrize(
+    ("suffix", "writer"),
+    [
+        (".json", _as_json),
+        (".jsonl", _as_jsonl),
+        (".parquet", _as_parquet),
+        (".csv", _as_csv),
+        ("", _as_hf),
+        ("", _as_hf_dict),
+    ],
+    ids=["json", "jsonl", "parquet", "csv", "hf-dataset", "hf-datasetdict-train"],
+)
+def test_every_format_gives_the_same_canonical_rows(ray_cluster, tmp_path, suffix, writer):
+    path = tmp_path / f"pool{suffix}"
+    writer(path, ALPACA)
+    summary, rows = run_ingest(tmp_path, [path])
+    assert (summary.read, summary.kept, summary.quarantined) == (3, 3, 0)
+    assert [r["instruction"] for r in rows] == [r["instruction"] for r in ALPACA]
+    assert [r["input"] for r in rows] == ["", "Good morning", ""]
+    assert [r["output"] for r in rows] == [r["output"] for r in ALPACA]
+    assert [r["id"] for r in rows] == [row_id(r["instruction"], r["input"]) for r in ALPACA]
+    assert rows[1]["origin"].endswith(":2") and all(r["source"] == "seed" for r in rows)
+
+
+def test_a_folder_of_mixed_files_is_read_in_name_order(ray_cluster, tmp_path):
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    _as_jsonl(folder / "b.jsonl", ALPACA[1:])
+    _as_parquet(folder / "a.parquet", ALPACA[:1])
+    (folder / "README.txt").write_text("not a pool file")
+    summary, rows = run_ingest(tmp_path, [folder])
+    assert summary.files == 2 and summary.kept == 3
+    assert [r["instruction"] for r in rows] == [r["instruction"] for r in ALPACA]
+
+
+def test_bundled_alpaca_sample_ingests(ray_cluster, tmp_path):
+    summary = ingest(PoolConfig(paths=["bundled:alpaca-5k"]), str(tmp_path / "out"))
+    assert summary.read == 5000 and summary.reconciles
+    assert summary.kept + summary.duplicates + summary.decontaminated == 5000
+
+
+# --- schemas ----------------------------------------------------------------------------------------
+
+
+def test_openai_messages_and_sharegpt_schemas(ray_cluster, tmp_path):
+    records = [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+                      {"role": "assistant", "content": "Blue."}]},
+        {"conversations": [{"from": "human", "value": "Name a fruit."}, {"from": "gpt", "value": "Apple."}]},
+        {"messages": [{"role": "user", "content": "No answer yet."}]},
+    ]  # fmt: skip
+    summary, rows = run_ingest(tmp_path, [write_jsonl(tmp_path / "chat.jsonl", records)])
+    assert summary.kept == 3
+    assert [(r["instruction"], r["output"]) for r in rows] == [
+        ("Name a colour.", "Blue."), ("Name a fruit.", "Apple."), ("No answer yet.", None)
+    ]  # fmt: skip
+
+
+def test_explicit_column_mapping(ray_cluster, tmp_path):
+    records = [
+        {"prompt": "Sum 1 and 2.", "context": "", "response": "3"},
+        {"prompt": "Spell cat.", "response": "c-a-t"},
+    ]
+    path = write_jsonl(tmp_path / "mapped.jsonl", records)
+    columns = {"instruction": "prompt", "input": "context", "output": "response"}
+    summary, rows = run_ingest(tmp_path, [path], schema="columns", columns=columns)
+    assert summary.kept == 2
+    assert [(r["instruction"], r["output"]) for r in rows] == [
+        ("Sum 1 and 2.", "3"),
+        ("Spell cat.", "c-a-t"),
+    ]
+
+
+# --- quarantine ------------------------------------------------------------------------------------
+
+
+def test_every_bad_row_class_lands_in_quarantine_with_its_reason(ray_cluster, tmp_path):
+    good = {"instruction": "A good row.", "input": "", "output": "ok"}
+    records = [
+        good,
+        {"input": "no instruction"},                                   # 2 missing
+        {"instruction": "   ", "output": "x"},                         # 3 empty
+        {"instruction": ["a", "list"]},                                # 4 non-string
+        {"instruction": "fine", "input": 7},                           # 5 non-string input
+        {"instruction": "x" * 300},                                    # 6 over max_chars
+        {"messages": [{"role": "assistant", "content": "no user"}]},   # 7 no user turn
+        ["not", "an", "object"],                                       # 8 not an object
+    ]  # fmt: skip
+    path = write_jsonl(
+        tmp_path / "bad.jsonl",
+        records,
+        extra_lines=(
+            b'{"instruction": "broken',
+            b'{"instruction": "caf\xe9 latin-1 byte"}',
+        ),  # 9, 10
+    )
+    summary, rows = run_ingest(tmp_path, [path], max_chars=200)
+    assert summary.reconciles
+    assert (summary.read, summary.kept, summary.quarantined) == (10, 1, 9)
+    reasons = {q["origin"].rsplit(":", 1)[1]: q["reason"] for q in quarantine(tmp_path)}
+    assert reasons == {
+        "2": "missing field 'instruction'",
+        "3": "field 'instruction' is empty",
+        "4": "field 'instruction' is list, expected a string",
+        "5": "field 'input' is int, expected a string",
+        "6": "instruction + input is 300 characters, over pool.max_chars (200)",
+        "7": "field 'messages' has no user turn",
+        "8": "record is list, expected an object",
+        "9": reasons["9"],
+        "10": "field 'instruction' holds undecodable text (invalid UTF-8)",
+    }
+    assert reasons["9"].startswith("unparsable JSON line")
+    assert all(q["origin"].startswith(str(path)) for q in quarantine(tmp_path))
+    assert sum(summary.quarantine_reasons.values()) == 9
+
+
+def test_csv_row_with_wrong_field_count_is_quarantined(ray_cluster, tmp_path):
+    path = tmp_path / "pool.csv"
+    path.write_text('instruction,input,output\n"Fine row",,ok\n"Too many",a,b,c\n')
+    summary, rows = run_ingest(tmp_path, [path])
+    assert (summary.kept, summary.quarantined) == (1, 1)
+    assert quarantine(tmp_path)[0]["reason"] == "CSV row has 4 fields, the header has 3"
+
+
+# --- ids, dedup, decontamination -------------------------------------------------------------------
+
+
+def test_id_is_a_stable_hash_of_normalised_text():
+    assert row_id("Say  hello.", "") == row_id("say hello.", "") == row_id("\tSAY hello. ", None)
+    assert row_id("Say hello.", "in French") != row_id("Say hello.", "")
+    assert normalize_text("Ｆｕｌｌ\u00a0width") == "full width"
+
+
+def test_id_value_is_pinned():
+    # A change to normalisation or hashing would silently re-key every run directory.
+    import hashlib
+
+    expected = hashlib.sha256(b"give three tips for staying healthy.\n\x00").hexdigest()[:24]
+    assert row_id("Give three tips for staying healthy.") == expected
+
+
+def test_exact_duplicates_keep_the_first(ray_cluster, tmp_path):
+    first = tmp_path / "a.jsonl"
+    second = tmp_path / "b.jsonl"
+    write_jsonl(
+        first,
+        [
+            {"instruction": "Repeat me.", "output": "first"},
+            {"instruction": "Other.", "output": "o"},
+        ],
+    )
+    write_jsonl(
+        second,
+        [
+            {"instruction": "repeat   ME.", "output": "second"},
+            {"instruction": "Repeat me.", "output": "third"},
+        ],
+    )
+    summary, rows = run_ingest(tmp_path, [first, second])
+    assert (summary.read, summary.kept, summary.duplicates) == (4, 2, 2)
+    kept = {r["instruction"]: r for r in rows}
+    assert kept["Repeat me."]["output"] == "first" and kept["Repeat me."]["origin"] == f"{first}:1"
+
+
+def test_rows_matching_evaluation_prompts_are_removed(ray_cluster, tmp_path):
+    mt_bench_turn = (
+        "Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural "
+        "experiences and must-see attractions."
+    )
+    records = [
+        {"instruction": mt_bench_turn.upper()},
+        {"instruction": "Keep me."},
+        {"instruction": "Solve it", "input": "x+1=2"},
+    ]
+    evals = write_jsonl(tmp_path / "evals.jsonl", [{"instruction": "Solve it", "input": "x+1=2"}])
+    path = write_jsonl(tmp_path / "pool.jsonl", records)
+    summary, rows = run_ingest(
+        tmp_path, [path], decontaminate_against=["bundled:mt-bench", str(evals)]
+    )
+    assert (summary.kept, summary.decontaminated) == (1, 2) and summary.reconciles
+    assert [r["instruction"] for r in rows] == ["Keep me."]
+
+
+def test_a_rerun_into_the_same_folder_does_not_double_rows(ray_cluster, tmp_path):
+    path = write_jsonl(tmp_path / "pool.jsonl", ALPACA)
+    run_ingest(tmp_path, [path])
+    summary, rows = run_ingest(tmp_path, [path])
+    assert summary.kept == 3 and len(rows) == 3
+
+
+# --- errors a user sees ------------------------------------------------------------------------------
+
+
+def test_unknown_format_and_missing_file_are_one_line_errors(ray_cluster, tmp_path):
+    odd = tmp_path / "pool.xml"
+    odd.write_text("<rows/>")
+    with pytest.raises(IngestError, match=r"pool\.xml: unknown format"):
+        run_ingest(tmp_path, [odd])
+    with pytest.raises(IngestError, match=r"missing\.jsonl: no such file or folder"):
+        run_ingest(tmp_path, [tmp_path / "missing.jsonl"])
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"instruction": "a"},\n {"instruction": ')
+    with pytest.raises(IngestError, match=r"broken\.json: invalid JSON at line 2"):
+        run_ingest(tmp_path, [broken])
+
+
+def test_cli_ingest_prints_reconciled_counts(ray_cluster, tmp_path):
+    import ray
+
+    path = write_jsonl(tmp_path / "pool.jsonl", [*ALPACA, ALPACA[0]], extra_lines=(b"{oops",))
+    address = ray.get_runtime_context().gcs_address
+    result = run_cli(
+        "ingest", str(path), "--out", str(tmp_path / "cli-out"), env={"RAY_ADDRESS": address}
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = result.stdout
+    assert "read                       5" in table and "kept                       3" in table
+    assert "duplicates                 1" in table and "quarantined                1" in table
+    assert "read = kept + duplicates + decontaminated + quarantined: yes" in table
+
+    bad = run_cli(
+        "ingest",
+        str(tmp_path / "nope.parquet"),
+        "--out",
+        str(tmp_path / "x"),
+        env={"RAY_ADDRESS": address},
+    )
+    assert bad.returncode == 2
+    assert (
+        bad.stderr.strip().splitlines()[-1]
+        == f"tapir-ray: error: {tmp_path / 'nope.parquet'}: no such file or folder"
+    )
+
+
+# --- memory ----------------------------------------------------------------------------------------------
+
+
+def test_streaming_ingest_keeps_driver_memory_bounded(ray_cluster, tmp_path):
+    """A pool ~10× larger than the allowed driver growth ingests without the driver holding it."""
+    from benchmarks.ingest_throughput import PeakRSS, write_pool
+
+    warm = tmp_path / "warm.jsonl"
+    write_pool(warm, 500)
+    ingest(PoolConfig(paths=[str(warm)], decontaminate_against=[]), str(tmp_path / "warm-out"))
+
+    path = tmp_path / "big.jsonl"
+    filler = "lorem ipsum dolor sit amet " * 40  # ~1 KB per row: 60K rows ≈ 70 MB of JSON
+    with path.open("w") as f:
+        for n in range(60_000):
+            f.write(
+                json.dumps({"instruction": f"Task {n}: {filler}", "input": "", "output": filler})
+                + "\n"
+            )
+    size_mb = path.stat().st_size / 2**20
+    with PeakRSS() as rss:
+        summary = ingest(
+            PoolConfig(paths=[str(path)], decontaminate_against=[]), str(tmp_path / "big-out")
+        )
+    assert summary.kept == 60_000 and summary.reconciles
+    assert size_mb > 60
+    assert rss.growth_mb < size_mb / 4, (
+        f"driver grew {rss.growth_mb:.0f} MB for a {size_mb:.0f} MB pool"
+    )
+
+
+def test_dedup_across_hash_partitions_keeps_the_first(ray_cluster, tmp_path, monkeypatch):
+    """Large pools dedup through a hash shuffle by id; force it with a tiny partition size."""
+    import tapir_ray.ingest.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "ROWS_PER_DEDUP_PARTITION", 3)
+    records = [{"instruction": f"Task {n % 7}", "output": f"copy {n}"} for n in range(21)]
+    summary, rows = run_ingest(tmp_path, [write_jsonl(tmp_path / "pool.jsonl", records)])
+    assert (summary.read, summary.kept, summary.duplicates) == (21, 7, 14)
+    assert sorted(r["output"] for r in rows) == sorted(f"copy {n}" for n in range(7))
