@@ -70,6 +70,35 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(cfg, check_endpoints=not args.no_endpoints)
 
 
+# --- oracle ------------------------------------------------------------------------------------
+
+
+def _range_ms(text: str) -> tuple[float, float]:
+    low, _, high = text.partition("-")
+    return float(low), float(high or low)
+
+
+def cmd_oracle_serve(args: argparse.Namespace) -> int:
+    from tapir_ray.oracle.server import Faults, Limits, OracleServer, serve
+
+    if args.backend == "hf" and args.model is None:
+        args.model = "bundled:smollm2-135m"
+    server = OracleServer(
+        args.backend,
+        model_name=args.model_name,
+        model_path=args.model,
+        latency_ms=_range_ms(args.latency_ms),
+        limits=Limits(rpm=args.rpm, tpm=args.tpm),
+        faults=Faults(
+            fail_rate=args.fail_rate, timeout_rate=args.timeout_rate, malformed_rate=args.malformed_rate,
+            drop_rate=args.drop_rate, seed=args.seed,
+        ),
+        max_batch=args.max_batch,
+    )  # fmt: skip
+    serve(server, host=args.host, port=args.port, ready_file=args.ready_file)
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 
@@ -104,6 +133,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="take pool.format, schema, columns, limits from this config")
     p.add_argument("--limit", type=int, help="read at most this many rows")
     p.set_defaults(func=cmd_ingest)
+
+    oracle = sub.add_parser("oracle", help="the OpenAI-compatible oracle server")
+    oracle_sub = oracle.add_subparsers(dest="oracle_command", required=True, metavar="ACTION")
+    p = oracle_sub.add_parser("serve", help="serve /v1/chat/completions on 127.0.0.1")
+    p.add_argument("--backend", choices=["hf", "scripted"], default="hf")
+    p.add_argument(
+        "--model", help="hf backend: a model folder or bundled:smollm2-135m (the default)"
+    )
+    p.add_argument("--model-name", default="local", help="the model id clients ask for")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--ready-file", help="write the bound port here once listening")
+    p.add_argument(
+        "--max-batch", type=int, default=8, help="hf backend: requests generated together"
+    )
+    p.add_argument("--latency-ms", default="0", help="scripted: added latency, a value or LOW-HIGH")
+    p.add_argument(
+        "--rpm", type=int, help="enforce a requests-per-minute limit (429 + Retry-After)"
+    )
+    p.add_argument(
+        "--tpm", type=int, help="enforce a tokens-per-minute limit (prompt estimate + max_tokens)"
+    )
+    p.add_argument("--fail-rate", type=float, default=0.0, help="share of requests answered 500")
+    p.add_argument(
+        "--timeout-rate", type=float, default=0.0, help="share of requests never answered"
+    )
+    p.add_argument(
+        "--malformed-rate", type=float, default=0.0, help="share answered 200 with a broken body"
+    )
+    p.add_argument("--drop-rate", type=float, default=0.0, help="share whose connection is dropped")
+    p.add_argument("--seed", type=int, default=0, help="seeds the fault draws")
+    p.set_defaults(func=cmd_oracle_serve)
 
     p = sub.add_parser(
         "doctor", help="report Ray, GPUs, student engines, bundled assets and endpoints"

@@ -47,20 +47,13 @@ def check_gpu() -> tuple[str, str]:
             OK,
             f"{torch.cuda.device_count()} CUDA device(s): {', '.join(sorted(names))}; torch {torch.__version__}",
         )
-    bf16 = "bf16 supported" if _cpu_bf16() else "no bf16 (fp32 will be used)"
+    from tapir_ray.runtime import cpu_supports_bf16
+
+    bf16 = "bf16 supported" if cpu_supports_bf16() else "no bf16 (fp32 will be used)"
     return (
         WARN,
         f"no CUDA device on the driver's node; CPU {platform.machine()}, {bf16}; torch {torch.__version__}",
     )
-
-
-def _cpu_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False
 
 
 def check_engines() -> list[tuple[str, str, str]]:

@@ -34,3 +34,21 @@ def ensure_ray(resources: ResourcesConfig | None = None) -> None:
     if resources.object_store_gb:
         kwargs["object_store_memory"] = int(resources.object_store_gb * 2**30)
     ray.init(include_dashboard=False, **kwargs)
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def best_dtype():
+    """bf16 where the GPU or CPU computes it natively, fp32 otherwise (never fp16 on CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32

@@ -1,0 +1,1 @@
+"""The oracle layer: every teacher and judge call goes through here (prompts, server, client)."""

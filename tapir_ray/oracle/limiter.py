@@ -1,0 +1,106 @@
+"""One cluster-wide rate limiter per endpoint: a named Ray actor holding an RPM and a TPM budget.
+
+Ray's `HttpRequestProcessorConfig` paces requests per actor (qps) and has no token budget: N
+actors each at limit/N waste whatever one of them does not use, and a TPM limit cannot be expressed
+at all. Here every oracle actor on every node asks one actor for a reservation before it sends, so
+the endpoint's whole budget is shared, first come first served.
+
+Budgets are token buckets refilled continuously. A bucket's capacity is a small share of the
+per-minute limit, so that no 60-second window ever holds more than the limit (a hosted API's
+window). A 429 pauses the whole endpoint for its Retry-After and cuts the rate; the rate then
+recovers step by step with each success.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+BURST_SHARE = 0.02  # of the per-minute limit; the rest of the window is paced at (1 - share) × rate
+
+
+class TokenBuckets:
+    """The limiter's arithmetic (kept apart from the actor so it can be tested directly)."""
+
+    def __init__(self, rpm: float, tpm: float, now: float | None = None):
+        self.rpm, self.tpm = float(rpm), float(tpm)
+        self.scale = 1.0  # 429s cut it, successes restore it
+        self.req_cap = max(1.0, BURST_SHARE * self.rpm)
+        self.tok_cap = max(1.0, BURST_SHARE * self.tpm)
+        self.req = self.req_cap
+        self.tok = self.tok_cap
+        self.t = time.monotonic() if now is None else now
+        self.paused_until = 0.0
+
+    def _rates(self) -> tuple[float, float]:
+        return (
+            (1 - BURST_SHARE) * self.rpm / 60 * self.scale,
+            (1 - BURST_SHARE) * self.tpm / 60 * self.scale,
+        )
+
+    def _refill(self, now: float) -> None:
+        if now > self.t:
+            r_rate, t_rate = self._rates()
+            self.req = min(self.req_cap, self.req + (now - self.t) * r_rate)
+            self.tok = min(self.tok_cap, self.tok + (now - self.t) * t_rate)
+            self.t = now
+
+    def reserve(self, tokens: float, now: float) -> float:
+        """Reserve one request and `tokens`; returns how long the caller must wait before sending."""
+        tokens = min(
+            tokens, self.tpm
+        )  # a request larger than the whole budget waits a full minute, not forever
+        self._refill(now)
+        self.req -= 1
+        self.tok -= tokens
+        r_rate, t_rate = self._rates()
+        wait = max(0.0, -self.req / r_rate, -self.tok / t_rate, self.paused_until - now)
+        return wait
+
+    def reconcile(self, estimated: float, actual: float) -> None:
+        """Charge (or refund) the difference between the reserved tokens and the reported usage."""
+        self.tok -= actual - estimated
+
+    def rate_limited(self, retry_after: float, now: float) -> None:
+        self._refill(now)
+        self.paused_until = max(self.paused_until, now + retry_after)
+        self.scale = max(0.25, self.scale * 0.8)
+
+    def succeeded(self) -> None:
+        self.scale = min(1.0, self.scale * 1.01)
+
+
+@ray.remote(num_cpus=0, max_concurrency=1000)
+class RateLimiter:
+    """The shared budget of one endpoint; look it up with `limiter_for`."""
+
+    def __init__(self, rpm: float, tpm: float):
+        self.buckets = TokenBuckets(rpm, tpm)
+        self.stats = {"reservations": 0, "rate_limited": 0, "waited_s": 0.0}
+
+    def reserve(self, tokens: float) -> float:
+        wait = self.buckets.reserve(tokens, time.monotonic())
+        self.stats["reservations"] += 1
+        self.stats["waited_s"] += wait
+        return wait
+
+    def reconcile(self, estimated: float, actual: float) -> None:
+        self.buckets.reconcile(estimated, actual)
+
+    def rate_limited(self, retry_after: float) -> None:
+        self.stats["rate_limited"] += 1
+        self.buckets.rate_limited(retry_after, time.monotonic())
+
+    def succeeded(self) -> None:
+        self.buckets.succeeded()
+
+    def get_stats(self) -> dict:
+        return {**self.stats, "scale": self.buckets.scale}
+
+
+def limiter_for(endpoint_key: str, rpm: float, tpm: float, namespace: str | None = None):
+    """The named limiter actor of an endpoint. The driver creates it and hands it to the stage actors."""
+    return RateLimiter.options(
+        name=f"tapir-limiter:{endpoint_key}", namespace=namespace, get_if_exists=True
+    ).remote(rpm, tpm)

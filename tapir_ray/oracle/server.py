@@ -1,0 +1,462 @@
+"""`tapir-ray oracle serve`: an OpenAI-compatible server on 127.0.0.1 (`/v1/models`, `/v1/chat/completions`).
+
+Two backends behind one HTTP front:
+- `hf`: a real local model (transformers), the offline teacher and judge of the demo. Requests that
+  arrive together are generated as one left-padded batch.
+- `scripted`: deterministic, role-aware replies for tests and benchmarks, with optional latency,
+  enforced RPM/TPM (429 with Retry-After when exceeded, as hosted APIs do) and injectable faults
+  (500s, timeouts, malformed bodies, dropped connections). It counts every request it receives and
+  every distinct request it answered more than once, at `GET /stats`, so tests can prove that no
+  call that had returned was sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import json
+import logging
+import math
+import random
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+
+def estimate_tokens(text: str) -> int:
+    """A provider-independent token estimate (≈4 characters per token), used for TPM budgets."""
+    return max(1, math.ceil(len(text) / 4))
+
+
+def request_tokens(body: dict[str, Any]) -> tuple[int, int]:
+    prompt = sum(estimate_tokens(str(m.get("content", ""))) + 4 for m in body.get("messages", []))
+    return prompt, int(body.get("max_tokens") or body.get("max_completion_tokens") or 256)
+
+
+def _digest(*parts: str) -> int:
+    return int(hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:12], 16)
+
+
+# --- scripted replies -----------------------------------------------------------------------------
+
+
+_LABEL_WORDS = {
+    "Math": ("calculate", "sum", "equation", "solve", "number", "math", "+", "percent", "area"),
+    "Code Generation": (
+        "write a function",
+        "python",
+        "code",
+        "program",
+        "script",
+        "sql",
+        "javascript",
+    ),
+    "Code Debug": ("bug", "debug", "fix the code", "error in"),
+    "Reasoning": ("why", "reason", "logic", "deduce", "explain"),
+    "Writing": ("write a story", "poem", "essay", "compose", "letter"),
+    "Paraphrase": ("rewrite", "paraphrase", "rephrase"),
+    "Grammar": ("grammar", "correct the sentence", "punctuation"),
+}
+
+
+def score_of(answer: str) -> int:
+    """The scripted judge's score: richer answers score higher, deterministically."""
+    words = len(set(answer.lower().split()))
+    return max(1, min(10, 1 + words // 6))
+
+
+def scripted_reply(messages: list[dict[str, Any]]) -> str:
+    system = next((m["content"] for m in messages if m.get("role") == "system"), "")
+    user = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+    if "Rating: [[k]]" in system:
+        answer = user.split("<<<ANSWER>>>", 1)[-1].split("<<<END ANSWER>>>", 1)[0]
+        return f"The answer was read against the instruction.\nRating: [[{score_of(answer)}]]"
+    if "Scores: [[a, b]]" in system:
+        a = user.split("<<<ANSWER A>>>", 1)[-1].split("<<<END ANSWER A>>>", 1)[0]
+        b = user.split("<<<ANSWER B>>>", 1)[-1].split("<<<END ANSWER B>>>", 1)[0]
+        return f"Both answers were compared.\nScores: [[{score_of(a)}, {score_of(b)}]]"
+    if "<answer></answer>" in system:
+        labels = re.findall(r"^- (.+)$", user.split("Instruction:", 1)[0], flags=re.M)
+        text = user.split("Instruction:", 1)[-1].lower()
+        for label, words in _LABEL_WORDS.items():
+            if label in labels and any(w in text for w in words):
+                return f"<answer>{label}</answer>"
+        pick = labels[_digest(text) % len(labels)] if labels else "Others"
+        return f"<answer>{pick}</answer>"
+    if "Output only the new instruction" in system:
+        category = re.search(r"Task type: (.+)", user)
+        n = _digest(user) % 100_000
+        return f"Write a new {category.group(1) if category else 'general'} task number {n} about topic {n % 97}."
+    topic = " ".join(user.split()[:12])
+    n = _digest(user)
+    return (
+        f"Here is a careful answer to: {topic}. First, consider the key facts involved (note {n % 1000}). "
+        "Second, apply them step by step with clear reasoning and concrete examples. "
+        "Finally, summarise the result so that it is accurate, complete and well structured."
+    )
+
+
+def scripted_logprobs(text: str, top_n: int) -> list[dict[str, Any]]:
+    """Per-token logprobs; at a rating digit the alternatives spread around the chosen score."""
+    out = []
+    for token in re.findall(r"\d+|[^\s\d]+|\s+", text):
+        if token.isdigit() and 1 <= int(token) <= 10:
+            k = int(token)
+            probs = collections.Counter({k: 0.6})
+            for near in (k - 1, k + 1):
+                probs[min(10, max(1, near))] += 0.2
+            alts = [{"token": str(s), "logprob": math.log(p)} for s, p in sorted(probs.items())][
+                : max(1, top_n)
+            ]
+            out.append({"token": token, "logprob": math.log(probs[k]), "top_logprobs": alts})
+        else:
+            out.append(
+                {"token": token, "logprob": 0.0, "top_logprobs": [{"token": token, "logprob": 0.0}]}
+            )
+    return out
+
+
+# --- limits and faults (scripted backend) ---------------------------------------------------------
+
+
+@dataclass
+class Limits:
+    rpm: int | None = None
+    tpm: int | None = None
+    window_s: float = 60.0
+    events: collections.deque = field(default_factory=collections.deque)  # (time, tokens)
+
+    def admit(self, tokens: int, now: float) -> float:
+        """0 if admitted (and recorded), else seconds until it would be."""
+        while self.events and now - self.events[0][0] >= self.window_s:
+            self.events.popleft()
+        wait = 0.0
+        if self.rpm is not None and len(self.events) >= self.rpm:
+            wait = max(wait, self.events[len(self.events) - self.rpm][0] + self.window_s - now)
+        if self.tpm is not None:
+            used = sum(t for _, t in self.events)
+            if used + tokens > self.tpm:
+                freed, i = 0, 0
+                while i < len(self.events) and used - freed + tokens > self.tpm:
+                    freed += self.events[i][1]
+                    i += 1
+                wait = max(
+                    wait, self.events[i - 1][0] + self.window_s - now if i else self.window_s
+                )
+        if wait > 0:
+            return wait
+        self.events.append((now, tokens))
+        return 0.0
+
+
+@dataclass
+class Faults:
+    fail_rate: float = 0.0  # 500
+    timeout_rate: float = 0.0  # never answers in time
+    malformed_rate: float = 0.0  # 200 with a body that is not JSON
+    drop_rate: float = 0.0  # connection closed without a response
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def draw(self) -> str | None:
+        roll = self.rng.random()
+        for kind, rate in (
+            ("fail", self.fail_rate),
+            ("timeout", self.timeout_rate),
+            ("malformed", self.malformed_rate),
+            ("drop", self.drop_rate),
+        ):
+            if roll < rate:
+                return kind
+            roll -= rate
+        return None
+
+
+# --- the HTTP front -------------------------------------------------------------------------------
+
+
+class OracleServer:
+    def __init__(
+        self,
+        backend: str = "scripted",
+        *,
+        model_name: str = "local",
+        model_path: str | None = None,
+        latency_ms: tuple[float, float] = (0.0, 0.0),
+        limits: Limits | None = None,
+        faults: Faults | None = None,
+        max_batch: int = 8,
+    ):
+        self.backend = backend
+        self.model_name = model_name
+        self.latency_ms = latency_ms
+        self.limits = limits or Limits()
+        self.faults = faults or Faults()
+        self.stats: dict[str, Any] = {
+            "requests": 0,
+            "ok": 0,
+            "by_status": collections.Counter(),
+            "rate_limited": 0,
+        }
+        self.answered: collections.Counter = collections.Counter()
+        self.rng = random.Random(0)
+        self.generator = HFGenerator(model_path, max_batch=max_batch) if backend == "hf" else None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 2**20)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/stats", self.get_stats)
+        app.router.add_post("/stats/reset", self.reset_stats)
+        app.router.add_get("/health", lambda r: web.json_response({"ok": True}))
+        if self.generator is not None:
+            app.on_startup.append(lambda _: self.generator.start())
+        return app
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"id": self.model_name, "object": "model", "owned_by": "tapir-ray"}],
+            }
+        )
+
+    async def get_stats(self, request: web.Request) -> web.Response:
+        repeats = sum(n - 1 for n in self.answered.values() if n > 1)
+        return web.json_response(
+            {
+                **self.stats,
+                "by_status": dict(self.stats["by_status"]),
+                "distinct": len(self.answered),
+                "repeats": repeats,
+            }
+        )
+
+    async def reset_stats(self, request: web.Request) -> web.Response:
+        self.stats.update(requests=0, ok=0, by_status=collections.Counter(), rate_limited=0)
+        self.answered.clear()
+        return web.json_response({"ok": True})
+
+    def _error(self, status: int, message: str, headers: dict | None = None) -> web.Response:
+        self.stats["by_status"][str(status)] += 1
+        kind = {429: "rate_limit_exceeded", 400: "invalid_request_error"}.get(
+            status, "server_error"
+        )
+        return web.json_response(
+            {"error": {"message": message, "type": kind, "code": status}},
+            status=status,
+            headers=headers,
+        )
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.stats["requests"] += 1
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            return self._error(400, "request body is not JSON")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return self._error(400, "messages must be a non-empty list")
+        prompt_tokens, max_tokens = request_tokens(body)
+        wait = self.limits.admit(prompt_tokens + max_tokens, time.monotonic())
+        if wait > 0:
+            self.stats["rate_limited"] += 1
+            return self._error(429, "rate limit exceeded", headers={"Retry-After": f"{wait:.3f}"})
+        fault = self.faults.draw()
+        low, high = self.latency_ms
+        if high > 0:
+            await asyncio.sleep(self.rng.uniform(low, high) / 1000)
+        if fault == "fail":
+            return self._error(500, "injected server error")
+        if fault == "timeout":
+            await asyncio.sleep(3600)
+        if fault == "drop":
+            request.transport.close()
+            self.stats["by_status"]["dropped"] += 1
+            return web.Response(status=500)
+        if fault == "malformed":
+            self.stats["by_status"]["malformed"] += 1
+            return web.Response(status=200, text='{"choices": [', content_type="application/json")
+
+        want_logprobs = bool(body.get("logprobs"))
+        top_n = int(body.get("top_logprobs") or 0)
+        if self.generator is not None:
+            (
+                text,
+                completion_tokens,
+                prompt_tokens,
+                finish,
+                logprobs,
+            ) = await self.generator.generate(
+                messages,
+                max_tokens=max_tokens,
+                temperature=float(body.get("temperature") or 0.0),
+                top_n=top_n if want_logprobs else 0,
+            )
+        else:
+            text = scripted_reply(messages)
+            completion_tokens, finish = estimate_tokens(text), "stop"
+            logprobs = scripted_logprobs(text, top_n) if want_logprobs else None
+        key = hashlib.sha256(
+            json.dumps(
+                [
+                    messages,
+                    {k: body.get(k) for k in ("temperature", "max_tokens", "top_p", "seed")},
+                ],
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()
+        self.answered[key] += 1
+        self.stats["ok"] += 1
+        self.stats["by_status"]["200"] += 1
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish,
+        }
+        if logprobs is not None:
+            choice["logprobs"] = {"content": logprobs}
+        return web.json_response(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.model_name,
+                "choices": [choice],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+        )
+
+
+class HFGenerator:
+    """Batches concurrent chat requests into left-padded `generate` calls on one local model."""
+
+    def __init__(self, model_path: str | None, max_batch: int = 8):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from tapir_ray.assets import resolve_model
+        from tapir_ray.runtime import best_dtype
+
+        path = resolve_model(model_path or "bundled:smollm2-135m")
+        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=best_dtype()).eval()
+        self.torch = torch
+        self.max_batch = max_batch
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    async def start(self) -> None:
+        asyncio.get_running_loop().create_task(self._worker())
+
+    async def generate(self, messages, *, max_tokens: int, temperature: float, top_n: int):
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((messages, max_tokens, temperature, top_n, future))
+        return await future
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            await asyncio.sleep(0.01)  # let requests that arrive together join the batch
+            while len(batch) < self.max_batch and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            try:
+                results = await loop.run_in_executor(None, self._run, batch)
+            except Exception as exc:  # a failed batch fails its requests, never the server
+                for item in batch:
+                    item[-1].set_exception(exc)
+                continue
+            for item, result in zip(batch, results, strict=True):
+                item[-1].set_result(result)
+
+    def _run(self, batch):
+        torch = self.torch
+        prompts = [
+            self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+            for m, *_ in batch
+        ]
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        max_new = max(b[1] for b in batch)
+        temperature = batch[0][2]
+        top_n = max(b[3] for b in batch)
+        with torch.inference_mode():
+            out = self.model.generate(
+                **enc,
+                max_new_tokens=max_new,
+                do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=self.tokenizer.pad_token_id,
+                output_scores=top_n > 0,
+                return_dict_in_generate=True,
+            )
+        results = []
+        width = enc["input_ids"].shape[1]
+        eos = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        for i, (_, limit, _, n, _) in enumerate(batch):
+            ids = out.sequences[i, width:].tolist()[:limit]
+            stop = next((j for j, t in enumerate(ids) if t in eos), None)
+            finish = "stop" if stop is not None else "length"
+            ids = ids[:stop] if stop is not None else ids
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            logprobs = None
+            if n > 0:
+                logprobs = []
+                for step, token in enumerate(ids):
+                    lp = torch.log_softmax(out.scores[step][i].float(), dim=-1)
+                    top = torch.topk(lp, n)
+                    logprobs.append(
+                        {
+                            "token": self.tokenizer.decode([token]),
+                            "logprob": float(lp[token]),
+                            "top_logprobs": [
+                                {"token": self.tokenizer.decode([int(t)]), "logprob": float(v)}
+                                for v, t in zip(top.values, top.indices, strict=True)
+                            ],
+                        }
+                    )
+            prompt_tokens = int(enc["attention_mask"][i].sum())
+            results.append((text, len(ids), prompt_tokens, finish, logprobs))
+        return results
+
+
+def serve(
+    server: OracleServer, host: str = "127.0.0.1", port: int = 8000, ready_file: str | None = None
+) -> None:
+    """Run until interrupted; with `ready_file`, write the bound port there once listening."""
+
+    async def main() -> None:
+        runner = web.AppRunner(server.app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = site._server.sockets[0].getsockname()[1]
+        log.info(
+            "oracle server (%s backend) listening on http://%s:%d/v1", server.backend, host, bound
+        )
+        print(f"oracle server ({server.backend}) on http://{host}:{bound}/v1", flush=True)
+        if ready_file:
+            with open(ready_file + ".tmp", "w") as f:
+                f.write(str(bound))
+            import os
+
+            os.replace(ready_file + ".tmp", ready_file)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
