@@ -120,9 +120,8 @@ class OracleClient:
         self, messages: list[dict], params: dict[str, Any]
     ) -> tuple[str, dict, list | None, str]:
         """One request with retries; returns (text, usage, logprobs, finish_reason) or raises _Final."""
-        estimate = sum(estimate_tokens(str(m.get("content", ""))) + 4 for m in messages) + int(
-            params.get("max_tokens") or 256
-        )
+        prompt_estimate = sum(estimate_tokens(str(m.get("content", ""))) + 4 for m in messages)
+        estimate = prompt_estimate + int(params.get("max_tokens") or 256)
         attempt = 0
         while True:
             wait = await self.limiter.reserve.remote(estimate)
@@ -142,11 +141,11 @@ class OracleClient:
                         "completion_tokens": resp.usage.completion_tokens,
                     }
                     if resp.usage
-                    else {"prompt_tokens": estimate, "completion_tokens": 0}
+                    else {"prompt_tokens": prompt_estimate, "completion_tokens": 0}
                 )
-                self.limiter.reconcile.remote(
-                    estimate, usage["prompt_tokens"] + usage["completion_tokens"]
-                )
+                # Endpoints charge prompt + max_tokens against TPM at admission: only the prompt
+                # estimate is corrected by what the server reports.
+                self.limiter.reconcile.remote(prompt_estimate, usage["prompt_tokens"])
                 self.delta.counts["latencies"].append(time.monotonic() - started)
                 if choice.finish_reason == "content_filter":
                     raise _Final(

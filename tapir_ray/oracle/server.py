@@ -206,6 +206,9 @@ class OracleServer:
             "ok": 0,
             "by_status": collections.Counter(),
             "rate_limited": 0,
+            "tokens_admitted": 0,
+            "first_admitted": None,
+            "last_admitted": None,
         }
         self.answered: collections.Counter = collections.Counter()
         self.rng = random.Random(0)
@@ -242,7 +245,10 @@ class OracleServer:
         )
 
     async def reset_stats(self, request: web.Request) -> web.Response:
-        self.stats.update(requests=0, ok=0, by_status=collections.Counter(), rate_limited=0)
+        self.stats.update(
+            requests=0, ok=0, by_status=collections.Counter(), rate_limited=0,
+            tokens_admitted=0, first_admitted=None, last_admitted=None,
+        )  # fmt: skip
         self.answered.clear()
         return web.json_response({"ok": True})
 
@@ -271,6 +277,10 @@ class OracleServer:
         if wait > 0:
             self.stats["rate_limited"] += 1
             return self._error(429, "rate limit exceeded", headers={"Retry-After": f"{wait:.3f}"})
+        now = time.time()
+        self.stats["tokens_admitted"] += prompt_tokens + max_tokens
+        self.stats["first_admitted"] = self.stats["first_admitted"] or now
+        self.stats["last_admitted"] = now
         fault = self.faults.draw()
         low, high = self.latency_ms
         if high > 0:
