@@ -99,6 +99,29 @@ def cmd_oracle_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- export ------------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tapir_ray import storage
+    from tapir_ray.train import export_model
+
+    adapter = storage.join(args.run, f"round-{args.round}", "adapter")
+    if not storage.exists(storage.join(adapter, "adapter_config.json")):
+        raise UsageError(f"{adapter}: no adapter for round {args.round} in this run")
+    base = args.base_model
+    if base is None:
+        config_path = storage.join(args.run, "config.yaml")
+        if not storage.exists(config_path):
+            raise UsageError(f"{config_path}: missing; pass --base-model")
+        import yaml
+
+        base = yaml.safe_load(storage.read_text(config_path))["student"]["model"]
+    out = export_model(adapter, args.out, base_model=base, merge=args.merge)
+    print(f"{'merged model' if args.merge else 'adapter'} of round {args.round} written to {out}")
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 
@@ -133,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="take pool.format, schema, columns, limits from this config")
     p.add_argument("--limit", type=int, help="read at most this many rows")
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("export", help="write a round's adapter, or the base model with it merged")
+    p.add_argument("run", help="the run directory")
+    p.add_argument("--round", type=int, required=True)
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the adapter into the base model (a plain HF folder)",
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--base-model", help="default: student.model from the run's config.yaml")
+    p.set_defaults(func=cmd_export)
 
     oracle = sub.add_parser("oracle", help="the OpenAI-compatible oracle server")
     oracle_sub = oracle.add_subparsers(dest="oracle_command", required=True, metavar="ACTION")

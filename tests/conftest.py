@@ -39,6 +39,31 @@ def ray_cluster(asset_cache):
     ray.shutdown()
 
 
+CONVERT = "from tapir_ray.assets import resolve_model; print(resolve_model('bundled:smollm2-135m'))"
+
+
+@pytest.fixture(scope="session")
+def smollm2(asset_cache) -> str:
+    """Two processes race to convert the bundled GGUF into the same fresh cache; one converts."""
+    env = {**os.environ, "TAPIR_RAY_CACHE": str(asset_cache)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONVERT],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    folders = {o[0].strip().splitlines()[-1] for o in outs}
+    assert len(folders) == 1
+    return folders.pop()
+
+
 def run_cli(
     *args: str, env: dict | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:

@@ -4,40 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tapir_ray import assets
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.timeout(600)
-
-CONVERT = "from tapir_ray.assets import resolve_model; print(resolve_model('bundled:smollm2-135m'))"
-
-
-@pytest.fixture(scope="session")
-def smollm2(asset_cache):
-    """Two processes race to convert the bundled GGUF into the same fresh cache; one converts."""
-    env = {**os.environ, "TAPIR_RAY_CACHE": str(asset_cache)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", CONVERT],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
-    folders = {o[0].strip().splitlines()[-1] for o in outs}
-    assert len(folders) == 1
-    return folders.pop()
 
 
 def test_racing_conversions_produce_one_complete_folder(smollm2, asset_cache):

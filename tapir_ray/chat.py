@@ -1,0 +1,82 @@
+"""Chat rendering shared by inference and training, so both see the same prompt token ids.
+
+`prompt_ids(tokenizer, messages)` is THE rendering of a prompt: the student's own chat template
+with the generation prompt appended. The student stage sends exactly these ids to vLLM or
+transformers, and `sft_example` builds a training example as `prompt_ids(...)` followed by the
+response tokens, with every prompt token masked out of the loss. A test checks the two agree token
+for token, for the bundled model and for ChatML and Llama-style templates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+IGNORE_INDEX = -100
+Messages = list[dict[str, str]]
+
+
+def prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
+    """Token ids of `messages` rendered with the chat template, ready for the assistant's turn."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _turn_end_ids(tokenizer: Any, messages: Messages, response: str) -> list[int]:
+    """The tokens the template puts after an assistant response (e.g. `<|im_end|>\\n`, or EOS)."""
+    marker = "\x00RESPONSE\x00"
+    full = tokenizer.apply_chat_template(
+        [*messages, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    after = full.split(marker, 1)[1] if marker in full else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []
+    if not ids and tokenizer.eos_token_id is not None:
+        ids = [tokenizer.eos_token_id]
+    return ids
+
+
+def sft_example(
+    tokenizer: Any, messages: Messages, response: str, max_length: int
+) -> dict[str, list[int]]:
+    """input_ids / labels / attention_mask for one (prompt, response) pair; loss on the response only.
+
+    The prompt part is `prompt_ids(tokenizer, messages)` itself (not a re-tokenisation of the whole
+    conversation), which is what makes training and inference agree. Over-long examples keep the
+    whole prompt when they can and cut the response; if the prompt alone is too long, its start is cut.
+    """
+    prompt = prompt_ids(tokenizer, messages)
+    answer = tokenizer(response, add_special_tokens=False)["input_ids"] + _turn_end_ids(
+        tokenizer, messages, response
+    )
+    if len(prompt) >= max_length:
+        prompt = prompt[len(prompt) - max_length + 1 :]
+    answer = answer[: max_length - len(prompt)]
+    ids = prompt + answer
+    return {
+        "input_ids": ids,
+        "labels": [IGNORE_INDEX] * len(prompt) + answer,
+        "attention_mask": [1] * len(ids),
+    }
+
+
+def fit_prompt(tokenizer: Any, messages: Messages, limit: int) -> tuple[list[int], bool]:
+    """Prompt ids within `limit` tokens: the last user message is shortened from its end if needed.
+
+    Returns (ids, truncated). The template's own tokens (system prompt, role markers, the
+    generation prompt) are always kept, so the model still sees a well-formed turn.
+    """
+    ids = prompt_ids(tokenizer, messages)
+    if len(ids) <= limit:
+        return ids, False
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    content_ids = tokenizer(messages[last_user]["content"], add_special_tokens=False)["input_ids"]
+    keep = len(content_ids) - (len(ids) - limit)
+    while keep > 0:
+        shortened = [dict(m) for m in messages]
+        shortened[last_user]["content"] = tokenizer.decode(content_ids[:keep])
+        ids = prompt_ids(tokenizer, shortened)
+        if len(ids) <= limit:
+            return ids, True
+        keep -= max(1, len(ids) - limit)
+    raise ValueError(f"the chat template alone needs more than {limit} tokens")

@@ -1,0 +1,195 @@
+"""Training: one round's LoRA (or full) fine-tune on Ray Train with DeepSpeed ZeRO-2/3.
+
+    rows (messages JSON, response) → Tokenize (Ray Data, tapir_ray.chat.sft_example: prompt masked)
+        → TorchTrainer(train_loop_per_worker, ScalingConfig from `train:`) → workers stream their
+          shard (ray.train.get_dataset_shard) → checkpoints via ray.train.report
+        → <out>/adapter/ (PEFT format) + sha256, <out>/metrics.json (per step)
+
+A round killed mid-training resumes from its newest checkpoint when called again: Ray Train keeps
+the run's checkpoint history under `<out>/checkpoints/fit`.
+Public surface: `train_round()`, `TrainResult`, `export_model()`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+
+from tapir_ray import storage
+from tapir_ray.assets import resolve_model
+from tapir_ray.config import TrainConfig
+from tapir_ray.student.adapter import adapter_sha256
+
+__all__ = ["TrainResult", "export_model", "train_round"]
+
+
+class Tokenize:
+    """Ray Data UDF: (messages, response) → input_ids / labels with every prompt token masked."""
+
+    def __init__(self, tokenizer_path: str, max_length: int):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.max_length = max_length
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from tapir_ray.chat import sft_example
+
+        ids, labels = [], []
+        for messages, response in zip(batch["messages"], batch["response"], strict=True):
+            ex = sft_example(self.tokenizer, json.loads(messages), str(response), self.max_length)
+            ids.append(np.asarray(ex["input_ids"], dtype=np.int64))
+            labels.append(np.asarray(ex["labels"], dtype=np.int64))
+        return {"input_ids": _ragged(ids), "labels": _ragged(labels)}
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: str
+    adapter_sha256: str
+    steps: int
+    final_loss: float | None
+    seconds: float
+    metrics: list[dict[str, Any]]
+
+
+def train_round(
+    ds: ray.data.Dataset,
+    train: TrainConfig,
+    out_dir: str,
+    *,
+    model: str,
+    init_adapter: str | None = None,
+    model_config: dict[str, Any] | None = None,
+    seed: int = 0,
+    peak_flops_per_device: float | None = None,
+) -> TrainResult:
+    """Fine-tune on `ds` (messages JSON + response) and write `<out_dir>/adapter/`."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from transformers import AutoTokenizer
+
+    from tapir_ray.train.loop import train_loop_per_worker
+
+    started = time.perf_counter()
+    model_path = resolve_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    rows = ds.count()
+    if rows == 0:
+        raise ValueError("the training set is empty")
+    world = train.num_workers
+    micro_per_epoch = math.ceil((rows // world or 1) / train.micro_batch_size)
+    total_steps = train.max_steps or max(
+        1, math.floor(micro_per_epoch * train.epochs / train.grad_accum)
+    )
+    # Tokenised into the object store before the fit: while it runs the workers may hold every CPU
+    # (a 2-CPU machine, or a GPU node whose CPUs go to workers), which would starve a tokenising
+    # actor and hang the fit. The rows are never collected on the driver.
+    tokenized = ds.map_batches(
+        Tokenize, fn_constructor_args=(model_path, train.max_length), batch_size=64,
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25,
+    ).materialize()  # fmt: skip
+    target = train.lora.target_modules
+    cfg = {
+        "model_path": model_path,
+        "model_config": model_config,
+        "init_adapter": init_adapter,
+        "seed": seed,
+        "full_finetune": train.full_finetune,
+        "lora": {**train.lora.model_dump(), "target_modules": target},
+        "deepspeed_stage": train.deepspeed_stage,
+        "offload_optimizer": train.offload_optimizer,
+        "precision": train.precision,
+        "micro_batch_size": train.micro_batch_size,
+        "grad_accum": train.grad_accum,
+        "lr": train.learning_rate,
+        "weight_decay": train.weight_decay,
+        "warmup_ratio": train.warmup_ratio,
+        "scheduler": train.scheduler,
+        "total_steps": total_steps,
+        "checkpoint_every_steps": train.checkpoint_every_steps,
+        "gradient_checkpointing": False,
+        "use_gpu": train.use_gpu,
+        "pad_id": tokenizer.pad_token_id
+        if tokenizer.pad_token_id is not None
+        else tokenizer.eos_token_id,
+        "adapter_dir": storage.join(out_dir, "adapter"),
+        "metrics_path": storage.join(out_dir, "metrics.json"),
+        "logger": train.logger,
+        "tensorboard_dir": _absolute(storage.join(out_dir, "tensorboard")),
+        "peak_flops_per_device": peak_flops_per_device,
+    }
+    resources = {
+        "CPU": train.cpus_per_worker,
+        **({"GPU": train.gpus_per_worker} if train.use_gpu else {}),
+    }
+    storage_path = storage.join(out_dir, "checkpoints")
+    storage.makedirs(storage_path)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg,
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=train.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name="fit", storage_path=_absolute(storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": tokenized},
+        # Resume: Ray Train restores a run from its own checkpoint history when a fit is started
+        # again with the same name and storage path (a killed round picks up where it stopped).
+    )  # fmt: skip
+    trainer.fit()
+    metrics = storage.read_json(cfg["metrics_path"]) if storage.exists(cfg["metrics_path"]) else []
+    sha = adapter_sha256(cfg["adapter_dir"]) if not train.full_finetune else ""
+    if sha:
+        storage.write_text_atomic(storage.join(cfg["adapter_dir"], "SHA256"), sha + "\n")
+    return TrainResult(
+        adapter_dir=cfg["adapter_dir"],
+        adapter_sha256=sha,
+        steps=metrics[-1]["step"] if metrics else 0,
+        final_loss=metrics[-1]["loss"] if metrics else None,
+        seconds=time.perf_counter() - started,
+        metrics=metrics,
+    )
+
+
+def _absolute(path: str) -> str:
+    import os
+
+    return path if "://" in path else os.path.abspath(path)
+
+
+def export_model(adapter_dir: str, out: str, *, base_model: str, merge: bool) -> str:
+    """Copy the adapter, or merge it into the base model and save a plain HF model folder."""
+    import shutil
+
+    if not merge:
+        fs, src = storage.fs_and_path(adapter_dir)
+        ofs, dst = storage.fs_and_path(out)
+        ofs.makedirs(dst, exist_ok=True)
+        for f in fs.ls(src, detail=False):
+            name = f.rsplit("/", 1)[-1]
+            with fs.open(f, "rb") as i, ofs.open(f"{dst}/{name}", "wb") as o:
+                shutil.copyfileobj(i, o)
+        return out
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(base_model)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(path).save_pretrained(out)
+    return out
