@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 
 def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -49,11 +50,7 @@ def write_text_atomic(url: str, text: str) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with fs.open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-    if (
-        fs.protocol in ("file", ("file", "local"))
-        or isinstance(fs.protocol, tuple)
-        and "file" in fs.protocol
-    ):
+    if isinstance(fs, LocalFileSystem):
         os.replace(tmp, path)  # atomic on POSIX
     else:
         fs.mv(tmp, path)  # object stores: a put is atomic per object; mv = copy + delete

@@ -17,6 +17,7 @@ Whatever finally fails becomes a DeadLetter (row id, role, status, reason): neve
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import random
 import time
@@ -244,10 +245,10 @@ class OracleClient:
 
 
 def _parse_with_logprobs(parse, text, logprobs):
-    try:
+    """Parsers that take `logprobs` (the G-Eval score) get them; others parse the text alone."""
+    if "logprobs" in inspect.signature(parse).parameters:
         return parse(text, logprobs=logprobs)
-    except TypeError:
-        return parse(text)
+    return parse(text)
 
 
 class _Final(Exception):
