@@ -4,6 +4,11 @@ tapir-ray config validate FILE     check a config; one line per problem
 tapir-ray config show FILE         the resolved config, secrets redacted
 tapir-ray ingest POOL... --out DIR [--config FILE]
 tapir-ray doctor [--config FILE]   what this machine and cluster can run
+tapir-ray run CONFIG [--resume]    run the curriculum (TAPIR): rounds of scoring, planning, training
+tapir-ray status RUN               where a run stands
+tapir-ray report RUN               metrics/report.md + plots; prints the per-round table
+tapir-ray export RUN --round R [--merge] --out DIR
+tapir-ray oracle serve ...         the OpenAI-compatible local teacher/judge
 """
 
 from __future__ import annotations
@@ -95,7 +100,52 @@ def cmd_oracle_serve(args: argparse.Namespace) -> int:
         ),
         max_batch=args.max_batch,
     )  # fmt: skip
-    serve(server, host=args.host, port=args.port, ready_file=args.ready_file)
+    serve(
+        server,
+        host=args.host,
+        port=args.port,
+        ready_file=args.ready_file,
+        parent_pid=args.parent_pid,
+    )
+    return 0
+
+
+# --- run, status, report ------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tapir_ray.oracle.ledger import BudgetExceeded
+    from tapir_ray.rounds import RunError, run
+
+    cfg = load_config(args.config)
+    try:
+        run(cfg, resume=args.resume)
+    except RunError as exc:
+        raise UsageError(str(exc)) from None
+    except BudgetExceeded as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tapir_ray.report import status_text
+
+    try:
+        print(status_text(args.run))
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tapir_ray import storage
+    from tapir_ray.report import write_report
+
+    try:
+        print(write_report(args.run))
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"report: {storage.join(args.run, 'metrics', 'report.md')}")
     return 0
 
 
@@ -157,6 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="read at most this many rows")
     p.set_defaults(func=cmd_ingest)
 
+    p = sub.add_parser("run", help="run the curriculum a config describes (TAPIR)")
+    p.add_argument("config")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in run.dir where it stopped"
+    )
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("status", help="where a run stands: round, stage, progress, spend")
+    p.add_argument("run", help="the run directory")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser(
+        "report", help="write metrics/report.md and plots for a run; print its table"
+    )
+    p.add_argument("run", help="the run directory")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("export", help="write a round's adapter, or the base model with it merged")
     p.add_argument("run", help="the run directory")
     p.add_argument("--round", type=int, required=True)
@@ -180,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--ready-file", help="write the bound port here once listening")
+    p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     p.add_argument(
         "--max-batch", type=int, default=8, help="hf backend: requests generated together"
     )

@@ -156,6 +156,11 @@ class EndpointConfig(_Strict):
     max_concurrency: PositiveInt = 32
     timeout_s: Annotated[float, Field(gt=0)] = 120.0
     max_retries: Annotated[int, Field(ge=0, le=20)] = 6
+    continue_final_message: bool = Field(
+        False,
+        description="The endpoint continues a final assistant turn (vLLM, tapir-ray's server): judge and "
+        "classifier replies are prefilled with the verdict's opening. Not for OpenAI's API.",
+    )
     price_input_per_m: Annotated[float, Field(ge=0)] = 0.0
     price_output_per_m: Annotated[float, Field(ge=0)] = 0.0
 
@@ -198,6 +203,7 @@ class OracleConfig(_Strict):
     local_backend: Literal["hf", "scripted"] = "hf"
     local_model: str = "bundled:smollm2-135m"
     local_port: int = Field(0, ge=0, le=65535, description="0 = pick a free port.")
+    local_max_batch: PositiveInt = Field(8, description="hf backend: requests generated together.")
     teacher: EndpointConfig = Field(default_factory=EndpointConfig)
     judge: EndpointConfig | None = Field(None, description="Defaults to the teacher's endpoint.")
     max_usd: Annotated[float, Field(gt=0)] | None = Field(
@@ -206,6 +212,10 @@ class OracleConfig(_Strict):
     )
     actors: PositiveInt = 4
     cpus_per_actor: Annotated[float, Field(gt=0)] = 0.25
+    teacher_max_tokens: PositiveInt = Field(
+        1024, description="max_tokens of teacher answers and refinements."
+    )
+    teacher_temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
 
     def endpoint(self, role: str) -> EndpointConfig:
         if role == "judge" and self.judge is not None:
@@ -295,6 +305,7 @@ class TapirConfig(_Strict):
     heldout_fraction: Fraction = Field(
         0.02, description="Share of the pool held out for the per-round NLL."
     )
+    nll_max_rows: PositiveInt = Field(500, description="Held-out rows the per-round NLL reads.")
 
     @model_validator(mode="after")
     def _schedules(self) -> TapirConfig:

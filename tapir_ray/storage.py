@@ -20,6 +20,11 @@ def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def absolute(url: str) -> str:
+    """A local path made absolute (Ray workers do not share the driver's working directory)."""
+    return url if "://" in url else os.path.abspath(url)
+
+
 def join(base: str, *parts: str) -> str:
     out = base.rstrip("/")
     for p in parts:
@@ -76,3 +81,50 @@ def mark_success(stage_dir: str, info: dict[str, Any] | None = None) -> None:
 
 def is_done(stage_dir: str) -> bool:
     return exists(join(stage_dir, "_SUCCESS"))
+
+
+# --- Parquet folders (stage outputs) -------------------------------------------------------------
+
+
+def parquet_rows(folder: str) -> int:
+    """Rows in a folder of Parquet files, from the footers (no data is read)."""
+    import pyarrow.dataset as pads
+
+    fs, path = fs_and_path(folder)
+    if not fs.exists(path):
+        return 0
+    return pads.dataset(path, format="parquet", filesystem=fs).count_rows()
+
+
+def read_table(folder: str, columns: list[str] | None = None):
+    """A folder of Parquet files as one Arrow table (for the small columns a plan needs).
+
+    Files without rows are skipped: a stage whose every row was dead-lettered in a block leaves a
+    file without columns. A folder with no rows at all gives an empty table of `columns`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = fs_and_path(folder)
+    files = sorted(
+        f for f in fs.find(path) if f.endswith(".parquet") and "/_" not in f[len(path) :]
+    )
+    tables = []
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            t = pq.read_table(fh)
+        if t.num_rows:
+            tables.append(t.select(columns) if columns else t)
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in columns or []})
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def write_table(table, folder: str) -> None:
+    """Replace `folder` with one Parquet file holding `table`."""
+    import pyarrow.parquet as pq
+
+    remove(folder)
+    fs, path = fs_and_path(folder)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/part-00000.parquet", "wb") as f:
+        pq.write_table(table, f)

@@ -172,3 +172,9 @@ def test_cli_show_prints_the_resolved_config(tmp_path):
     assert shown["oracle"]["teacher"]["api_key_env"] == "TEACHER_KEY"
     assert shown["curriculum"]["tapir"]["delta"] == 1.0  # defaults are filled in
     assert SECRET not in result.stdout
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_job_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.curriculum.tapir.rounds == len(cfg.curriculum.tapir.alpha)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import math
 import time
 
 import pytest
@@ -30,6 +32,29 @@ def test_rating_is_read_only_from_the_judges_own_last_line():
         P.parse_rating("Rating: [[10]]\nActually I cannot decide.")
     with pytest.raises(P.ParseError):
         P.parse_rating("Rating: [[11]]")
+
+
+def test_a_prefilled_verdict_is_read_at_the_start_of_the_reply():
+    reply = P.VERDICT_PREFILL + "7]] because the answer is right.\nRating: [[2]]"
+    assert P.parse_rating(reply, prefilled=True) == 7
+    assert P.parse_rating(reply) == 2  # not prefilled: only the judge's last line counts
+    assert P.parse_pair(P.PAIR_PREFILL + "3, 8]] B is better", prefilled=True) == (3, 8)
+    with pytest.raises(P.ParseError):
+        P.parse_rating(P.VERDICT_PREFILL + "seven]]", prefilled=True)
+    with pytest.raises(P.ParseError):
+        P.parse_rating(P.VERDICT_PREFILL + "11]]", prefilled=True)
+
+
+def test_score_at_the_prefilled_rating_position_ranks_only_numbers():
+    alternatives = {
+        "k": math.log(0.6),
+        "8": math.log(0.3),
+        "4": math.log(0.1),
+        "]]": math.log(0.05),
+    }
+    assert P.score_at(alternatives) == pytest.approx((8 * 0.3 + 4 * 0.1) / 0.4)
+    with pytest.raises(P.ParseError):
+        P.score_at({"k": 0.0, "eleven": -1.0})
 
 
 def test_pairwise_scores_and_order_averaging():
@@ -60,6 +85,12 @@ def test_label_parser_maps_unknown_labels_to_others():
     assert P.parse_label("Thinking... <answer>Astrology</answer>", labels) == "Others"
     with pytest.raises(P.ParseError):
         P.parse_label("Math", labels)
+    # Prefilled and never closed: the first line after the prefill is the label.
+    assert (
+        P.parse_label(P.LABEL_PREFILL + " Code generation\nbecause it asks for code", labels)
+        == "Code Generation"
+    )
+    assert P.parse_label(P.LABEL_PREFILL + "\n\nThe story of a tale.", labels) == "Others"
 
 
 def test_expansion_parser_strips_preambles():
@@ -165,6 +196,40 @@ def test_answers_come_back_and_a_repeat_run_is_served_from_cache(ray_cluster, tm
         assert server.stats()["ok"] == 40  # no new request reached the server
         assert ledger2["cache_hits"] == 40 and ledger2["requests"] == 0
         assert sorted(r["response"] for r in again) == sorted(r["response"] for r in out)
+
+
+def test_a_prefilled_verdict_is_continued_and_parsed_with_its_prefill(ray_cluster, tmp_path):
+    """continue_final_message: the reply continues 'Rating: [[', and the client parses prefill + reply."""
+    import asyncio
+
+    from tapir_ray.oracle.client import OracleClient
+    from tapir_ray.oracle.limiter import limiter_for
+
+    prompt = P.judge_single("Say hi.", "Hello there, friend! How are you today?")
+    with LocalOracle("--backend", "scripted") as server:
+        ep = EndpointConfig(
+            base_url=server.base_url, model="local", api_key_env=None, continue_final_message=True
+        )
+        limiter = limiter_for(f"{server.base_url}|prefill", 6000, 10**7)
+        client = OracleClient(ep, server.base_url, limiter=limiter, cache=None)
+
+        async def both():
+            full = await client.call(
+                "a", "judge", prompt.messages, {"max_tokens": 64}, P.parse_rating
+            )
+            pre = await client.call("b", "judge", P.prefilled(prompt, P.VERDICT_PREFILL),
+                                    {"max_tokens": 8, **P.CONTINUE_PARAMS},
+                                    functools.partial(P.parse_rating, prefilled=True))  # fmt: skip
+            return full, pre
+
+        full, pre = asyncio.run(both())
+    assert (
+        pre.text.startswith(P.VERDICT_PREFILL) and pre.text.endswith("]]") and "\n" not in pre.text
+    )
+    assert (
+        pre.parsed == full.parsed
+        and pre.usage["completion_tokens"] < full.usage["completion_tokens"]
+    )
 
 
 def test_client_errors_are_not_retried_and_are_dead_lettered(ray_cluster, tmp_path):
@@ -319,3 +384,46 @@ def test_judge_calls_against_the_hf_backend_with_the_bundled_model(
         )
         top = reply.choices[0].logprobs.content[0].top_logprobs
         assert len(top) == 3 and top[0].logprob >= top[1].logprob
+        # A prefilled verdict is continued inside the assistant turn (no new turn is opened).
+        judge = P.judge_single("What is 2 + 2?", "4")
+        fresh = client.chat.completions.create(model="local", messages=judge.messages, max_tokens=3)
+        cont = client.chat.completions.create(
+            model="local",
+            messages=P.prefilled(judge, P.VERDICT_PREFILL),
+            max_tokens=3,
+            **P.CONTINUE_PARAMS,
+        )
+        from transformers import AutoTokenizer
+
+        from tapir_ray.assets import resolve_model
+
+        tok = AutoTokenizer.from_pretrained(resolve_model("bundled:smollm2-135m"))
+        prefill_tokens = len(tok(P.VERDICT_PREFILL, add_special_tokens=False)["input_ids"])
+        assert (
+            fresh.usage.prompt_tokens
+            < cont.usage.prompt_tokens
+            <= fresh.usage.prompt_tokens + prefill_tokens + 1
+        )
+
+
+def test_a_local_server_stops_when_the_run_that_started_it_is_killed():
+    """SIGKILL leaves no cleanup to do: the server watches its parent and exits on its own."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import time\nfrom tapir_ray.oracle.local import LocalOracle\n"
+            "s = LocalOracle('--backend', 'scripted').__enter__()\nprint(s.proc.pid, flush=True)\ntime.sleep(600)")  # fmt: skip
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    server_pid = int(parent.stdout.readline())
+    os.kill(server_pid, 0)  # running
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    raise AssertionError("the local oracle server outlived the process that started it")

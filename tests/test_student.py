@@ -252,3 +252,38 @@ def test_adapter_hash_detects_a_modified_adapter(lora_adapter, tmp_path):
     (copy / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="stale or modified"):
         Adapter.load("round-1", str(copy), expected_sha256=lora_adapter.sha256)
+
+
+def test_grouped_cpu_lora_kernels_match_vllms_per_token_ops():
+    """Our vllm-cpu LoRA kernels (a vLLM plugin) compute what vLLM's own torch ops compute."""
+    import importlib
+
+    import torch
+
+    from tapir_ray.student import vllm_cpu_lora as ours
+
+    original = importlib.reload(importlib.import_module("vllm.lora.ops.torch_ops.lora_ops"))
+    torch.manual_seed(0)
+    tokens, hidden, rank, slots = 37, 24, 4, 3
+    x = torch.randn(tokens, hidden)
+    a = torch.randn(slots, 1, rank, hidden)  # shrink weights, vLLM's 4-d layout
+    b = torch.randn(slots, 1, hidden * 2, rank)
+    idx = torch.tensor([0] * 10 + [2] * 20 + [-1] * 7)  # two adapters and the "no adapter" slot
+    want, got = torch.zeros(tokens, rank), torch.zeros(tokens, rank)
+    original.bgmv_shrink(x, a, want, idx, 0.5)
+    ours.bgmv_shrink(x, a, got, idx, 0.5)
+    assert torch.allclose(want, got, atol=1e-5)
+    for add in (False, True):
+        want_e, got_e = torch.ones(tokens, hidden * 2), torch.ones(tokens, hidden * 2)
+        original.bgmv_expand(want, b, want_e, idx, add)
+        ours.bgmv_expand(got, b, got_e, idx, add)
+        assert torch.allclose(want_e, got_e, atol=1e-4)
+        want_s, got_s = torch.ones(tokens, hidden * 4), torch.ones(tokens, hidden * 4)
+        original.bgmv_expand_slice(want, b, want_s, idx, hidden, hidden * 2, add)
+        ours.bgmv_expand_slice(got, b, got_s, idx, hidden, hidden * 2, add)
+        assert torch.allclose(want_s, got_s, atol=1e-4)
+    # vLLM loads the plugin in its processes: after register() its CPU wrapper calls ours.
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    ours.register()
+    assert punica_cpu.bgmv_shrink is ours.bgmv_shrink

@@ -215,7 +215,7 @@ def ingest(
         )
         n_unique = unique.count()
         unique.map_batches(_uncontaminated, batch_format="pyarrow").write_parquet(pool_dir)
-        kept = _parquet_rows(pool_dir)
+        kept = storage.parquet_rows(pool_dir)
     except Exception as exc:  # surface a clean one-line error for unreadable files
         clean = _unwrap(exc)
         if clean is not None:
@@ -248,16 +248,6 @@ def _reason_kinds(batch: pa.Table) -> pa.Table:
         kind = re.sub(r"\d+", "N", reason).split(" (", 1)[0]
         counts[kind] = counts.get(kind, 0) + 1
     return pa.table({"kind": list(counts), "n": list(counts.values())})
-
-
-def _parquet_rows(folder: str) -> int:
-    """Rows written, from the Parquet footers (no data is read)."""
-    import pyarrow.dataset as pads
-
-    fs, path = storage.fs_and_path(folder)
-    if not fs.exists(path):
-        return 0
-    return pads.dataset(path, format="parquet", filesystem=fs).count_rows()
 
 
 def read_pool(out_dir: str) -> ray.data.Dataset:

@@ -98,9 +98,13 @@ class OracleClient:
         limiter,
         cache: ResponseCache | None,
         seed: int = 0,
+        identity: str | None = None,
     ):
         self.endpoint = endpoint
         self.base_url = base_url
+        # What the cache keys on: the endpoint's URL, or a stable name for a server whose port
+        # changes between runs (the local oracle), so a resumed run still finds its answers.
+        self.identity = identity or base_url
         self.limiter = limiter
         self.cache = cache
         self.client = openai.AsyncOpenAI(
@@ -119,8 +123,8 @@ class OracleClient:
 
     async def _send(
         self, messages: list[dict], params: dict[str, Any]
-    ) -> tuple[str, dict, list | None, str]:
-        """One request with retries; returns (text, usage, logprobs, finish_reason) or raises _Final."""
+    ) -> tuple[str, dict, list | None, str, str]:
+        """One request with retries; returns (text, usage, logprobs, finish_reason, response id)."""
         prompt_estimate = sum(estimate_tokens(str(m.get("content", ""))) + 4 for m in messages)
         estimate = prompt_estimate + int(params.get("max_tokens") or 256)
         attempt = 0
@@ -159,7 +163,7 @@ class OracleClient:
                         for t in choice.logprobs.content
                     ]
                 self.limiter.succeeded.remote()
-                return choice.message.content or "", usage, logprobs, choice.finish_reason
+                return choice.message.content or "", usage, logprobs, choice.finish_reason, resp.id
             except openai.RateLimitError as exc:
                 status, delay = "429", _retry_after(exc) or self._backoff(attempt)
                 reason = "rate limited (429)"
@@ -204,8 +208,13 @@ class OracleClient:
         parse = parse or (lambda text: text)
         self.delta.add("sent")
         convo = list(messages)
+        # A request ending in an assistant turn is a prefill (continue_final_message): the reply
+        # continues it, so the text parsed and returned is the prefill plus the continuation.
+        prefill = (
+            messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
+        )
         for repair in (False, True):
-            key = cache_key(self.base_url, self.endpoint.model, convo, params)
+            key = cache_key(self.identity, self.endpoint.model, convo, params)
             hit = self.cache.get(key) if self.cache else None
             if hit is not None:
                 self.delta.add("cache_hits")
@@ -216,7 +225,7 @@ class OracleClient:
 
                     raise BudgetExceeded("oracle.max_usd reached")
                 try:
-                    text, usage, logprobs, _ = await self._send(convo, params)
+                    text, usage, logprobs, _, response_id = await self._send(convo, params)
                 except _Final as final:
                     self.delta.add("dead_lettered")
                     return DeadLetter(row_id, role, final.status, final.reason, 0)
@@ -225,7 +234,8 @@ class OracleClient:
                 self.delta.add("completion_tokens", usage.get("completion_tokens", 0))
                 self.delta.add("usd", self._cost(usage))
                 if self.cache:
-                    self.cache.put(key, {"text": text, "usage": usage, "logprobs": logprobs})
+                    self.cache.put(key, {"text": text, "usage": usage, "logprobs": logprobs, "response_id": response_id})  # fmt: skip
+            text = prefill + text
             try:
                 parsed = (
                     parse(text) if logprobs is None else _parse_with_logprobs(parse, text, logprobs)
@@ -236,8 +246,10 @@ class OracleClient:
                     return DeadLetter(
                         row_id, role, "unparsable", f"unparsable reply after one repair: {exc}", 2
                     )
-                convo = [*messages, {"role": "assistant", "content": text},
-                         {"role": "user", "content": f"Your reply could not be read ({exc}). Reply again in exactly the requested format."}]  # fmt: skip
+                asked = messages[:-1] if prefill else messages
+                convo = [*asked, {"role": "assistant", "content": text},
+                         {"role": "user", "content": f"Your reply could not be read ({exc}). Reply again in exactly the requested format."},
+                         *([{"role": "assistant", "content": prefill}] if prefill else [])]  # fmt: skip
                 continue
             self.delta.add("succeeded")
             return Answer(text=text, parsed=parsed, usage=usage, cached=cached, logprobs=logprobs)

@@ -55,6 +55,11 @@ class Ledger:
         entry["latencies"].extend(delta.get("latencies", []))
         return self.allowed()
 
+    def done(self, round_: int, role: str) -> int:
+        """Rows of a role finished (answered or dead-lettered) in a round: the stage's progress."""
+        entry = self.entries[str(round_)][role]
+        return entry["succeeded"] + entry["dead_lettered"]
+
     def spent(self) -> float:
         return sum(e["usd"] for roles in self.entries.values() for e in roles.values())
 

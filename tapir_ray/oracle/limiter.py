@@ -100,7 +100,17 @@ class RateLimiter:
 
 
 def limiter_for(endpoint_key: str, rpm: float, tpm: float, namespace: str | None = None):
-    """The named limiter actor of an endpoint. The driver creates it and hands it to the stage actors."""
-    return RateLimiter.options(
-        name=f"tapir-limiter:{endpoint_key}", namespace=namespace, get_if_exists=True
-    ).remote(rpm, tpm)
+    """The named limiter actor of an endpoint. The driver creates it and hands it to the stage actors.
+
+    A limiter left by a driver that was just killed may still answer to its name while it dies:
+    the handle is checked, and a fresh actor is made once the old name is free."""
+    for _ in range(30):
+        handle = RateLimiter.options(
+            name=f"tapir-limiter:{endpoint_key}", namespace=namespace, get_if_exists=True
+        ).remote(rpm, tpm)
+        try:
+            ray.get(handle.get_stats.remote(), timeout=30)
+            return handle
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            time.sleep(1.0)
+    raise RuntimeError(f"could not start the rate limiter of {endpoint_key}")

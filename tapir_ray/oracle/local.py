@@ -50,6 +50,8 @@ class LocalOracle:
             "0",
             "--ready-file",
             ready,
+            "--parent-pid",
+            str(os.getpid()),
             *self.args,
         ]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)

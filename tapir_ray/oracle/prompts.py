@@ -32,6 +32,19 @@ class Prompt:
     version: str = PROMPT_VERSION
 
 
+# Prefills for endpoints that continue a final assistant turn (vLLM's and our server's
+# `continue_final_message`; OpenAI's API has no such option): the reply starts inside the verdict,
+# so even a small local judge answers in the format. Parsers see prefill + continuation.
+VERDICT_PREFILL = "Rating: [["
+PAIR_PREFILL = "Scores: [["
+LABEL_PREFILL = "<answer>"
+CONTINUE_PARAMS = {"extra_body": {"continue_final_message": True, "add_generation_prompt": False}}
+
+
+def prefilled(prompt: Prompt, prefill: str) -> Messages:
+    return [*prompt.messages, {"role": "assistant", "content": prefill}]
+
+
 # --- single-answer judge (MT-Bench style) ---------------------------------------------------------
 
 JUDGE_SYSTEM = (
@@ -56,15 +69,24 @@ def judge_single(instruction: str, answer: str, reference: str | None = None) ->
 _RATING = re.compile(r"Rating:\s*\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 
 
-def parse_rating(reply: str, low: int = 1, high: int = 10) -> float:
-    """The judge's verdict: `Rating: [[k]]` on the last non-empty line of its reply."""
+def parse_rating(reply: str, low: int = 1, high: int = 10, *, prefilled: bool = False) -> float:
+    """The judge's verdict: `Rating: [[k]]` on the last non-empty line of its reply, or, for a
+    request prefilled with VERDICT_PREFILL, at the very start of the reply (which continues it)."""
+    if prefilled:
+        match = _RATING.match(reply)
+        if match is None:
+            raise ParseError("the prefilled verdict was not completed as 'Rating: [[k]]'")
+        return _in_range(float(match.group(1)), low, high)
     lines = [line.strip() for line in reply.strip().splitlines() if line.strip()]
     if not lines:
         raise ParseError("empty judge reply")
     match = _RATING.fullmatch(lines[-1]) or _RATING.fullmatch(lines[-1].strip("*`. "))
     if match is None:
         raise ParseError("the judge's last line is not 'Rating: [[k]]'")
-    score = float(match.group(1))
+    return _in_range(float(match.group(1)), low, high)
+
+
+def _in_range(score: float, low: int, high: int) -> float:
     if not low <= score <= high:
         raise ParseError(f"rating {score:g} is outside {low}..{high}")
     return score
@@ -89,6 +111,21 @@ def logprob_score(top_logprobs: list[dict[str, float]], low: int = 1, high: int 
             total = sum(scores.values())
             return sum(k * p for k, p in scores.items()) / total
     raise ParseError("no token position carries a probability distribution over scores")
+
+
+def score_at(alternatives: dict[str, float], low: int = 1, high: int = 10) -> float:
+    """The score at a known rating position (the first token after VERDICT_PREFILL): the
+    probability-weighted mean over the score tokens among its top alternatives, renormalised.
+    A small judge whose most likely token there is not a number still ranks the numbers."""
+    scores: dict[int, float] = {}
+    for token, logprob in alternatives.items():
+        text = token.strip()
+        if text.isdigit() and low <= int(text) <= high:
+            scores[int(text)] = scores.get(int(text), 0.0) + math.exp(logprob)
+    if not scores:
+        raise ParseError("no score token among the top alternatives at the rating position")
+    total = sum(scores.values())
+    return sum(k * p for k, p in scores.items()) / total
 
 
 # --- pairwise judge ---------------------------------------------------------------------------------
@@ -119,11 +156,14 @@ def judge_pairwise(
 _SCORES = re.compile(r"Scores:\s*\[\[\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*\]\]")
 
 
-def parse_pair(reply: str, low: int = 1, high: int = 10) -> tuple[float, float]:
+def parse_pair(
+    reply: str, low: int = 1, high: int = 10, *, prefilled: bool = False
+) -> tuple[float, float]:
     lines = [line.strip() for line in reply.strip().splitlines() if line.strip()]
     if not lines:
         raise ParseError("empty judge reply")
-    match = _SCORES.fullmatch(lines[-1].strip("*`. "))
+    # Prefilled, the reply continues PAIR_PREFILL: the verdict is its very start.
+    match = _SCORES.match(reply) if prefilled else _SCORES.fullmatch(lines[-1].strip("*`. "))
     if match is None:
         raise ParseError("the judge's last line is not 'Scores: [[a, b]]'")
     a, b = float(match.group(1)), float(match.group(2))
@@ -156,8 +196,14 @@ _ANSWER = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.S | re.I)
 
 
 def parse_label(reply: str, labels: list[str], fallback: str = "Others") -> str:
-    """The label inside <answer>…</answer>; a label outside the taxonomy becomes `fallback`."""
+    """The label inside <answer>…</answer>; a label outside the taxonomy becomes `fallback`.
+
+    A reply that starts inside a prefilled `<answer>` and never closes it is read up to its first
+    line break (what the model put where the label goes)."""
     found = _ANSWER.findall(reply)
+    if not found and reply.startswith(LABEL_PREFILL):
+        rest = reply[len(LABEL_PREFILL) :].split("</", 1)[0].strip()
+        found = [rest.splitlines()[0] if rest else ""]
     if not found:
         raise ParseError("no <answer>label</answer> in the reply")
     wanted = found[-1].strip().strip(".").casefold()

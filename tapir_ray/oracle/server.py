@@ -211,6 +211,7 @@ class OracleServer:
             "last_admitted": None,
         }
         self.answered: collections.Counter = collections.Counter()
+        self.response_ids: dict[str, list[str]] = collections.defaultdict(list)
         self.rng = random.Random(0)
         self.generator = HFGenerator(model_path, max_batch=max_batch) if backend == "hf" else None
 
@@ -241,6 +242,9 @@ class OracleServer:
                 "by_status": dict(self.stats["by_status"]),
                 "distinct": len(self.answered),
                 "repeats": repeats,
+                # The response ids of each request answered more than once (a client that cached
+                # an answer never asks again, so none of these ids may be in a client's cache).
+                "repeated_ids": [ids for ids in self.response_ids.values() if len(ids) > 1][:100],
             }
         )
 
@@ -250,6 +254,7 @@ class OracleServer:
             tokens_admitted=0, first_admitted=None, last_admitted=None,
         )  # fmt: skip
         self.answered.clear()
+        self.response_ids.clear()
         return web.json_response({"ok": True})
 
     def _error(self, status: int, message: str, headers: dict | None = None) -> web.Response:
@@ -314,6 +319,10 @@ class OracleServer:
             )
         else:
             text = scripted_reply(messages)
+            if messages[-1].get("role") == "assistant":  # continue_final_message: the continuation
+                prefill = str(messages[-1].get("content", ""))
+                text = scripted_reply(messages[:-1])
+                text = text.split(prefill, 1)[1] if prefill and prefill in text else text
             completion_tokens, finish = estimate_tokens(text), "stop"
             logprobs = scripted_logprobs(text, top_n) if want_logprobs else None
         key = hashlib.sha256(
@@ -326,6 +335,8 @@ class OracleServer:
             ).encode()
         ).hexdigest()
         self.answered[key] += 1
+        response_id = f"chatcmpl-{uuid.uuid4().hex[:12]}"
+        self.response_ids[key].append(response_id)
         self.stats["ok"] += 1
         self.stats["by_status"]["200"] += 1
         choice: dict[str, Any] = {
@@ -337,7 +348,7 @@ class OracleServer:
             choice["logprobs"] = {"content": logprobs}
         return web.json_response(
             {
-                "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+                "id": response_id,
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": self.model_name,
@@ -397,7 +408,13 @@ class HFGenerator:
     def _run(self, batch):
         torch = self.torch
         prompts = [
-            self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+            # A conversation ending in an assistant turn is continued (vLLM's continue_final_message).
+            self.tokenizer.apply_chat_template(
+                m,
+                tokenize=False,
+                add_generation_prompt=m[-1]["role"] != "assistant",
+                continue_final_message=m[-1]["role"] == "assistant",
+            )  # fmt: skip
             for m, *_ in batch
         ]
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -447,9 +464,14 @@ class HFGenerator:
 
 
 def serve(
-    server: OracleServer, host: str = "127.0.0.1", port: int = 8000, ready_file: str | None = None
+    server: OracleServer,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    ready_file: str | None = None,
+    parent_pid: int | None = None,
 ) -> None:
-    """Run until interrupted; with `ready_file`, write the bound port there once listening."""
+    """Run until interrupted; with `ready_file`, write the bound port there once listening; with
+    `parent_pid`, exit when that process is gone (a run killed with SIGKILL leaves no server)."""
 
     async def main() -> None:
         runner = web.AppRunner(server.app(), access_log=None)
@@ -467,6 +489,21 @@ def serve(
             import os
 
             os.replace(ready_file + ".tmp", ready_file)
-        await asyncio.Event().wait()
+        while parent_pid is None or _alive(parent_pid):
+            await asyncio.sleep(2.0)
+        log.info("the process that started this server (%d) is gone: stopping", parent_pid)
+        await runner.cleanup()
 
     asyncio.run(main())
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

