@@ -150,31 +150,6 @@ def test_fit_prompt_keeps_the_template_and_shortens_the_content(tokenizer):
 # --- transformers engine -----------------------------------------------------------------------------
 
 
-def test_transformers_engine_answers_with_the_output_schema(ray_cluster, smollm2, tmp_path):
-    student = StudentConfig(model="bundled:smollm2-135m", engine="transformers", max_model_len=256, batch_size=4,
-                            replicas=1, cpus_per_replica=0.5, sampling={"max_tokens": 24, "temperature": 0.0})  # fmt: skip
-    over_long = "Summarise this text: " + "lorem ipsum " * 400
-    metrics = run_student(
-        ray.data.from_items(rows([*PROMPTS, over_long])),
-        student,
-        str(tmp_path / "out"),
-        run_dir=str(tmp_path),
-        round_=0,
-    )
-    out = read_out(tmp_path / "out")
-    assert set(out) == {"p0", "p1", "p2", "p3", "p4"} and metrics["rows_out"] == 5
-    assert "Paris" in out["p0"]["response"]
-    for r in out.values():
-        assert r["engine"] == "transformers" and r["adapter_id"] == "base"
-        assert r["finish_reason"] in ("stop", "length") and 0 < r["completion_tokens"] <= 24
-        assert r["prompt_tokens"] > 10 and r["response"].strip()
-    assert (
-        out["p4"]["truncated"] and out["p4"]["prompt_tokens"] <= 256 - 24
-    )  # the over-long row completed
-    assert metrics["generated_tokens"] == sum(r["completion_tokens"] for r in out.values())
-    assert metrics["generated_tokens_per_s"] > 0 and metrics["time_to_first_output_s"] > 0
-
-
 def test_over_long_prompts_can_go_to_the_dead_letter(ray_cluster, smollm2, tmp_path):
     student = StudentConfig(model="bundled:smollm2-135m", engine="transformers", max_model_len=256, over_length="dead-letter",
                             batch_size=4, cpus_per_replica=0.5, sampling={"max_tokens": 8})  # fmt: skip
@@ -203,14 +178,15 @@ def test_vllm_with_dynamic_lora_matches_transformers_with_the_same_adapter(
 ):
     common = dict(model="bundled:smollm2-135m", max_model_len=512, batch_size=4, cpus_per_replica=1.0,
                   sampling={"max_tokens": 16, "temperature": 0.0})  # fmt: skip
-    data = ray.data.from_items(rows(PROMPTS))
-    runs = {}
+    over_long = "Summarise this text: " + "lorem ipsum " * 400  # longer than max_model_len
+    data = ray.data.from_items(rows([*PROMPTS, over_long]))
+    runs, metrics = {}, {}
     for name, engine, adapter in (
         ("base", "transformers", None),
         ("hf_lora", "transformers", lora_adapter),
         ("vllm_lora", "vllm", lora_adapter),
     ):
-        run_student(
+        metrics[name] = run_student(
             data,
             StudentConfig(engine=engine, **common),
             str(tmp_path / name),
@@ -220,6 +196,23 @@ def test_vllm_with_dynamic_lora_matches_transformers_with_the_same_adapter(
         )
         runs[name] = read_out(tmp_path / name)
     base, hf_lora, vllm_lora = runs["base"], runs["hf_lora"], runs["vllm_lora"]
+    over = f"p{len(PROMPTS)}"
+    for name, out in runs.items():  # the output schema, the same from both engines
+        assert set(out) == set(base) and metrics[name]["rows_out"] == len(PROMPTS) + 1
+        assert metrics[name]["generated_tokens"] == sum(
+            r["completion_tokens"] for r in out.values()
+        )
+        assert (
+            metrics[name]["generated_tokens_per_s"] > 0
+            and metrics[name]["time_to_first_output_s"] > 0
+        )
+        for r in out.values():
+            assert r["finish_reason"] in ("stop", "length") and 0 < r["completion_tokens"] <= 16
+            assert r["prompt_tokens"] > 10 and r["latency_s"] >= 0
+        # The over-long prompt was shortened (its template kept) and answered: the batch completed.
+        assert out[over]["truncated"] and out[over]["prompt_tokens"] <= 512 - 16
+    assert "Paris" in base["p0"]["response"] and base["p0"]["engine"] == "transformers"
+    assert base["p0"]["adapter_id"] == "base" and base["p0"]["adapter_sha256"] == ""
 
     changed = [p for p in base if base[p]["response"] != hf_lora[p]["response"]]
     assert len(changed) >= 3, "the adapter must measurably change the answers"

@@ -266,6 +266,9 @@ def test_a_run_killed_in_three_stages_resumes_without_loss(finished_run, smollm2
         cfg_path = tmp_path / "tapir.yaml"
         raw = tapir_config(run_dir, server.base_url, smollm2, rounds=1)
         raw["oracle"]["teacher"]["rpm"] = 600  # 10 requests/s: slow enough to be caught mid-stage
+        raw["train"].update(
+            num_workers=1, global_batch_size=2
+        )  # the compared ids do not depend on it
         cfg_path.write_text(yaml.safe_dump(raw))
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
