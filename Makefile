@@ -16,7 +16,7 @@ demo: env
 
 test: env
 	$(VENV)/bin/ruff check tapir_ray tests benchmarks
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=12 tests
 
 lint: env
 	$(VENV)/bin/ruff check tapir_ray tests benchmarks
