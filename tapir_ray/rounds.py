@@ -151,6 +151,12 @@ def used_ids(run_dir: str, before_round: int) -> set[str]:
     return ids
 
 
+def _write_requests(rows: list[dict], folder: str) -> None:
+    """An oracle or student stage's input: id and messages (JSON), even when there are no rows."""
+    schema = pa.schema([("id", pa.string()), ("messages", pa.string())])
+    storage.write_table(pa.Table.from_pylist(rows, schema=schema), folder)
+
+
 def write_student_inputs(run_dir: str, round_: int) -> int:
     items = storage.read_table(storage.join(run_dir, "items"))
     used = used_ids(run_dir, round_)
@@ -162,12 +168,7 @@ def write_student_inputs(run_dir: str, round_: int) -> int:
         )
         if not h and i not in used
     ]  # fmt: skip
-    storage.write_table(
-        pa.Table.from_pylist(
-            rows, schema=pa.schema([("id", pa.string()), ("messages", pa.string())])
-        ),
-        storage.join(run_dir, f"round-{round_}", "student_in"),
-    )
+    _write_requests(rows, storage.join(run_dir, f"round-{round_}", "student_in"))
     return len(rows)
 
 
@@ -193,12 +194,7 @@ def write_judge_inputs(run_dir: str, round_: int, mode: str, prefill: bool) -> i
                 prompt = P.judge_pairwise(text, a, b)
                 msgs = P.prefilled(prompt, P.PAIR_PREFILL) if prefill else prompt.messages
                 rows.append({"id": f"{r['id']}|{tag}", "messages": json.dumps(msgs)})
-    storage.write_table(
-        pa.Table.from_pylist(
-            rows, schema=pa.schema([("id", pa.string()), ("messages", pa.string())])
-        ),
-        storage.join(run_dir, f"round-{round_}", "judge_in"),
-    )
+    _write_requests(rows, storage.join(run_dir, f"round-{round_}", "judge_in"))
     return len(rows)
 
 
@@ -278,10 +274,10 @@ def write_expansion_requests(
     """One teacher request per missing item, each inspired by a different exemplar of its category
     (hard exemplars first), so a retry never repeats an earlier request."""
     plan = storage.read_table(storage.join(run_dir, f"round-{round_}", "plan")).to_pylist()
-    items = storage.read_table(
-        storage.join(run_dir, "items"), ["id", "instruction", "input", "category", "heldout"]
-    )
-    text = {r["id"]: P.user_content(r["instruction"], r["input"]) for r in items.to_pylist()}
+    text = {
+        i: P.user_content(*t)
+        for i, t in _item_texts(run_dir, round_, {r["id"] for r in plan}).items()
+    }
     rows = []
     for cat, n in sorted(missing.items()):
         chosen = [r for r in plan if r["category"] == cat]
@@ -313,8 +309,7 @@ def write_expansion_labels_in(
         prompt = P.classify(json.loads(r["parsed"]), labels)
         msgs = P.prefilled(prompt, P.LABEL_PREFILL) if prefill else prompt.messages
         rows.append({"id": r["id"], "messages": json.dumps(msgs)})
-    storage.write_table(pa.Table.from_pylist(rows, schema=pa.schema([("id", pa.string()), ("messages", pa.string())])),
-                        storage.join(folder, "label_requests"))  # fmt: skip
+    _write_requests(rows, storage.join(folder, "label_requests"))
     return len(rows)
 
 
@@ -419,8 +414,10 @@ def write_final_plan(run_dir: str, round_: int, attempts: int, seed: int) -> dic
             "counts": dict(Counter(sel.category)), "duplicated": dict(missing)}  # fmt: skip
 
 
-def _item_texts(run_dir: str, round_: int) -> dict[str, tuple[str, str]]:
+def _item_texts(run_dir: str, round_: int, ids: set[str]) -> dict[str, tuple[str, str]]:
+    """(instruction, input) of the given ids: pool items, or this round's expansions."""
     items = storage.read_table(storage.join(run_dir, "items"), ["id", "instruction", "input"])
+    items = items.filter(pc.is_in(items["id"], pa.array(sorted(ids), pa.string())))
     texts = {i: (a, b) for i, a, b in zip(items["id"].to_pylist(), items["instruction"].to_pylist(), items["input"].to_pylist(), strict=True)}  # fmt: skip
     expanded = storage.join(run_dir, f"round-{round_}", "expanded")
     if storage.exists(expanded):
@@ -431,7 +428,7 @@ def _item_texts(run_dir: str, round_: int) -> dict[str, tuple[str, str]]:
 
 def write_refine_inputs(run_dir: str, round_: int, styles: dict[str, str]) -> int:
     plan = storage.read_table(storage.join(run_dir, f"round-{round_}", "plan_final")).to_pylist()
-    texts = _item_texts(run_dir, round_)
+    texts = _item_texts(run_dir, round_, {r["id"] for r in plan})
     rows, seen = [], set()
     for r in plan:
         if r["id"] in seen:
@@ -453,7 +450,7 @@ def write_train_set(
     plan = storage.read_table(storage.join(run_dir, f"round-{round_}", "plan_final")).to_pylist()
     answers = storage.read_table(answers_dir, ["id", answer_column])
     answer = dict(zip(answers["id"].to_pylist(), answers[answer_column].to_pylist(), strict=True))
-    texts = _item_texts(run_dir, round_)
+    texts = _item_texts(run_dir, round_, {r["id"] for r in plan})
     rows, dropped = [], 0
     for r in plan:
         if r["id"] not in answer:
@@ -486,7 +483,7 @@ def write_warmup_plan(run_dir: str, rows: int, seed: int) -> int:
 
 def heldout_rows(run_dir: str, seed: int, limit: int) -> list[dict[str, Any]]:
     items = storage.read_table(storage.join(run_dir, "items"))
-    rows = [r for r in items.to_pylist() if r["heldout"]]
+    rows = items.filter(items["heldout"]).to_pylist()  # only the held-out rows leave Arrow
     rows.sort(key=lambda r: rank_key(seed, -1, r["id"]))
     return [
         {"messages": _messages(r["instruction"], r["input"]), "response": r["teacher"]}
