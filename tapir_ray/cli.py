@@ -8,6 +8,9 @@ tapir-ray run CONFIG [--resume]    run the curriculum (TAPIR): rounds of scoring
 tapir-ray status RUN               where a run stands
 tapir-ray report RUN               metrics/report.md + plots; prints the per-round table
 tapir-ray export RUN --round R [--merge] --out DIR
+tapir-ray eval RUN [--round R|base|all] [--suite alpaca|mtbench|nll|all] [--reference ...]
+tapir-ray submit CONFIG --address http://HEAD:8265 [--follow]   run a config as a Ray job
+tapir-ray submit --status JOB | --stop JOB --address ...
 tapir-ray oracle serve ...         the OpenAI-compatible local teacher/judge
 """
 
@@ -83,6 +86,14 @@ def _range_ms(text: str) -> tuple[float, float]:
     return float(low), float(high or low)
 
 
+def _server_key(name: str | None) -> str | None:
+    if name is None:
+        return None
+    if not os.environ.get(name):
+        raise UsageError(f"--api-key-env {name}: the variable is not set")
+    return os.environ[name]
+
+
 def cmd_oracle_serve(args: argparse.Namespace) -> int:
     from tapir_ray.oracle.server import Faults, Limits, OracleServer, serve
 
@@ -99,6 +110,7 @@ def cmd_oracle_serve(args: argparse.Namespace) -> int:
             drop_rate=args.drop_rate, seed=args.seed,
         ),
         max_batch=args.max_batch,
+        api_key=_server_key(args.api_key_env),
     )  # fmt: skip
     serve(
         server,
@@ -119,7 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     try:
-        run(cfg, resume=args.resume)
+        run(cfg, resume="auto" if args.auto_resume else args.resume)
     except RunError as exc:
         raise UsageError(str(exc)) from None
     except BudgetExceeded as exc:
@@ -172,6 +184,78 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- eval ----------------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tapir_ray.eval.harness import SUITES, EvalError, evaluate
+
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    try:
+        evaluate(
+            args.run, rounds=args.round, suites=suites, reference=args.reference, limit=args.limit
+        )
+    except EvalError as exc:
+        raise UsageError(str(exc)) from None
+    print(
+        f"results: {args.run.rstrip('/')}/eval/summary.json, report: {args.run.rstrip('/')}/eval/report.md"
+    )
+    return 0
+
+
+# --- submit --------------------------------------------------------------------------------------
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import shutil
+
+    from tapir_ray import submit as jobs
+
+    try:
+        address = jobs.dashboard_address(args.address)
+        if args.stop:
+            stopped = jobs.stop(address, args.stop)
+            print(f"job {args.stop}: {'stop requested' if stopped else 'not running'}")
+            return 0
+        if args.status:
+            if args.follow:
+                final = jobs.follow(address, args.status)
+                print(f"job {args.status}: {final}")
+                return 0 if final == "SUCCEEDED" else 1
+            print(jobs.format_status(jobs.status(address, args.status)))
+            return 0
+        if not args.config:
+            raise UsageError("submit: give a CONFIG to submit, or --status JOB / --stop JOB")
+        cfg = load_config(args.config)
+        spec = jobs.build_job(
+            cfg, address=address, config_name=os.path.basename(args.config), run_dir=args.run_dir,
+            code=args.code, pip=args.pip, submission_id=args.job_id,
+            resume="auto" if args.auto_resume else args.resume,
+        )  # fmt: skip
+        try:
+            job_id = jobs.submit(spec, address)
+        finally:
+            shutil.rmtree(spec.staging_dir, ignore_errors=True)
+        print(f"submitted job {job_id} to {address}")
+        print(f"run dir: {spec.metadata['tapir_ray.run_dir']}")
+        if spec.secrets_by_name:
+            print(f"keys the cluster must provide: {', '.join(spec.secrets_by_name)}")
+        if not args.follow:
+            print(f"follow it: tapir-ray submit --status {job_id} --follow --address {address}")
+            return 0
+        try:
+            final = jobs.follow(address, job_id)
+        except KeyboardInterrupt:
+            print(
+                f"\nstopped following; the job goes on (stop it: tapir-ray submit --stop {job_id})"
+            )
+            return 130
+        print(f"job {job_id}: {final}")
+        return 0 if final == "SUCCEEDED" else 1
+    except jobs.SubmitError as exc:
+        raise UsageError(str(exc)) from None
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 
@@ -211,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument(
         "--resume", action="store_true", help="continue the run in run.dir where it stopped"
+    )
+    p.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="resume if run.dir holds a run, start one otherwise (for retried cluster jobs)",
     )
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("status", help="where a run stands: round, stage, progress, spend")
@@ -265,7 +354,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--drop-rate", type=float, default=0.0, help="share whose connection is dropped")
     p.add_argument("--seed", type=int, default=0, help="seeds the fault draws")
+    p.add_argument(
+        "--api-key-env", help="require the key in this environment variable (401 without it)"
+    )
     p.set_defaults(func=cmd_oracle_serve)
+
+    p = sub.add_parser(
+        "eval", help="win rate, MT-Bench grades and held-out NLL of a run's students"
+    )
+    p.add_argument("run", help="the run directory")
+    p.add_argument("--round", default="all", help="a trained round, base, or all (default)")
+    p.add_argument("--suite", choices=["alpaca", "mtbench", "nll", "all"], default="all")
+    p.add_argument(
+        "--reference",
+        help="alpaca: teacher (default), RUN:ROUND (that run's evaluated answers), or a JSON/JSONL file",
+    )
+    p.add_argument("--limit", type=int, help="evaluate at most this many prompts per suite")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "submit", help="run a config on a Ray cluster as a Ray job; follow, query or stop it"
+    )
+    p.add_argument("config", nargs="?", help="the config to run (omit with --status/--stop)")
+    p.add_argument(
+        "--address", help="the dashboard URL, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)"
+    )
+    p.add_argument("--follow", action="store_true", help="print the job's logs until it ends")
+    p.add_argument("--resume", action="store_true", help="the job continues the run in run.dir")
+    p.add_argument(
+        "--auto-resume", action="store_true", help="the job resumes a run if there is one"
+    )
+    p.add_argument("--run-dir", help="override run.dir (shared storage the cluster can write)")
+    p.add_argument(
+        "--code",
+        choices=["installed", "local"],
+        default="installed",
+        help="installed: the cluster's tapir-ray (the image); local: ship this checkout's package",
+    )
+    p.add_argument("--pip", action="append", help="a pip requirement the job installs (repeatable)")
+    p.add_argument("--job-id", help="the submission id (default: tapir-ray-RUN-TIMESTAMP)")
+    p.add_argument("--status", metavar="JOB", help="show a job's status (with --follow: its logs)")
+    p.add_argument("--stop", metavar="JOB", help="stop a job")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser(
         "doctor", help="report Ray, GPUs, student engines, bundled assets and endpoints"

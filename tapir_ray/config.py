@@ -135,6 +135,9 @@ class StudentConfig(_Strict):
     tensor_parallel_size: PositiveInt = 1
     gpus_per_replica: Annotated[float, Field(ge=0)] = 1.0
     cpus_per_replica: Annotated[float, Field(gt=0)] = 1.0
+    accelerator_type: str | None = Field(
+        None, description="GPU type the engines need on a mixed cluster (Ray's name, e.g. H100)."
+    )
     max_lora_rank: PositiveInt = 64
 
 
@@ -384,6 +387,9 @@ class TrainConfig(_Strict):
     use_gpu: bool = False
     cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
     gpus_per_worker: Annotated[float, Field(ge=0)] = 1.0
+    accelerator_type: str | None = Field(
+        None, description="GPU type the workers need on a mixed cluster (Ray's name, e.g. A100)."
+    )
     micro_batch_size: PositiveInt = 4
     global_batch_size: PositiveInt = 32
     epochs: Annotated[float, Field(gt=0)] = 3

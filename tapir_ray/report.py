@@ -283,6 +283,11 @@ def write_report(run_dir: str) -> str:
     except ImportError:  # matplotlib is optional for the report
         plots = []
     parts += [f"![{p}]({p})" for p in plots]
+    if storage.exists(storage.join(run_dir, "eval", "summary.json")):
+        from tapir_ray.eval.report import eval_tables
+
+        parts += ["", "## Evaluation (`tapir-ray eval`; plots in ../eval/)", "",
+                  *eval_tables(storage.read_json(storage.join(run_dir, "eval", "summary.json")))]  # fmt: skip
     storage.write_text_atomic(
         storage.join(run_dir, "metrics", "report.md"), "\n".join(parts) + "\n"
     )

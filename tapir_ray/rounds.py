@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -978,12 +979,17 @@ def _brief(info: dict) -> str:
 # --- entry points ---------------------------------------------------------------------------------
 
 
-def run(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Run (or resume) the curriculum the config names; returns the final state."""
+def run(cfg: Config, *, resume: bool | str = False, log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) the curriculum the config names; returns the final state.
+    `resume="auto"` resumes when run.dir holds a run and starts one otherwise."""
     from tapir_ray.runtime import ensure_ray
 
     run_dir = storage.absolute(cfg.run.dir)
     state = read_state(run_dir)
+    if (
+        resume == "auto"
+    ):  # a retried cluster job: continue a run that started, start one that did not
+        resume = state is not None
     if state is not None and not resume:
         raise RunError(
             f"{run_dir} already holds a run (status {state['status']}); add --resume to continue it, or choose a new run.dir"
@@ -994,6 +1000,13 @@ def run(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = print
         raise RunError(
             f"curriculum.algorithm {cfg.curriculum.algorithm!r} is not available in this version (tapir is)"
         )
+    if not cfg.oracle.local:
+        endpoints = [("teacher", cfg.oracle.teacher), ("judge", cfg.oracle.judge)]
+        for role, ep in endpoints:
+            if ep is not None and ep.api_key_env and not os.environ.get(ep.api_key_env):
+                raise RunError(
+                    f"oracle.{role}.api_key_env: ${ep.api_key_env} is not set in this environment (on a cluster, set it on the head node, e.g. from a Kubernetes Secret)"
+                )
     storage.makedirs(run_dir)
     storage.write_text_atomic(storage.join(run_dir, "config.yaml"), cfg.to_yaml())
     ensure_ray(cfg.resources)

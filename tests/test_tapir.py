@@ -239,8 +239,89 @@ def test_status_and_report_commands(finished_run):
     assert report.returncode == 0 and "| 2 |" in report.stdout
     missing = run_cli("status", "/nonexistent/run")
     assert missing.returncode == 2 and "no state.json" in missing.stderr
+    no_run = run_cli("eval", "/nonexistent/run")
+    assert no_run.returncode == 2 and "no run here" in no_run.stderr
     again = run_cli("run", str(Path(finished_run["dir"]) / "config.yaml"))
     assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_eval_suites_on_the_finished_run(finished_run, scripted, tmp_path):
+    """`tapir-ray eval`: win rate against a file with one trained prompt in it (excluded by the
+    contamination guard), MT-Bench's two turns, the held-out NLL falling from base to round 2, and
+    a second evaluation that sends the judge nothing."""
+    from tapir_ray.eval.harness import EvalError, evaluate
+
+    run_dir = finished_run["dir"]
+    trained = storage.read_table(f"{run_dir}/round-1/train_set", ["messages"])["messages"][
+        0
+    ].as_py()
+    seen = json.loads(trained)[0]["content"]
+    ref = tmp_path / "reference.jsonl"
+    rows = [{"instruction": seen.upper(), "output": "An answer."}]  # normalised text matches
+    rows += [{"instruction": f"Name {k} fruits and say which is sweetest.", "output": "Apple, pear." * k}
+             for k in range(2, 6)]  # fmt: skip
+    ref.write_text("\n".join(json.dumps(r) for r in rows))
+    scripted.reset_stats()
+    summary = evaluate(
+        run_dir, rounds="2", suites=["alpaca", "mtbench"], reference=str(ref), limit=8
+    )
+    alpaca = summary["alpaca"]
+    assert len(alpaca["excluded_contaminated"]) == 1 and alpaca["prompts"] == 4
+    wr = alpaca["targets"]["round-2"]
+    assert wr["wins"] + wr["ties"] + wr["losses"] == 8 and wr["unjudged"] == 0  # both orders
+    assert wr["ci_low"] <= wr["win_rate"] <= wr["ci_high"]
+    mt = summary["mtbench"]["targets"]["round-2"]
+    assert summary["mtbench"]["questions"] == 8 and mt["asked"] == 16 and mt["graded"] == 16
+    assert set(mt["categories"]) == {
+        "writing",
+        "roleplay",
+        "reasoning",
+        "math",
+        "coding",
+        "extraction",
+        "stem",
+        "humanities",
+    }
+    assert all(1 <= mt[k] <= 10 for k in ("score", "turn_1", "turn_2"))
+    # The second turn saw the student's own first answer; math was judged against its reference.
+    turn1 = {
+        r["id"]: r["response"]
+        for r in storage.read_table(f"{run_dir}/eval/mtbench/round-2/turn1").to_pylist()
+    }
+    for r in storage.read_table(f"{run_dir}/eval/mtbench/round-2/turn2_in").to_pylist():
+        msgs = json.loads(r["messages"])
+        assert [m["role"] for m in msgs] == ["user", "assistant", "user"] and msgs[1][
+            "content"
+        ] == turn1[r["id"]]
+    judge_in = {
+        r["id"]: r["messages"]
+        for r in storage.read_table(f"{run_dir}/eval/mtbench/round-2/judge_in").to_pylist()
+    }
+    math_q = next(
+        q
+        for q in ("111", "112", "113", "114", "115", "116", "117", "118", "119", "120")
+        if f"{q}|2" in judge_in
+    )
+    assert "[Reference answer to the second question]" in judge_in[f"{math_q}|2"]
+    sent = scripted.stats()["requests"]
+    assert sent == 8 + 16
+    # Again: the students' answers are kept and every verdict comes from the cache.
+    evaluate(run_dir, rounds="2", suites=["alpaca", "mtbench"], reference=str(ref), limit=8)
+    assert scripted.stats()["requests"] == sent
+    nll = evaluate(run_dir, rounds="all", suites=["nll"])["nll"]["targets"]
+    assert set(nll) == {"base", "round-1", "round-2"}
+    assert nll["round-2"]["nll"] < nll["round-1"]["nll"] < nll["base"]["nll"]
+    report = (Path(run_dir) / "eval/report.md").read_text()
+    assert "Pairwise win rate" in report and "MT-Bench" in report and "Held-out NLL" in report
+    assert all(
+        (Path(run_dir) / "eval" / p).exists() for p in ("winrate.png", "mtbench.png", "nll.png")
+    )
+    with pytest.raises(EvalError, match="no such trained round"):
+        evaluate(run_dir, rounds="7", suites=["nll"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "x"}))
+    with pytest.raises(EvalError, match="row 1: field 'output'"):
+        evaluate(run_dir, rounds="2", suites=["alpaca"], reference=str(bad))
 
 
 def _wait(predicate, timeout: float, what: str) -> None:

@@ -66,6 +66,22 @@ def judge_single(instruction: str, answer: str, reference: str | None = None) ->
     )
 
 
+def judge_second_turn(
+    question_1: str, answer_1: str, question_2: str, answer_2: str, reference: str | None = None
+) -> Prompt:
+    """MT-Bench's second turn: the judge sees the whole conversation and rates the second answer."""
+    ref = f"\n\n[Reference answer to the second question]\n{reference}" if reference else ""
+    user = (
+        f"[First question]\n{question_1}\n\n<<<FIRST ANSWER>>>\n{answer_1}\n<<<END FIRST ANSWER>>>\n\n"
+        f"[Second question]\n{question_2}{ref}\n\nRate only the answer to the second question, "
+        f"in the context of the conversation.\n\n<<<ANSWER>>>\n{answer_2}\n<<<END ANSWER>>>"
+    )
+    return Prompt(
+        "judge_second_turn",
+        [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}],
+    )
+
+
 _RATING = re.compile(r"Rating:\s*\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 
 

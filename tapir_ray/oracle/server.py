@@ -195,8 +195,10 @@ class OracleServer:
         limits: Limits | None = None,
         faults: Faults | None = None,
         max_batch: int = 8,
+        api_key: str | None = None,
     ):
         self.backend = backend
+        self.api_key = api_key  # when set, requests must carry it as a bearer token
         self.model_name = model_name
         self.latency_ms = latency_ms
         self.limits = limits or Limits()
@@ -259,9 +261,11 @@ class OracleServer:
 
     def _error(self, status: int, message: str, headers: dict | None = None) -> web.Response:
         self.stats["by_status"][str(status)] += 1
-        kind = {429: "rate_limit_exceeded", 400: "invalid_request_error"}.get(
-            status, "server_error"
-        )
+        kind = {
+            429: "rate_limit_exceeded",
+            400: "invalid_request_error",
+            401: "invalid_api_key",
+        }.get(status, "server_error")
         return web.json_response(
             {"error": {"message": message, "type": kind, "code": status}},
             status=status,
@@ -270,6 +274,8 @@ class OracleServer:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self.stats["requests"] += 1
+        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return self._error(401, "invalid API key")
         try:
             body = await request.json()
         except json.JSONDecodeError:

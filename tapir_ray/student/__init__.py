@@ -97,6 +97,7 @@ def answer(
             replicas=student.replicas, tensor_parallel_size=student.tensor_parallel_size, use_gpu=use_gpu,
             cpus_per_replica=student.cpus_per_replica, max_lora_rank=student.max_lora_rank,
             adapter_path=adapter.path if adapter else None, dtype=student.dtype,
+            accelerator_type=student.accelerator_type,
         )  # fmt: skip
         out = processor(good.drop_columns(["messages"]))
     else:

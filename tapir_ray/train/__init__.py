@@ -65,6 +65,21 @@ class TrainResult:
     metrics: list[dict[str, Any]]
 
 
+def scaling_config(train: TrainConfig):
+    """Ray Train's workers from the config: num_workers × (cpus_per_worker, gpus_per_worker),
+    on GPUs of `accelerator_type` when the cluster mixes kinds."""
+    from ray.train import ScalingConfig
+
+    resources = {
+        "CPU": train.cpus_per_worker,
+        **({"GPU": train.gpus_per_worker} if train.use_gpu else {}),
+    }
+    return ScalingConfig(
+        num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources,
+        accelerator_type=train.accelerator_type if train.use_gpu else None,
+    )  # fmt: skip
+
+
 def train_round(
     ds: ray.data.Dataset,
     train: TrainConfig,
@@ -77,7 +92,7 @@ def train_round(
     peak_flops_per_device: float | None = None,
 ) -> TrainResult:
     """Fine-tune on `ds` (messages JSON + response) and write `<out_dir>/adapter/`."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchTrainer
     from transformers import AutoTokenizer
 
@@ -132,16 +147,12 @@ def train_round(
         "tensorboard_dir": storage.absolute(storage.join(out_dir, "tensorboard")),
         "peak_flops_per_device": peak_flops_per_device,
     }
-    resources = {
-        "CPU": train.cpus_per_worker,
-        **({"GPU": train.gpus_per_worker} if train.use_gpu else {}),
-    }
     storage_path = storage.join(out_dir, "checkpoints")
     storage.makedirs(storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=train.use_gpu, resources_per_worker=resources),
+        scaling_config=scaling_config(train),
         run_config=RunConfig(
             name="fit", storage_path=storage.absolute(storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=2),

