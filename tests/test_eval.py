@@ -62,3 +62,23 @@ def test_length_controlled_win_rate_removes_a_verbosity_advantage():
     # With no length difference the LC rate is the raw rate.
     same = length_controlled([1, 0, 0.5, 1, 1, 0], [5] * 6, [5] * 6)
     assert same == (pytest.approx(0.5833, abs=1e-3), 0.0)
+
+
+def test_a_preference_verdict_is_read_from_text_or_from_the_a_b_probabilities():
+    from tapir_ray.oracle import prompts as P
+
+    assert P.parse_preference("A]]", prefilled=True) == (1.0, 0.0)
+    assert P.parse_preference("Longer, but wrong.\nBetter: [[B]]") == (0.0, 1.0)
+    assert P.parse_preference("tie]] both fine", prefilled=True) == (0.5, 0.5)
+    with pytest.raises(P.ParseError):
+        P.parse_preference("I prefer the first one.")
+    # A small judge whose likeliest token is not a verdict still ranks A against B.
+    a, b = P.preference_at({"The": math.log(0.5), " A": math.log(0.1), "B": math.log(0.3)})
+    assert (a, b) == (pytest.approx(0.25), pytest.approx(0.75))
+    with pytest.raises(P.ParseError):
+        P.preference_at({"The": 0.0})
+    prompt = P.judge_preference("Add 2 and 2.", "4", "5")
+    assert (
+        "Better: [[A]]" in prompt.messages[0]["content"]
+        and "<<<ANSWER B>>>\n5" in prompt.messages[1]["content"]
+    )

@@ -139,35 +139,47 @@ class Evaluation:
                 else None
             )
             cfg = self.cfg.student.model_copy(update={"model": student["model"]})
-            n, counter = storage.parquet_rows(in_dir), {"n": 0}
+            n, counter, started = storage.parquet_rows(in_dir), {"n": 0}, time.perf_counter()
             with Progress(label, n, lambda: counter["n"], log=self.log):
                 run_student(ray.data.read_parquet(in_dir), cfg, out_dir, run_dir=self.run_dir,
                             round_=max(target[1], 0), adapter=adapter, use_gpu=self.runner.use_gpu,
                             on_rows=lambda k: counter.__setitem__("n", k))  # fmt: skip
             storage.mark_success(out_dir)
+            self.log(f"{label}: {counter['n']}/{n} rows in {time.perf_counter() - started:.0f} s")
         return _answers(out_dir)
 
-    def judge(
-        self, label: str, rows: list[dict], folder: str, *, mode: str, round_: int
-    ) -> dict[str, Any]:
-        """Judge `rows` through the run's oracle layer; re-asking is answered from its cache."""
+    def judge(self, label: str, rows: list[dict], folder: str, *, mode: str, round_: int) -> dict[str, Any]:  # fmt: skip
+        """Judge `rows` through the run's oracle layer; re-asking is answered from its cache.
+        mode "single": a 1–10 grade (the run's judge settings); "preference": which of two
+        answers is better, read from the A/B token probabilities when the judge's turn is
+        prefilled and logprob scoring is on (AlpacaEval's way, and the only one a small judge
+        manages), else from its written verdict."""
         from tapir_ray.rounds import _judge_parser
 
         prefill = self.runner.prefill("judge")
-        tapir = self.runner.tapir
-        params = self.runner._judge_params(prefill)
-        if mode == "pairwise":  # a pair's verdict needs its two numbers, never a 1-token read
-            params = {k: v for k, v in params.items() if k not in ("logprobs", "top_logprobs")}
-            params["max_tokens"] = 8 if prefill else tapir.judge.max_tokens
+        j = self.runner.tapir.judge
+        if mode == "single":
+            params = self.runner._judge_params(prefill)
+            parse: Callable = _judge_parser("single", j.logprob_scoring, prefill)
+            prefix = P.VERDICT_PREFILL
+        else:
+            read_probs = prefill and j.logprob_scoring
+            params = {
+                "temperature": j.temperature,
+                "max_tokens": 1 if read_probs else (4 if prefill else j.max_tokens),
+            }
+            params.update(P.CONTINUE_PARAMS if prefill else {})
+            params.update({"logprobs": True, "top_logprobs": 20} if read_probs else {})
+            parse, prefix = _preference_parser(prefill, read_probs), P.PREFER_PREFILL
         for r in rows:
             prompt = r.pop("prompt")
-            prefix = P.PAIR_PREFILL if mode == "pairwise" else P.VERDICT_PREFILL
             r["messages"] = json.dumps(P.prefilled(prompt, prefix) if prefill else prompt.messages)
         _requests(rows, storage.join(folder, "judge_in"))
-        logprob = tapir.judge.logprob_scoring and mode == "single"
         info = self.runner.ask(label, storage.join(folder, "judge_in"), storage.join(folder, "judge"),
-                               role="eval-judge", endpoint="judge", params=params,
-                               parse=_judge_parser(mode, logprob, prefill), round_=round_)  # fmt: skip
+                               role="eval-judge", endpoint="judge", params=params, parse=parse, round_=round_)  # fmt: skip
+        self.log(
+            f"{label}: {info['rows_out']}/{info['rows_in']} verdicts ({info['rows_in'] - info['rows_out']} dead-lettered)"
+        )
         return {"verdicts": _parsed(storage.join(folder, "judge")), "oracle": info}
 
     def guard(
@@ -207,10 +219,14 @@ class Evaluation:
                     continue
                 text = P.user_content(p["instruction"], p["input"])
                 s, r = student[p["id"]], ref_answers[p["id"]]
-                rows.append({"id": f"{p['id']}|SR", "prompt": P.judge_pairwise(text, s, r)})
-                rows.append({"id": f"{p['id']}|RS", "prompt": P.judge_pairwise(text, r, s)})
+                rows.append({"id": f"{p['id']}|SR", "prompt": P.judge_preference(text, s, r)})
+                rows.append({"id": f"{p['id']}|RS", "prompt": P.judge_preference(text, r, s)})
             judged = self.judge(
-                f"eval alpaca · {target[0]} judge", rows, folder, mode="pairwise", round_=target[1]
+                f"eval alpaca · {target[0]} judge",
+                rows,
+                folder,
+                mode="preference",
+                round_=target[1],
             )
             v = judged["verdicts"]
             ids = [p["id"] for p in prompts if f"{p['id']}|SR" in v and f"{p['id']}|RS" in v]
@@ -324,6 +340,18 @@ class Evaluation:
             results[target[0]] = {**out, "seconds": round(time.perf_counter() - started, 1)}
             self.log(f"eval nll · {target[0]}: {out.get('nll')}")
         return {"targets": results}
+
+
+class _preference_parser:
+    """Module level: it travels to the oracle actors."""
+
+    def __init__(self, prefilled: bool, read_probs: bool):
+        self.prefilled, self.read_probs = prefilled, read_probs
+
+    def __call__(self, text: str, logprobs: list | None = None) -> list[float]:
+        if self.read_probs and logprobs:
+            return list(P.preference_at(logprobs[0]))
+        return list(P.parse_preference(text, prefilled=self.prefilled))
 
 
 def mtbench_scores(questions: list[dict], verdicts: dict[str, Any]) -> dict[str, Any]:

@@ -82,6 +82,12 @@ def scripted_reply(messages: list[dict[str, Any]]) -> str:
         a = user.split("<<<ANSWER A>>>", 1)[-1].split("<<<END ANSWER A>>>", 1)[0]
         b = user.split("<<<ANSWER B>>>", 1)[-1].split("<<<END ANSWER B>>>", 1)[0]
         return f"Both answers were compared.\nScores: [[{score_of(a)}, {score_of(b)}]]"
+    if "Better: [[A]]" in system:
+        a = score_of(user.split("<<<ANSWER A>>>", 1)[-1].split("<<<END ANSWER A>>>", 1)[0])
+        b = score_of(user.split("<<<ANSWER B>>>", 1)[-1].split("<<<END ANSWER B>>>", 1)[0])
+        return (
+            f"Both answers were compared.\nBetter: [[{'A' if a > b else 'B' if b > a else 'tie'}]]"
+        )
     if "<answer></answer>" in system:
         labels = re.findall(r"^- (.+)$", user.split("Instruction:", 1)[0], flags=re.M)
         text = user.split("Instruction:", 1)[-1].lower()
