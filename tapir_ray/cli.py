@@ -8,6 +8,7 @@ tapir-ray run CONFIG [--resume]    run the curriculum (TAPIR): rounds of scoring
 tapir-ray status RUN               where a run stands
 tapir-ray report RUN               metrics/report.md + plots; prints the per-round table
 tapir-ray export RUN --round R [--merge] --out DIR
+tapir-ray generate RUN --round R --input FILE --self-revise N   (CITING: answer, then self-revise)
 tapir-ray eval RUN [--round R|base|all] [--suite alpaca|mtbench|nll|all] [--reference ...]
 tapir-ray submit CONFIG --address http://HEAD:8265 [--follow]   run a config as a Ray job
 tapir-ray submit --status JOB | --stop JOB --address ...
@@ -184,6 +185,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- generate -------------------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tapir_ray.citing_run import GenerateError, generate
+
+    try:
+        out = generate(
+            args.run,
+            round_=args.round,
+            input_path=args.input,
+            self_revise=args.self_revise,
+            out_path=args.out,
+        )
+    except GenerateError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"answers with every draft: {out}")
+    return 0
+
+
 # --- eval ----------------------------------------------------------------------------------------
 
 
@@ -291,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="read at most this many rows")
     p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("run", help="run the curriculum a config describes (TAPIR)")
+    p = sub.add_parser("run", help="run the curriculum a config describes (TAPIR or CITING)")
     p.add_argument("config")
     p.add_argument(
         "--resume", action="store_true", help="continue the run in run.dir where it stopped"
@@ -358,6 +379,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key-env", help="require the key in this environment variable (401 without it)"
     )
     p.set_defaults(func=cmd_oracle_serve)
+
+    p = sub.add_parser(
+        "generate", help="CITING: answer questions, then self-revise with the retrieved rubric"
+    )
+    p.add_argument("run", help="the run directory (a CITING run)")
+    p.add_argument("--round", type=int, required=True, help="the student S_R (0 = the SFT warm-up)")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="JSON/JSONL rows with instruction (and input), or a text file",
+    )
+    p.add_argument("--self-revise", type=int, default=1, help="revisions after the first answer")
+    p.add_argument(
+        "--out", help="the JSONL to write (default: <run>/generate/<time>/answers.jsonl)"
+    )
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
         "eval", help="win rate, MT-Bench grades and held-out NLL of a run's students"

@@ -336,6 +336,9 @@ class CitingConfig(_Strict):
         default_factory=lambda: [0.8, 0.1, 0.1], min_length=3, max_length=3
     )
     warmup: bool = True
+    warmup_rows: PositiveInt | None = Field(
+        None, description="SFT warm-up rows from the train split (None = all of it)."
+    )
     max_types: Annotated[int, Field(ge=2, le=50)] = 20
     induction_batch_size: PositiveInt = 50
     criteria_min: Annotated[int, Field(ge=1)] = 3
@@ -351,6 +354,9 @@ class CitingConfig(_Strict):
     )
     tune_inference_revisions: bool = True
     embedding_model: str = "bundled:all-minilm-l6-v2"
+    eval_questions: PositiveInt = Field(
+        100, description="Test-split questions judged each round against the SFT warm-up student."
+    )
 
     @model_validator(mode="after")
     def _ranges(self) -> CitingConfig:

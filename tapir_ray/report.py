@@ -94,9 +94,45 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def citing_table(state: dict[str, Any]) -> str:
+    """CITING's per-round table: revisions trained on, how much the teacher changed, the loss, and
+    the win / tie / lose rate against the SFT warm-up student per criterion (test split)."""
+    rows: list[list[Any]] = []
+    rounds = sorted(int(k) for k in state.get("rounds", {}))
+    criteria = next((list(state["rounds"][str(r)].get("eval", {}).get("test", {})) for r in reversed(rounds)
+                     if state["rounds"][str(r)].get("eval", {}).get("test")), [])  # fmt: skip
+    for r in rounds:
+        info = state["rounds"][str(r)]
+        train = info.get("train", {})
+        loss = (f"{train['first_loss']:.3f} → {train['final_loss']:.3f}"
+                if train.get("first_loss") is not None and train.get("final_loss") is not None else None)  # fmt: skip
+        test = info.get("eval", {}).get("test", {})
+        cells = [f"{_num(test[c]['win_rate'])} ({test[c]['wins']}/{test[c]['ties']}/{test[c]['losses']})"
+                 if test.get(c, {}).get("win_rate") is not None else None for c in criteria]  # fmt: skip
+        rows.append([r if r else "0 (SFT warm-up)", train.get("rows"), info.get("mean_edit_distance"), loss,
+                     info.get("eval", {}).get("t_inf"), *cells])  # fmt: skip
+    header = ["round", "trained rows", "mean edit distance", "loss", "T_inf",
+              *[f"{c} vs SFT (W/T/L)" for c in criteria]]  # fmt: skip
+    return _table(header, rows)
+
+
+def rubric_section(run_dir: str) -> list[str]:
+    path = storage.join(run_dir, "rubrics.json")
+    if not storage.exists(path):
+        return []
+    book = storage.read_json(path)
+    parts = [f"## Question types and rubrics ({len(book['types'])} types, `rubrics.json`)", ""]
+    for t in book["types"]:
+        parts += [f"**{t['name']}** ({t['members']} curriculum questions): {t['definition']}", ""]
+        parts += [f"{k}. {c}" for k, c in enumerate(t["criteria"], 1)] + [""]
+    return parts
+
+
 def summary_table(run_dir: str) -> str:
     """The one table printed at the end of a run: a row per round."""
     state = read_state(run_dir) or {}
+    if state.get("algorithm") == "citing":
+        return citing_table(state)
     rounds = sorted(int(r) for r in state.get("rounds", {}))
     rows = []
     for r in rounds:
@@ -240,6 +276,12 @@ def write_report(run_dir: str) -> str:
         for n, i in state["stages"].items()
         if not n.startswith("round-") and not n.endswith("_in")
     ]
+    if state.get("algorithm") == "citing":
+        retrieval = state["stages"].get("retrieval", {})
+        parts += rubric_section(run_dir)
+        if retrieval.get("retrieval_agreement") is not None:
+            parts += [f"Rubric retrieval by type centroid agrees with the teacher's type on {retrieval['retrieval_agreement']:.1%} "
+                      f"of its {retrieval['typed_by_teacher']} typed curriculum questions.", ""]  # fmt: skip
     if pre:
         parts += ["## Preparation", "", _table(["stage", "rows in", "rows out", "dead-lettered", "seconds"],
                   [[n, i.get("rows_in"), i.get("rows_out", i.get("items")), i.get("dead_lettered"), i.get("seconds")] for n, i in pre]), ""]  # fmt: skip

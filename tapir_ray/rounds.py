@@ -496,6 +496,8 @@ def heldout_rows(run_dir: str, seed: int, limit: int) -> list[dict[str, Any]]:
 
 
 class TapirRun:
+    ALGORITHM = "tapir"
+
     def __init__(self, cfg: Config, run_dir: str, endpoints: dict, log: Callable[[str], None]):
         from tapir_ray.oracle.ledger import Ledger
 
@@ -503,7 +505,7 @@ class TapirRun:
         self.tapir = cfg.curriculum.tapir
         self.seed = cfg.run.seed
         self.actor = curriculum_actor(
-            run_dir, "tapir", self.seed, pin_to_head=cfg.resources.pin_curriculum_to_head
+            run_dir, self.ALGORITHM, self.seed, pin_to_head=cfg.resources.pin_curriculum_to_head
         )
         self.ledger = Ledger.remote(
             storage.join(run_dir, "metrics", "oracle-ledger.json"), cfg.oracle.max_usd
@@ -586,8 +588,16 @@ class TapirRun:
                 "duplicates": summary.duplicates, "decontaminated": summary.decontaminated,
                 "reconciles": summary.reconciles}  # fmt: skip
 
+    @property
+    def reuse_reference(self) -> bool:
+        return self.tapir.reuse_reference_outputs
+
+    @property
+    def embedding_model(self) -> str:
+        return self.tapir.classifier.embedding_model
+
     def teacher(self) -> dict:
-        reuse = self.tapir.reuse_reference_outputs
+        reuse = self.reuse_reference
         pool = ray.data.read_parquet(self.path("ingest", "pool"))
 
         def split(batch: pa.Table, want_reference: bool) -> pa.Table:
@@ -668,7 +678,7 @@ class TapirRun:
 
         storage.remove(self.path("embeddings"))
         ds = embed(ray.data.read_parquet(self.path("ingest", "pool")).map_batches(text, batch_format="pyarrow"),
-                   self.tapir.classifier.embedding_model)  # fmt: skip
+                   self.embedding_model)  # fmt: skip
         ds.select_columns(["id", "embedding"]).write_parquet(self.path("embeddings"))
         storage.mark_success(self.path("embeddings"))
         return {"rows": storage.parquet_rows(self.path("embeddings"))}
@@ -979,6 +989,14 @@ def _brief(info: dict) -> str:
 # --- entry points ---------------------------------------------------------------------------------
 
 
+def runner_class(cfg: Config) -> type[TapirRun]:
+    if cfg.curriculum.algorithm == "citing":
+        from tapir_ray.citing_run import CitingRun
+
+        return CitingRun
+    return TapirRun
+
+
 def run(cfg: Config, *, resume: bool | str = False, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the curriculum the config names; returns the final state.
     `resume="auto"` resumes when run.dir holds a run and starts one otherwise."""
@@ -996,10 +1014,6 @@ def run(cfg: Config, *, resume: bool | str = False, log: Callable[[str], None] =
         )
     if state is None and resume:
         raise RunError(f"{run_dir}: no run to resume (no state.json)")
-    if cfg.curriculum.algorithm != "tapir":
-        raise RunError(
-            f"curriculum.algorithm {cfg.curriculum.algorithm!r} is not available in this version (tapir is)"
-        )
     if not cfg.oracle.local:
         endpoints = [("teacher", cfg.oracle.teacher), ("judge", cfg.oracle.judge)]
         for role, ep in endpoints:
@@ -1013,7 +1027,7 @@ def run(cfg: Config, *, resume: bool | str = False, log: Callable[[str], None] =
     ray.data.DataContext.get_current().enable_progress_bars = False
     started = time.perf_counter()
     with oracle_endpoints(cfg, run_dir, log) as endpoints:
-        runner = TapirRun(cfg, run_dir, endpoints, log)
+        runner = runner_class(cfg)(cfg, run_dir, endpoints, log)
         try:
             state = runner.run()
         except BaseException:

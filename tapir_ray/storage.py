@@ -128,3 +128,25 @@ def write_table(table, folder: str) -> None:
     fs.makedirs(path, exist_ok=True)
     with fs.open(f"{path}/part-00000.parquet", "wb") as f:
         pq.write_table(table, f)
+
+
+def read_json_rows(url: str, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """A JSON array (or object) or JSONL file as rows; each of `required` must be a non-empty
+    string. Raises ValueError with one line naming the file, the row and the field."""
+    text = read_text(url)
+    try:
+        rows = json.loads(text)
+        rows = rows if isinstance(rows, list) else [rows]
+    except json.JSONDecodeError:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{url}:{n}: not JSON ({exc.msg})") from None
+    for n, r in enumerate(rows, 1):
+        for field in required:
+            if not isinstance(r, dict) or not isinstance(r.get(field), str) or not r[field].strip():
+                raise ValueError(f"{url}: row {n}: field {field!r} is missing or empty")
+    return rows

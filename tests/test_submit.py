@@ -118,18 +118,18 @@ def ray_head(ray_cluster, asset_cache, tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 180
-    while True:
-        try:
-            req = urllib.request.Request(
-                f"{address}/api/version", headers={"Authorization": f"Bearer {token}"}
-            )
-            urllib.request.urlopen(req, timeout=2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((tmp_path / "head.log").read_text()[-3000:]) from None
-            time.sleep(1)
-    try:
+    try:  # the head is stopped below even when it never came up
+        while True:
+            try:
+                req = urllib.request.Request(
+                    f"{address}/api/version", headers={"Authorization": f"Bearer {token}"}
+                )
+                urllib.request.urlopen(req, timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((tmp_path / "head.log").read_text()[-3000:]) from None
+                time.sleep(1)
         yield {"address": address, "token": token, "key": key}
     finally:
         # Only this cluster's processes: `ray stop` would stop every Ray cluster on the machine.

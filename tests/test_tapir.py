@@ -332,6 +332,18 @@ def _wait(predicate, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL a `tapir-ray run` driver and wait until its actors and workers have let go of the CPUs."""
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _wait(
+        lambda: ray.available_resources().get("CPU", 0) >= 2,
+        120,
+        "the killed run's workers to exit",
+    )
+
+
 def _stage(run_dir: str) -> str | None:
     try:
         return json.loads((Path(run_dir) / "state.json").read_text()).get("stage")
@@ -359,17 +371,6 @@ def test_a_run_killed_in_three_stages_resumes_without_loss(finished_run, smollm2
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
 
-        def kill(proc: subprocess.Popen) -> None:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            # The killed driver's actors and training workers go with it: wait for their CPUs.
-            _wait(
-                lambda: ray.available_resources().get("CPU", 0) >= 2,
-                120,
-                "the killed run's workers to exit",
-            )
-
         checkpoints = Path(run_dir) / "round-1" / "checkpoints" / "fit"
         seen: dict[str, int] = {}
 
@@ -388,7 +389,7 @@ def test_a_run_killed_in_three_stages_resumes_without_loss(finished_run, smollm2
         for n, (name, ready) in enumerate(kills):
             proc = start("--resume") if n else start()
             _wait(lambda p=proc, ready=ready: ready() or p.poll() is not None, 900, f"stage {name}")
-            kill(proc)
+            _kill(proc)
         final = subprocess.run(
             [sys.executable, "-m", "tapir_ray.cli", "run", str(cfg_path), "--resume"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=900,

@@ -78,26 +78,14 @@ def _parsed(folder: str) -> dict[str, Any]:
 
 def load_reference_file(path: str) -> list[dict[str, str]]:
     """JSON or JSONL rows with instruction, optional input, and output (the reference answer)."""
-    text = storage.read_text(path)
     try:
-        rows = json.loads(text)
-        rows = rows if isinstance(rows, list) else [rows]
-    except json.JSONDecodeError:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise EvalError(f"{path}:{n}: not JSON ({exc.msg})") from None
-    out = []
-    for n, r in enumerate(rows, 1):
-        for field in ("instruction", "output"):
-            if not isinstance(r, dict) or not isinstance(r.get(field), str) or not r[field].strip():
-                raise EvalError(f"{path}: row {n}: field {field!r} is missing or empty")
-        out.append(
-            {"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]}
-        )
+        rows = storage.read_json_rows(path, ("instruction", "output"))
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
+    out = [
+        {"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]}
+        for r in rows
+    ]
     return out
 
 
@@ -387,7 +375,7 @@ def evaluate(run_dir: str, *, rounds: str = "all", suites: list[str] | None = No
 
     from tapir_ray.config import parse_config
     from tapir_ray.curriculum import read_state
-    from tapir_ray.rounds import TapirRun, oracle_endpoints
+    from tapir_ray.rounds import oracle_endpoints, runner_class
     from tapir_ray.runtime import ensure_ray
 
     run_dir = storage.absolute(run_dir)
@@ -404,7 +392,7 @@ def evaluate(run_dir: str, *, rounds: str = "all", suites: list[str] | None = No
     summary = storage.read_json(summary_path) if storage.exists(summary_path) else {}
     needs_judge = any(s in ("alpaca", "mtbench") for s in suites)
     with oracle_endpoints(cfg, run_dir, log) if needs_judge else _no_endpoints() as endpoints:
-        runner = TapirRun(cfg, run_dir, endpoints, log)
+        runner = runner_class(cfg)(cfg, run_dir, endpoints, log)
         ev = Evaluation(runner, limit=limit, log=log)
         targets = ev.targets(rounds)
         for suite in suites:

@@ -13,9 +13,11 @@ appears before the judge's closing verdict does not count.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 PROMPT_VERSION = "v1"
 Messages = list[dict[str, str]]
@@ -203,10 +205,12 @@ PREFERENCE_SYSTEM = (
 PREFER_PREFILL = "Better: [["
 
 
-def judge_preference(instruction: str, answer_a: str, answer_b: str) -> Prompt:
-    """Which answer is better: a verdict a small judge can give in one token (A or B), read from
-    that token's probabilities when the turn is prefilled (see `preference_at`)."""
-    user = judge_pairwise(instruction, answer_a, answer_b).messages[1]["content"]
+def judge_preference(
+    instruction: str, answer_a: str, answer_b: str, criterion: str | None = None
+) -> Prompt:
+    """Which answer is better (on one criterion when given): a verdict a small judge can give in
+    one token (A or B), read from that token's probabilities when the turn is prefilled."""
+    user = judge_pairwise(instruction, answer_a, answer_b, criterion).messages[1]["content"]
     return Prompt(
         "judge_preference",
         [{"role": "system", "content": PREFERENCE_SYSTEM}, {"role": "user", "content": user}],
@@ -332,3 +336,105 @@ def parse_answer(reply: str) -> str:
     if not reply.strip():
         raise ParseError("empty answer")
     return reply.strip()
+
+
+# --- CITING: question types, rubrics, revisions ---------------------------------------------------
+
+TYPES_SYSTEM = (
+    "You organise user instructions into question types. Give each type a short name and a "
+    "one-line definition. Reply with a JSON list of objects with keys name and definition, and "
+    "nothing else."
+)
+MERGE_SYSTEM = (
+    "You merge question types that mean the same thing. Reply with a JSON list of objects with "
+    "keys name, definition and merged_from (the names it replaces), and nothing else."
+)
+RUBRIC_SYSTEM = (
+    "You write grading rubrics. For the question type given, write numbered criteria that an "
+    "excellent answer meets. Reply with the numbered list only, one criterion per line."
+)
+REVISE_SYSTEM = (
+    "You revise answers so that they meet a rubric. Keep what is already right and change as "
+    "little as needed. Reply with the revised answer only."
+)
+
+
+def induce_types(instructions: list[str], max_types: int) -> Prompt:
+    listing = "\n".join(f"- {' '.join(i.split())[:300]}" for i in instructions)
+    user = f"Group these instructions into at most {max_types} question types.\n\nInstructions:\n{listing}"
+    return Prompt(
+        "types", [{"role": "system", "content": TYPES_SYSTEM}, {"role": "user", "content": user}]
+    )
+
+
+def merge_types(types: list[dict[str, str]], max_types: int) -> Prompt:
+    listing = "\n".join(f"- {t['name']}: {t.get('definition', '')}" for t in types)
+    user = (
+        f"Merge synonyms among these question types; keep at most {max_types}.\n\nTypes:\n{listing}"
+    )
+    return Prompt(
+        "merge_types",
+        [{"role": "system", "content": MERGE_SYSTEM}, {"role": "user", "content": user}],
+    )
+
+
+def write_rubric(name: str, definition: str, examples: list[str], low: int, high: int,
+                 required: list[str]) -> Prompt:  # fmt: skip
+    shown = "\n".join(f"- {' '.join(e.split())[:300]}" for e in examples)
+    user = (
+        f"Question type: {name}\nDefinition: {definition}\nExample questions:\n{shown}\n\n"
+        f"Write between {low} and {high} criteria. Always cover: {', '.join(required)}."
+    )
+    return Prompt(
+        "rubric", [{"role": "system", "content": RUBRIC_SYSTEM}, {"role": "user", "content": user}]
+    )
+
+
+def revise(question: str, rubric: str, answer: str) -> Prompt:
+    user = (
+        f"[Question]\n{question}\n\n[Rubric]\n{rubric}\n\n<<<ANSWER>>>\n{answer}\n<<<END ANSWER>>>"
+    )
+    return Prompt(
+        "revise", [{"role": "system", "content": REVISE_SYSTEM}, {"role": "user", "content": user}]
+    )
+
+
+def _json_list(reply: str) -> list:
+    start, end = reply.find("["), reply.rfind("]")
+    if start < 0 or end <= start:
+        raise ParseError("no JSON list in the reply")
+    try:
+        value = json.loads(reply[start : end + 1])
+    except json.JSONDecodeError as exc:
+        raise ParseError(f"the JSON list does not parse ({exc.msg})") from None
+    if not isinstance(value, list):
+        raise ParseError("the reply's JSON is not a list")
+    return value
+
+
+def parse_types(reply: str, max_types: int | None = None) -> list[dict[str, Any]]:
+    """[{name, definition[, merged_from]}]: names unique (first kept), at most max_types."""
+    out, seen = [], set()
+    for item in _json_list(reply):
+        if not isinstance(item, dict) or not str(item.get("name", "")).strip():
+            continue
+        name = " ".join(str(item["name"]).split())
+        if name.casefold() in seen:
+            continue
+        seen.add(name.casefold())
+        merged = item.get("merged_from") if isinstance(item.get("merged_from"), list) else []
+        out.append({"name": name, "definition": str(item.get("definition", "")).strip(),
+                    "merged_from": [str(m) for m in merged]})  # fmt: skip
+    if not out:
+        raise ParseError("the list names no question type")
+    return out[:max_types] if max_types else out
+
+
+_CRITERION = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s+(.+?)\s*$")
+
+
+def parse_criteria(reply: str) -> list[str]:
+    found = [m.group(1) for line in reply.splitlines() if (m := _CRITERION.match(line))]
+    if not found:
+        raise ParseError("no numbered criteria in the reply")
+    return found

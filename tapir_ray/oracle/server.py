@@ -88,6 +88,42 @@ def scripted_reply(messages: list[dict[str, Any]]) -> str:
         return (
             f"Both answers were compared.\nBetter: [[{'A' if a > b else 'B' if b > a else 'tie'}]]"
         )
+    if "keys name and definition, and nothing else" in system:  # CITING: induce question types
+        found = []
+        for line in re.findall(r"^- (.+)$", user, flags=re.M):
+            text = line.lower()
+            label = next(
+                (k for k, words in _LABEL_WORDS.items() if any(w in text for w in words)), "General"
+            )
+            if label not in found:
+                found.append(label)
+        return json.dumps(
+            [
+                {"name": f"{k} questions", "definition": f"Instructions about {k.lower()}."}
+                for k in found
+            ]
+        )
+    if "merged_from" in system:  # CITING: merge synonyms (same first word)
+        merged: dict[str, dict] = {}
+        for name, definition in re.findall(r"^- ([^:]+): (.*)$", user, flags=re.M):
+            key = name.split()[0].lower()
+            entry = merged.setdefault(
+                key, {"name": name, "definition": definition, "merged_from": []}
+            )
+            entry["merged_from"].append(name)
+        return json.dumps(list(merged.values()))
+    if "grading rubrics" in system:  # CITING: a rubric for one question type
+        name = re.search(r"Question type: (.+)", user)
+        return (
+            "1. Articulate: the answer is clear and well organised.\n"
+            "2. In-depth: the answer explains why, not only what.\n"
+            "3. Comprehensive: the answer covers every part of the question.\n"
+            f"4. It meets what {name.group(1) if name else 'this type'} asks for."
+        )
+    if "revise answers so that they meet a rubric" in system:  # CITING: a minimal revision
+        answer = user.split("<<<ANSWER>>>", 1)[-1].split("<<<END ANSWER>>>", 1)[0].strip()
+        suffix = "In short: every criterion of the rubric is addressed."
+        return answer if answer.endswith(suffix) else f"{answer} {suffix}".strip()
     if "<answer></answer>" in system:
         labels = re.findall(r"^- (.+)$", user.split("Instruction:", 1)[0], flags=re.M)
         text = user.split("Instruction:", 1)[-1].lower()

@@ -1,0 +1,725 @@
+"""CITING (Feng et al., arXiv 2310.02527) over the same stages, actor and run directory as TAPIR.
+
+```
+ingest → teacher answers (the pool's own outputs where it has them) → split train/val/test 8:1:1
+→ SFT warm-up on train → S_0
+→ question types: the teacher induces types from batches of curriculum questions, merges synonyms,
+  assigns every curriculum question a type, writes each type's rubric (3–7 numbered criteria,
+  always covering articulate, in-depth, comprehensive) → <run>/rubrics.json
+→ rubric retrieval: MiniLM embeddings (a Ray Data stage), type centroids of the teacher-typed
+  curriculum questions, argmax <e(q), μ_c> for every other question (agreement reported)
+round k = 1..K:  the student answers (k = 1: the plain question with S_0; k > 1: S_{k-1} revises its
+                 previous answer with the rubric) → the teacher revises that answer against the
+                 rubric (edit distance logged) → LoRA S_k = SFT(S_{k-1}) on (question, rubric,
+                 previous answer) → revision → evaluation on the test split: S_k answers and
+                 self-revises T_inf times; the judge compares with the SFT warm-up student per
+                 criterion, in both orders (win / tie / lose)
+```
+
+Each stage is a `TapirRun.step` (skipped when done; an oracle stage resumes from the cache).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from tapir_ray import storage
+from tapir_ray.curriculum.citing import (
+    RubricBook,
+    build_book,
+    curriculum_ids,
+    edit_distance,
+    retrieve,
+    revision_messages,
+    split_of,
+    type_centroids,
+)
+from tapir_ray.oracle import prompts as P
+from tapir_ray.progress import Progress
+from tapir_ray.rounds import TapirRun, _messages, _task, _write_requests
+
+# --- tasks over stage outputs (run on the cluster) -------------------------------------------------
+
+
+def write_citing_items(run_dir: str, seed: int, ratios: list[float]) -> dict[str, Any]:
+    """items/: pool rows with their teacher (or reference) answer and their split."""
+    pool = storage.read_table(
+        storage.join(run_dir, "ingest", "pool"), ["id", "instruction", "input"]
+    )
+    teacher = storage.read_table(storage.join(run_dir, "teacher"), ["id", "response"])
+    items = pool.join(teacher.rename_columns(["id", "teacher"]), "id", join_type="inner").sort_by(
+        "id"
+    )
+    splits = [split_of(seed, i, ratios) for i in items["id"].to_pylist()]
+    items = items.append_column("split", pa.array(splits, pa.string()))
+    storage.write_table(items, storage.join(run_dir, "items"))
+    return {
+        "items": items.num_rows,
+        **Counter(splits),
+        "no_teacher_answer": pool.num_rows - teacher.num_rows,
+    }
+
+
+def _items(run_dir: str, split: str | None = None) -> list[dict[str, Any]]:
+    items = storage.read_table(storage.join(run_dir, "items"))
+    if split is not None:
+        items = items.filter(pc.equal(items["split"], split))
+    return items.to_pylist()
+
+
+def write_warmup_set(run_dir: str, rows: int | None) -> int:
+    train = sorted(_items(run_dir, "train"), key=lambda r: r["id"])[: rows or None]
+    out = [{"id": r["id"], "category": "", "source": "warmup", "style": "general",
+            "messages": _messages(r["instruction"], r["input"]), "response": r["teacher"]} for r in train]  # fmt: skip
+    storage.write_table(pa.Table.from_pylist(out), storage.join(run_dir, "round-0", "train_set"))
+    return len(out)
+
+
+def write_type_requests(run_dir: str, ids: list[str], batch_size: int, max_types: int) -> int:
+    text = {r["id"]: P.user_content(r["instruction"], r["input"]) for r in _items(run_dir, "train")}
+    batches = [ids[k : k + batch_size] for k in range(0, len(ids), batch_size)]
+    rows = [{"id": f"batch-{k:05d}", "messages": json.dumps(P.induce_types([text[i] for i in b], max_types).messages)}
+            for k, b in enumerate(batches)]  # fmt: skip
+    _write_requests(rows, storage.join(run_dir, "types", "induce_in"))
+    return len(rows)
+
+
+def write_merge_request(run_dir: str, max_types: int) -> int:
+    found = storage.read_table(
+        storage.join(run_dir, "types", "induced"), ["id", "parsed"]
+    ).to_pylist()
+    candidates = [t for r in sorted(found, key=lambda r: r["id"]) for t in json.loads(r["parsed"])]
+    prompt = P.merge_types(candidates, max_types)
+    _write_requests(
+        [{"id": "merge", "messages": json.dumps(prompt.messages)}],
+        storage.join(run_dir, "types", "merge_in"),
+    )
+    return len(candidates)
+
+
+def merged_types(run_dir: str) -> list[dict[str, Any]]:
+    rows = storage.read_table(storage.join(run_dir, "types", "merged"), ["parsed"]).to_pylist()
+    if not rows:
+        raise ValueError("the teacher's merged question types were dead-lettered")
+    return json.loads(rows[0]["parsed"])
+
+
+def write_assign_requests(run_dir: str, ids: list[str], prefill: bool) -> int:
+    names = [t["name"] for t in merged_types(run_dir)]
+    text = {r["id"]: P.user_content(r["instruction"], r["input"]) for r in _items(run_dir, "train")}
+    rows = []
+    for i in ids:
+        prompt = P.classify(text[i], names)
+        rows.append(
+            {
+                "id": i,
+                "messages": json.dumps(
+                    P.prefilled(prompt, P.LABEL_PREFILL) if prefill else prompt.messages
+                ),
+            }
+        )
+    _write_requests(rows, storage.join(run_dir, "types", "assign_in"))
+    return len(rows)
+
+
+def _assigned(run_dir: str) -> dict[str, str]:
+    t = storage.read_table(storage.join(run_dir, "types", "assigned"), ["id", "parsed"])
+    return {
+        i: json.loads(p) for i, p in zip(t["id"].to_pylist(), t["parsed"].to_pylist(), strict=True)
+    }
+
+
+def write_rubric_requests(run_dir: str, low: int, high: int, required: list[str]) -> int:
+    merged, assigned = merged_types(run_dir), _assigned(run_dir)
+    text = {r["id"]: P.user_content(r["instruction"], r["input"]) for r in _items(run_dir, "train")}
+    rows = []
+    for t in merged:
+        members = sorted(i for i, name in assigned.items() if name == t["name"])
+        if members:
+            prompt = P.write_rubric(
+                t["name"],
+                t.get("definition", ""),
+                [text[i] for i in members[:3]],
+                low,
+                high,
+                required,
+            )
+            rows.append({"id": t["name"], "messages": json.dumps(prompt.messages)})
+    _write_requests(rows, storage.join(run_dir, "types", "rubric_in"))
+    return len(rows)
+
+
+def write_rubric_book(run_dir: str, required: list[str], low: int, high: int) -> dict[str, Any]:
+    t = storage.read_table(storage.join(run_dir, "types", "rubrics"), ["id", "parsed"])
+    criteria = {
+        i: json.loads(p) for i, p in zip(t["id"].to_pylist(), t["parsed"].to_pylist(), strict=True)
+    }
+    assigned = {i: n for i, n in _assigned(run_dir).items() if n in criteria}
+    book = build_book(
+        merged_types(run_dir), assigned, criteria, required=required, criteria_max=high
+    )
+    storage.write_text_atomic(storage.join(run_dir, "rubrics.json"), book.to_json())
+    return {
+        "types": len(book.types),
+        "typed_questions": len(assigned),
+        "problems": book.check(low, high),
+    }
+
+
+def load_book(run_dir: str) -> RubricBook:
+    return RubricBook.from_json(storage.read_text(storage.join(run_dir, "rubrics.json")))
+
+
+def write_retrieval(run_dir: str) -> dict[str, Any]:
+    """types_by_id/: the teacher's type for typed curriculum questions, the centroid's for the rest."""
+    import numpy as np
+
+    book, assigned = load_book(run_dir), _assigned(run_dir)
+    known = {t.name for t in book.types}
+    emb = storage.read_table(storage.join(run_dir, "embeddings"), ["id", "embedding"])
+    ids = emb["id"].to_pylist()
+    vectors = np.asarray(emb["embedding"].to_pylist(), dtype=np.float32)
+    members = [k for k, i in enumerate(ids) if assigned.get(i) in known]
+    cents = type_centroids(vectors[members], [assigned[ids[k]] for k in members])
+    got = retrieve(vectors, cents)
+    agree = sum(got[k] == assigned[ids[k]] for k in members)
+    rows = [{"id": i, "type": assigned[i] if assigned.get(i) in known else g,
+             "source": "teacher" if assigned.get(i) in known else "retrieved"} for i, g in zip(ids, got, strict=True)]  # fmt: skip
+    storage.write_table(pa.Table.from_pylist(rows), storage.join(run_dir, "types_by_id"))
+    storage.write_table(
+        pa.table({"type": list(cents), "centroid": pa.array([cents[c].tolist() for c in cents], pa.list_(pa.float32()))}),
+        storage.join(run_dir, "centroids"),
+    )  # fmt: skip
+    return {"rows": len(rows), "retrieval_agreement": round(agree / len(members), 4) if members else None,
+            "typed_by_teacher": len(members)}  # fmt: skip
+
+
+def _rubric_of(run_dir: str) -> dict[str, str]:
+    book = load_book(run_dir)
+    rubric = {t.name: t.rubric() for t in book.types}
+    t = storage.read_table(storage.join(run_dir, "types_by_id"), ["id", "type"])
+    return {i: rubric[c] for i, c in zip(t["id"].to_pylist(), t["type"].to_pylist(), strict=True)}
+
+
+def _responses(folder: str) -> dict[str, str]:
+    t = storage.read_table(folder, ["id", "response"])
+    return dict(zip(t["id"].to_pylist(), t["response"].to_pylist(), strict=True))
+
+
+def write_round_student_inputs(run_dir: str, round_: int, ids: list[str]) -> int:
+    """Round 1 (and questions new to a round): the plain question. Later rounds: revise the answer
+    the previous round's student gave, with the rubric."""
+    items = {r["id"]: r for r in _items(run_dir, "train")}
+    rubric = _rubric_of(run_dir)
+    prev_dir = storage.join(run_dir, f"round-{round_ - 1}", "student")
+    prev = _responses(prev_dir) if round_ > 1 and storage.exists(prev_dir) else {}
+    rows = []
+    for i in ids:
+        q = P.user_content(items[i]["instruction"], items[i]["input"])
+        msgs = (
+            revision_messages(q, rubric[i], prev[i])
+            if i in prev
+            else [{"role": "user", "content": q}]
+        )
+        rows.append({"id": i, "messages": json.dumps(msgs)})
+    _write_requests(rows, storage.join(run_dir, f"round-{round_}", "student_in"))
+    return len(rows)
+
+
+def write_revise_requests(run_dir: str, round_: int) -> int:
+    items = {r["id"]: r for r in _items(run_dir, "train")}
+    rubric = _rubric_of(run_dir)
+    answers = _responses(storage.join(run_dir, f"round-{round_}", "student"))
+    rows = [{"id": i, "messages": json.dumps(P.revise(P.user_content(items[i]["instruction"], items[i]["input"]), rubric[i], a).messages)}
+            for i, a in sorted(answers.items())]  # fmt: skip
+    _write_requests(rows, storage.join(run_dir, f"round-{round_}", "revise_in"))
+    return len(rows)
+
+
+def write_revision_train_set(run_dir: str, round_: int) -> dict[str, Any]:
+    """train_set/: (question, rubric, previous answer) → the teacher's revision, with its edit distance."""
+    items = {r["id"]: r for r in _items(run_dir, "train")}
+    rubric = _rubric_of(run_dir)
+    types = storage.read_table(storage.join(run_dir, "types_by_id"), ["id", "type"])
+    type_of = dict(zip(types["id"].to_pylist(), types["type"].to_pylist(), strict=True))
+    prev = _responses(storage.join(run_dir, f"round-{round_}", "student"))
+    revised = storage.read_table(
+        storage.join(run_dir, f"round-{round_}", "revise"), ["id", "response"]
+    ).to_pylist()
+    rows = []
+    for r in sorted(revised, key=lambda r: r["id"]):
+        q = P.user_content(items[r["id"]]["instruction"], items[r["id"]]["input"])
+        rows.append({"id": r["id"], "category": type_of[r["id"]], "source": "revision", "style": "rubric",
+                     "messages": json.dumps(revision_messages(q, rubric[r["id"]], prev[r["id"]])),
+                     "response": r["response"], "answer_prev": prev[r["id"]],
+                     "edit_distance": edit_distance(prev[r["id"]], r["response"])})  # fmt: skip
+    storage.write_table(
+        pa.Table.from_pylist(rows), storage.join(run_dir, f"round-{round_}", "train_set")
+    )
+    dists = [r["edit_distance"] for r in rows]
+    return {"rows": len(rows), "dropped_no_revision": len(prev) - len(rows),
+            "mean_edit_distance": round(sum(dists) / len(dists), 4) if dists else None,
+            "counts": dict(Counter(r["category"] for r in rows))}  # fmt: skip
+
+
+def eval_ids(run_dir: str, seed: int, n: int) -> dict[str, list[str]]:
+    from tapir_ray.curriculum.plan import rank_key
+
+    out = {}
+    for split in ("val", "test"):
+        ids = sorted((r["id"] for r in _items(run_dir, split)), key=lambda i: rank_key(seed, -3, i))
+        out[split] = ids[:n]
+    return out
+
+
+def write_plain_requests(run_dir: str, ids: list[str], folder: str) -> int:
+    items = {r["id"]: r for r in _items(run_dir)}
+    _write_requests(
+        [{"id": i, "messages": _messages(items[i]["instruction"], items[i]["input"])} for i in ids],
+        folder,
+    )
+    return len(ids)
+
+
+def write_self_revision_requests(run_dir: str, ids: list[str], previous: str, folder: str) -> int:
+    items = {r["id"]: r for r in _items(run_dir)}
+    rubric, prev = _rubric_of(run_dir), _responses(previous)
+    rows = [{"id": i, "messages": json.dumps(revision_messages(P.user_content(items[i]["instruction"], items[i]["input"]), rubric[i], prev[i]))}
+            for i in ids if i in prev]  # fmt: skip
+    _write_requests(rows, folder)
+    return len(rows)
+
+
+def write_criterion_judge_requests(
+    run_dir: str, round_: int, drafts: int, criteria: list[str], prefill: bool
+) -> int:
+    """For every draft t, question and criterion: the round's answer against the warm-up
+    student's, in both orders."""
+    items = {r["id"]: r for r in _items(run_dir)}
+    base = _responses(storage.join(run_dir, "eval-baseline", "student"))
+    rows = []
+    for t in range(drafts + 1):
+        ours = _responses(storage.join(run_dir, f"round-{round_}", "eval", f"draft-{t}"))
+        for i in sorted(set(ours) & set(base)):
+            q = P.user_content(items[i]["instruction"], items[i]["input"])
+            for c in criteria:
+                for tag, a, b in (("SB", ours[i], base[i]), ("BS", base[i], ours[i])):
+                    prompt = P.judge_preference(q, a, b, criterion=c)
+                    msgs = P.prefilled(prompt, P.PREFER_PREFILL) if prefill else prompt.messages
+                    rows.append({"id": f"{i}|{t}|{c}|{tag}", "messages": json.dumps(msgs)})
+    _write_requests(rows, storage.join(run_dir, f"round-{round_}", "eval", "judge_in"))
+    return len(rows)
+
+
+def criterion_results(run_dir: str, round_: int, ids: dict[str, list[str]], drafts: int,
+                      criteria: list[str], seed: int, tune: bool) -> dict[str, Any]:  # fmt: skip
+    """Win / tie / lose per criterion and draft count; T_inf from the val split when `tune`."""
+    from tapir_ray.eval.winrate import win_rate
+
+    t = storage.read_table(
+        storage.join(run_dir, f"round-{round_}", "eval", "judge"), ["id", "parsed"]
+    )
+    v = {
+        i: json.loads(p) for i, p in zip(t["id"].to_pylist(), t["parsed"].to_pylist(), strict=True)
+    }
+
+    def rates(split: str, draft: int) -> dict[str, Any]:
+        out = {}
+        for c in criteria:
+            keys = [
+                i for i in ids[split] if f"{i}|{draft}|{c}|SB" in v and f"{i}|{draft}|{c}|BS" in v
+            ]
+            pairs = [
+                (tuple(v[f"{i}|{draft}|{c}|SB"]), tuple(v[f"{i}|{draft}|{c}|BS"])) for i in keys
+            ]
+            wr = win_rate(pairs, [1.0] * len(keys), [1.0] * len(keys), seed=seed)
+            out[c] = {"win_rate": wr.win_rate if keys else None, "ci_low": wr.ci_low, "ci_high": wr.ci_high,
+                      "wins": wr.wins, "ties": wr.ties, "losses": wr.losses, "prompts": len(keys)}  # fmt: skip
+        return out
+
+    def mean(r: dict[str, Any]) -> float:
+        vals = [x["win_rate"] for x in r.values() if x["win_rate"] is not None]
+        return sum(vals) / len(vals) if vals else -1.0
+
+    val = {d: rates("val", d) for d in range(drafts + 1)}
+    test = {d: rates("test", d) for d in range(drafts + 1)}
+    chosen = max(range(drafts + 1), key=lambda d: (mean(val[d]), -d)) if tune else drafts
+    return {"t_inf": chosen, "tuned_on_val": tune, "test": test[chosen],
+            "test_by_drafts": {str(d): test[d] for d in test}, "val_by_drafts": {str(d): val[d] for d in val}}  # fmt: skip
+
+
+# --- the CITING run ----------------------------------------------------------------------------
+
+
+class _type_parser:
+    """A curriculum question's type: one of the merged names (module level: it travels)."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+
+    def __call__(self, text: str) -> str:
+        got = P.parse_label(text, self.names, fallback="")
+        if not got:
+            raise P.ParseError("the reply names none of the question types")
+        return got
+
+
+class _types_parser:
+    def __init__(self, max_types: int):
+        self.max_types = max_types
+
+    def __call__(self, text: str) -> list[dict[str, Any]]:
+        return P.parse_types(text, self.max_types)
+
+
+class CitingRun(TapirRun):
+    ALGORITHM = "citing"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.citing = self.cfg.curriculum.citing
+
+    @property
+    def reuse_reference(self) -> bool:
+        return True  # the paper's SFT data are the pool's own answers; the teacher fills the gaps
+
+    @property
+    def embedding_model(self) -> str:
+        return self.citing.embedding_model
+
+    def questions(self, round_: int) -> list[str]:
+        train = [r["id"] for r in _task(_items, self.run_dir, "train")]
+        return curriculum_ids(
+            train,
+            self.citing.curriculum_questions,
+            self.seed,
+            round_,
+            self.citing.resample_each_round,
+        )
+
+    def run(self) -> dict:
+        c = self.citing
+        self.step("ingest", 0, self.ingest)
+        self.step("teacher", 0, self.teacher)
+        self.step(
+            "split", 0, lambda: _task(write_citing_items, self.run_dir, self.seed, list(c.split))
+        )
+        if c.warmup:
+            base = self.student_after(-1)
+            self.step(
+                "round-0/train_set",
+                0,
+                lambda: {"rows": _task(write_warmup_set, self.run_dir, c.warmup_rows)},
+            )
+            trained = self.step("round-0/train", 0, lambda: self.train(0, base))
+            ray.get(
+                self.actor.update_round.remote(
+                    0,
+                    {
+                        "adapter": trained["adapter"],
+                        "adapter_sha256": trained["adapter_sha256"],
+                        "train": trained,
+                    },
+                )
+            )
+        self.rubrics()
+        for k in range(1, c.revision_rounds + 1):
+            self.round(k)
+        ray.get(self.actor.finish.remote("done"))
+        ray.get(self.actor.set_ledger.remote(ray.get(self.ledger.flush.remote())))
+        return ray.get(self.actor.get.remote())
+
+    def rubrics(self) -> None:
+        c, prefill = self.citing, self.prefill("teacher")
+        ids = self.questions(1)
+        fixed = {"max_tokens": 512, "temperature": 0.0}
+        self.step(
+            "types/induce_in",
+            0,
+            lambda: {
+                "rows": _task(
+                    write_type_requests, self.run_dir, ids, c.induction_batch_size, c.max_types
+                )
+            },
+        )
+        self.step("types/induce", 0, lambda: self.ask("question types", self.path("types", "induce_in"), self.path("types", "induced"),
+                  role="types", endpoint="teacher", params=fixed, parse=_types_parser(c.max_types), round_=0))  # fmt: skip
+        self.step(
+            "types/merge_in",
+            0,
+            lambda: {"candidates": _task(write_merge_request, self.run_dir, c.max_types)},
+        )
+        self.step("types/merge", 0, lambda: self.ask("merge types", self.path("types", "merge_in"), self.path("types", "merged"),
+                  role="types", endpoint="teacher", params=fixed, parse=_types_parser(c.max_types), round_=0))  # fmt: skip
+        self.step(
+            "types/assign_in",
+            0,
+            lambda: {"rows": _task(write_assign_requests, self.run_dir, ids, prefill)},
+        )
+        names = [t["name"] for t in _task(merged_types, self.run_dir)]
+        self.step("types/assign", 0, lambda: self.ask("type per question", self.path("types", "assign_in"), self.path("types", "assigned"),
+                  role="classify", endpoint="teacher", params={"max_tokens": 24, "temperature": 0.0}, parse=_type_parser(names), round_=0))  # fmt: skip
+        self.step(
+            "types/rubric_in",
+            0,
+            lambda: {
+                "rows": _task(
+                    write_rubric_requests,
+                    self.run_dir,
+                    c.criteria_min,
+                    c.criteria_max,
+                    list(c.required_criteria),
+                )
+            },
+        )
+        self.step("types/rubric", 0, lambda: self.ask("rubrics", self.path("types", "rubric_in"), self.path("types", "rubrics"),
+                  role="rubric", endpoint="teacher", params=fixed, parse=P.parse_criteria, round_=0))  # fmt: skip
+        book = self.step(
+            "rubrics",
+            0,
+            lambda: _task(
+                write_rubric_book,
+                self.run_dir,
+                list(c.required_criteria),
+                c.criteria_min,
+                c.criteria_max,
+            ),
+        )
+        for problem in book.get("problems", []):
+            self.log(f"rubrics: {problem}")
+        self.step("embeddings", 0, self.embeddings)
+        self.step("retrieval", 0, lambda: _task(write_retrieval, self.run_dir))
+
+    def students(self, label: str, in_dir: str, out_dir: str, after: int) -> dict[str, Any]:
+        """The student S_after answers `in_dir` into `out_dir` (the same machinery as TAPIR's)."""
+        from tapir_ray.student import Adapter, run_student
+
+        student = self.student_after(after)
+        adapter = (Adapter.load(f"round-{after}", student["adapter"], student["adapter_sha256"])
+                   if student["adapter"] else None)  # fmt: skip
+        n, counter = storage.parquet_rows(in_dir), {"n": 0}
+        cfg = self.cfg.student.model_copy(update={"model": student["model"]})
+        with Progress(label, n, lambda: counter["n"], log=self.log):
+            m = run_student(ray.data.read_parquet(in_dir), cfg, out_dir, run_dir=self.run_dir, round_=max(after, 0),
+                            adapter=adapter, use_gpu=self.use_gpu, on_rows=lambda k: counter.__setitem__("n", k))  # fmt: skip
+        return {**m, "rows_in": n, "dead_lettered": m.get("dead_lettered", 0)}
+
+    def round(self, k: int) -> None:  # type: ignore[override]
+        c, rd = self.citing, f"round-{k}"
+        ray.get(self.actor.update_round.remote(k, {"questions": c.curriculum_questions}))
+        ids = self.questions(k)
+        self.step(
+            f"{rd}/student_in",
+            k,
+            lambda: {"rows": _task(write_round_student_inputs, self.run_dir, k, ids)},
+        )
+        self.step(
+            f"{rd}/student",
+            k,
+            lambda: self.students(
+                f"{rd} · student answers",
+                self.path(rd, "student_in"),
+                self.path(rd, "student"),
+                k - 1,
+            ),
+        )
+        self.step(
+            f"{rd}/revise_in", k, lambda: {"rows": _task(write_revise_requests, self.run_dir, k)}
+        )
+        revised = self.step(f"{rd}/revise", k, lambda: self.ask(f"{rd} · teacher revisions", self.path(rd, "revise_in"), self.path(rd, "revise"),
+                            role="revise", endpoint="teacher", params=self.teacher_params(), parse=P.parse_answer, round_=k))  # fmt: skip
+        train_set = self.step(
+            f"{rd}/train_set", k, lambda: _task(write_revision_train_set, self.run_dir, k)
+        )
+        trained = self.step(f"{rd}/train", k, lambda: self.train(k, self.student_after(k - 1)))
+        ray.get(
+            self.actor.update_round.remote(
+                k, {"adapter": trained["adapter"], "adapter_sha256": trained["adapter_sha256"]}
+            )
+        )
+        evaluation = self.evaluate(k)
+        ray.get(self.actor.update_round.remote(k, {"revise": revised, "train_set": train_set, "train": trained,
+                                                   "mean_edit_distance": train_set.get("mean_edit_distance"), "eval": evaluation}))  # fmt: skip
+        from tapir_ray.report import write_round_metrics
+
+        write_round_metrics(self.run_dir, k)
+
+    def evaluate(self, k: int) -> dict[str, Any]:
+        """S_k answers val and test questions and self-revises T_inf times; each draft is judged
+        against the SFT warm-up student per criterion; T_inf is chosen on val when asked."""
+        c, rd = self.citing, f"round-{k}"
+        ids = _task(eval_ids, self.run_dir, self.seed, c.eval_questions)
+        every = ids["val"] + ids["test"]
+        self.step(
+            "eval-baseline/in",
+            0,
+            lambda: {
+                "rows": _task(
+                    write_plain_requests, self.run_dir, every, self.path("eval-baseline", "in")
+                )
+            },
+        )
+        self.step(
+            "eval-baseline/student",
+            0,
+            lambda: self.students(
+                "warm-up student answers",
+                self.path("eval-baseline", "in"),
+                self.path("eval-baseline", "student"),
+                0,
+            ),
+        )
+        for t in range(c.inference_revisions + 1):
+            folder = self.path(rd, "eval", f"draft-{t}")
+            if t == 0:
+                self.step(
+                    f"{rd}/eval/draft-0_in",
+                    k,
+                    lambda f=folder: {
+                        "rows": _task(write_plain_requests, self.run_dir, every, f + "_in")
+                    },
+                )
+            else:
+                prev = self.path(rd, "eval", f"draft-{t - 1}")
+                self.step(
+                    f"{rd}/eval/draft-{t}_in",
+                    k,
+                    lambda f=folder, p=prev: {
+                        "rows": _task(
+                            write_self_revision_requests, self.run_dir, every, p, f + "_in"
+                        )
+                    },
+                )
+            self.step(
+                f"{rd}/eval/draft-{t}",
+                k,
+                lambda f=folder, t=t: self.students(
+                    f"{rd} · evaluation draft {t}", f + "_in", f, k
+                ),
+            )
+        prefill, criteria = self.prefill("judge"), list(c.required_criteria)
+        self.step(
+            f"{rd}/eval/judge_in",
+            k,
+            lambda: {
+                "rows": _task(
+                    write_criterion_judge_requests,
+                    self.run_dir,
+                    k,
+                    c.inference_revisions,
+                    criteria,
+                    prefill,
+                )
+            },
+        )
+        from tapir_ray.eval.harness import _preference_parser
+
+        j = self.tapir.judge
+        read_probs = prefill and j.logprob_scoring
+        params = {"temperature": j.temperature, "max_tokens": 1 if read_probs else (4 if prefill else j.max_tokens),
+                  **(P.CONTINUE_PARAMS if prefill else {}), **({"logprobs": True, "top_logprobs": 20} if read_probs else {})}  # fmt: skip
+        self.step(f"{rd}/eval/judge", k, lambda: self.ask(f"{rd} · judge per criterion", self.path(rd, "eval", "judge_in"), self.path(rd, "eval", "judge"),
+                  role="eval-judge", endpoint="judge", params=params, parse=_preference_parser(prefill, read_probs), round_=k))  # fmt: skip
+        return self.step(
+            f"{rd}/eval/results",
+            k,
+            lambda: _task(
+                criterion_results,
+                self.run_dir,
+                k,
+                ids,
+                c.inference_revisions,
+                criteria,
+                self.seed,
+                c.tune_inference_revisions,
+            ),
+        )
+
+
+# --- self-revising inference: `tapir-ray generate` ---------------------------------------------
+
+
+class GenerateError(Exception):
+    """A problem with the generation request, said in one line."""
+
+
+def read_questions(path: str) -> list[dict[str, str]]:
+    """JSON / JSONL rows with `instruction` (and optional `input`), or a text file of one
+    instruction per line."""
+    if not path.endswith((".json", ".jsonl")):
+        lines = storage.read_text(path).splitlines()
+        return [{"instruction": line.strip(), "input": ""} for line in lines if line.strip()]
+    try:
+        rows = storage.read_json_rows(path, ("instruction",))
+    except ValueError as exc:
+        raise GenerateError(str(exc)) from None
+    return [{"instruction": r["instruction"], "input": str(r.get("input") or "")} for r in rows]
+
+
+def generate(run_dir: str, *, round_: int, input_path: str, self_revise: int, out_path: str | None = None,
+             log=print) -> str:  # fmt: skip
+    """Answer every question with S_round, then revise the answer `self_revise` times with the
+    rubric retrieved for it; writes all drafts as JSONL and returns the output path."""
+    import time
+
+    import numpy as np
+    import yaml
+
+    from tapir_ray.config import parse_config
+    from tapir_ray.curriculum import read_state
+    from tapir_ray.embed import encode, load_encoder
+    from tapir_ray.runtime import ensure_ray
+
+    run_dir = storage.absolute(run_dir)
+    state = read_state(run_dir)
+    if state is None or state.get("algorithm") != "citing":
+        raise GenerateError(f"{run_dir}: not a CITING run (no state.json with algorithm citing)")
+    if str(round_) not in state.get("rounds", {}) or not state["rounds"][str(round_)].get(
+        "adapter"
+    ):
+        have = sorted(int(r) for r, i in state.get("rounds", {}).items() if i.get("adapter"))
+        raise GenerateError(
+            f"--round {round_}: the run has no trained round {round_} (it has {have})"
+        )
+    questions = read_questions(input_path)
+    cfg = parse_config(yaml.safe_load(storage.read_text(storage.join(run_dir, "config.yaml"))))
+    ensure_ray(cfg.resources)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    book = load_book(run_dir)
+    cents = storage.read_table(storage.join(run_dir, "centroids")).to_pylist()
+    centroid = {c["type"]: np.asarray(c["centroid"], dtype=np.float32) for c in cents}
+    texts = [P.user_content(q["instruction"], q["input"]) for q in questions]
+    types = retrieve(encode(load_encoder(cfg.curriculum.citing.embedding_model), texts), centroid)
+    rubric = {t.name: t.rubric() for t in book.types}
+    work = storage.join(run_dir, "generate", time.strftime("%Y%m%d-%H%M%S"))
+    runner = CitingRun(cfg, run_dir, {}, log)
+    ids = [f"q{k:06d}" for k in range(len(questions))]
+    drafts: list[dict[str, str]] = []
+    for t in range(self_revise + 1):
+        if t == 0:
+            msgs = [[{"role": "user", "content": q}] for q in texts]
+        else:
+            msgs = [
+                revision_messages(q, rubric[c], drafts[-1][i])
+                for q, c, i in zip(texts, types, ids, strict=True)
+            ]
+        folder = storage.join(work, f"draft-{t}")
+        _write_requests(
+            [{"id": i, "messages": json.dumps(m)} for i, m in zip(ids, msgs, strict=True)],
+            folder + "_in",
+        )
+        runner.students(f"generate · draft {t}", folder + "_in", folder, round_)
+        got = _responses(folder)
+        drafts.append({i: got.get(i, drafts[-1][i] if drafts else "") for i in ids})
+    out_path = out_path or storage.join(work, "answers.jsonl")
+    lines = [json.dumps({"instruction": q["instruction"], "input": q["input"], "type": c, "rubric": rubric[c],
+                         "drafts": [d[i] for d in drafts], "answer": drafts[-1][i]}, ensure_ascii=False)
+             for q, c, i in zip(questions, types, ids, strict=True)]  # fmt: skip
+    storage.write_text_atomic(out_path, "\n".join(lines) + "\n")
+    return out_path
