@@ -90,24 +90,32 @@ def write_type_requests(run_dir: str, ids: list[str], batch_size: int, max_types
     return len(rows)
 
 
-def write_merge_request(run_dir: str, max_types: int) -> int:
+def write_merge_request(run_dir: str, max_types: int, fallback: list[str]) -> dict[str, Any]:
+    """One request that merges the induced types. A teacher that induced none (a very small
+    model) leaves the task taxonomy's categories as the types, which the run reports."""
     found = storage.read_table(
         storage.join(run_dir, "types", "induced"), ["id", "parsed"]
     ).to_pylist()
     candidates = [t for r in sorted(found, key=lambda r: r["id"]) for t in json.loads(r["parsed"])]
+    from_taxonomy = not candidates
+    if from_taxonomy:
+        candidates = [{"name": c, "definition": f"Instructions of the {c} category.", "merged_from": []}
+                      for c in fallback[:max_types]]  # fmt: skip
+    storage.write_json_atomic(storage.join(run_dir, "types", "candidates.json"), candidates)
     prompt = P.merge_types(candidates, max_types)
     _write_requests(
         [{"id": "merge", "messages": json.dumps(prompt.messages)}],
         storage.join(run_dir, "types", "merge_in"),
     )
-    return len(candidates)
+    return {"candidates": len(candidates), "from_taxonomy": from_taxonomy}
 
 
 def merged_types(run_dir: str) -> list[dict[str, Any]]:
+    """The teacher's merged types; its candidates as they were when the merge was dead-lettered."""
     rows = storage.read_table(storage.join(run_dir, "types", "merged"), ["parsed"]).to_pylist()
-    if not rows:
-        raise ValueError("the teacher's merged question types were dead-lettered")
-    return json.loads(rows[0]["parsed"])
+    if rows:
+        return json.loads(rows[0]["parsed"])
+    return storage.read_json(storage.join(run_dir, "types", "candidates.json"))
 
 
 def write_assign_requests(run_dir: str, ids: list[str], prefill: bool) -> int:
@@ -186,6 +194,10 @@ def write_retrieval(run_dir: str) -> dict[str, Any]:
     ids = emb["id"].to_pylist()
     vectors = np.asarray(emb["embedding"].to_pylist(), dtype=np.float32)
     members = [k for k, i in enumerate(ids) if assigned.get(i) in known]
+    if not members:
+        raise ValueError(
+            "no curriculum question has a question type: every assignment was dead-lettered"
+        )
     cents = type_centroids(vectors[members], [assigned[ids[k]] for k in members])
     got = retrieve(vectors, cents)
     agree = sum(got[k] == assigned[ids[k]] for k in members)
@@ -450,11 +462,20 @@ class CitingRun(TapirRun):
         )
         self.step("types/induce", 0, lambda: self.ask("question types", self.path("types", "induce_in"), self.path("types", "induced"),
                   role="types", endpoint="teacher", params=fixed, parse=_types_parser(c.max_types), round_=0))  # fmt: skip
-        self.step(
+        fallback = [
+            name
+            for name, ratio in sorted(self.tapir.taxonomy.items(), key=lambda kv: -kv[1])
+            if ratio > 0
+        ]
+        merge = self.step(
             "types/merge_in",
             0,
-            lambda: {"candidates": _task(write_merge_request, self.run_dir, c.max_types)},
+            lambda: _task(write_merge_request, self.run_dir, c.max_types, fallback),
         )
+        if merge.get("from_taxonomy"):
+            self.log(
+                "question types: the teacher induced none; the task taxonomy's categories stand in"
+            )
         self.step("types/merge", 0, lambda: self.ask("merge types", self.path("types", "merge_in"), self.path("types", "merged"),
                   role="types", endpoint="teacher", params=fixed, parse=_types_parser(c.max_types), round_=0))  # fmt: skip
         self.step(

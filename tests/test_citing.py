@@ -357,3 +357,29 @@ def test_one_citing_round_end_to_end_killed_and_resumed(ray_cluster, smollm2, tm
     bad = subprocess.run([sys.executable, "-m", "tapir_ray.cli", "generate", run_dir, "--round", "4",
                                              "--input", str(questions)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 2 and "no trained round 4" in bad.stderr
+
+
+def test_a_teacher_that_induces_no_types_leaves_the_taxonomy_standing_in(tmp_path):
+    """A very small teacher may write no usable type list; the run then uses the task taxonomy's
+    categories, and a dead-lettered merge keeps the candidates as they were."""
+    import json
+
+    import pyarrow as pa
+
+    from tapir_ray import storage
+    from tapir_ray.citing_run import merged_types, write_merge_request
+
+    run = str(tmp_path)
+    empty = pa.table({"id": pa.array([], pa.string()), "parsed": pa.array([], pa.string())})
+    storage.write_table(empty, f"{run}/types/induced")
+    info = write_merge_request(run, 2, ["Math", "Reasoning", "Others"])
+    assert info == {"candidates": 2, "from_taxonomy": True}
+    request = json.loads(storage.read_table(f"{run}/types/merge_in")["messages"][0].as_py())
+    assert "- Math: " in request[1]["content"] and "Others" not in request[1]["content"]
+    storage.write_table(empty.select(["parsed"]), f"{run}/types/merged")
+    assert [t["name"] for t in merged_types(run)] == ["Math", "Reasoning"]
+    induced = pa.table(
+        {"id": ["batch-00000"], "parsed": [json.dumps([{"name": "Poems", "definition": "Verse."}])]}
+    )
+    storage.write_table(induced, f"{run}/types/induced")
+    assert write_merge_request(run, 2, ["Math"]) == {"candidates": 1, "from_taxonomy": False}

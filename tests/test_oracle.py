@@ -232,6 +232,36 @@ def test_a_prefilled_verdict_is_continued_and_parsed_with_its_prefill(ray_cluste
     )
 
 
+def test_identical_requests_in_flight_together_are_sent_once(ray_cluster, tmp_path):
+    """A batch that repeats a prompt (a self-revision that changed nothing is judged like its
+    draft) pays for it once: the copies share the answer and count as cache hits."""
+    import asyncio
+
+    from tapir_ray.oracle.client import OracleClient
+    from tapir_ray.oracle.limiter import limiter_for
+
+    with LocalOracle("--backend", "scripted", "--latency-ms", "200") as server:
+        ep = EndpointConfig(base_url=server.base_url, model="local", api_key_env=None)
+        client = OracleClient(
+            ep,
+            server.base_url,
+            limiter=limiter_for(f"{server.base_url}|once", 6000, 10**7),
+            cache=None,
+        )
+        same = [{"role": "user", "content": "Name three rivers."}]
+        other = [{"role": "user", "content": "Name three lakes."}]
+
+        async def batch():
+            return await asyncio.gather(*[client.call(f"r{k}", "teacher", same, {"max_tokens": 32}) for k in range(5)],
+                                        client.call("x", "teacher", other, {"max_tokens": 32}))  # fmt: skip
+
+        answers = asyncio.run(batch())
+        stats = server.stats()
+    assert stats["requests"] == 2 and stats["repeats"] == 0
+    assert len({a.text for a in answers[:5]}) == 1 and sum(a.cached for a in answers) == 4
+    assert client.delta.counts["cache_hits"] == 4 and client.delta.counts["succeeded"] == 6
+
+
 def test_client_errors_are_not_retried_and_are_dead_lettered(ray_cluster, tmp_path):
     rows = [{"id": "empty", "messages": json.dumps([])}]  # the server answers 400
     with LocalOracle("--backend", "scripted") as server:

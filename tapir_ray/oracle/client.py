@@ -113,6 +113,7 @@ class OracleClient:
         self.sem = asyncio.Semaphore(endpoint.max_concurrency)
         self.rng = random.Random(seed)
         self.delta = Delta()
+        self._inflight: dict[str, asyncio.Future] = {}
 
     def _cost(self, usage: dict[str, int]) -> float:
         ep = self.endpoint
@@ -192,6 +193,31 @@ class OracleClient:
             self.delta.add("retries")
             await asyncio.sleep(delay)
 
+    async def _send_once(
+        self, key: str, convo: list[dict], params: dict[str, Any]
+    ) -> tuple[tuple, bool]:
+        """Identical requests in flight at the same time are sent once and share the answer (a
+        batch can repeat a prompt: a self-revision that changed nothing is judged like its draft).
+        Returns (the _send result, whether it was shared)."""
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending), True
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            result = await self._send(convo, params)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here, so an unshared failure does not warn
+            raise
+        finally:
+            self._inflight.pop(key, None)
+        future.set_result(result)
+        return result, False
+
     def _backoff(self, attempt: int) -> float:
         return min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt) * self.rng.uniform(0.5, 1.0)
 
@@ -225,16 +251,21 @@ class OracleClient:
 
                     raise BudgetExceeded("oracle.max_usd reached")
                 try:
-                    text, usage, logprobs, _, response_id = await self._send(convo, params)
+                    (text, usage, logprobs, _, response_id), shared = await self._send_once(
+                        key, convo, params
+                    )
                 except _Final as final:
                     self.delta.add("dead_lettered")
                     return DeadLetter(row_id, role, final.status, final.reason, 0)
-                cached = False
-                self.delta.add("prompt_tokens", usage.get("prompt_tokens", 0))
-                self.delta.add("completion_tokens", usage.get("completion_tokens", 0))
-                self.delta.add("usd", self._cost(usage))
-                if self.cache:
-                    self.cache.put(key, {"text": text, "usage": usage, "logprobs": logprobs, "response_id": response_id})  # fmt: skip
+                cached = shared
+                if shared:  # an identical request in flight answered it: paid for once
+                    self.delta.add("cache_hits")
+                else:
+                    self.delta.add("prompt_tokens", usage.get("prompt_tokens", 0))
+                    self.delta.add("completion_tokens", usage.get("completion_tokens", 0))
+                    self.delta.add("usd", self._cost(usage))
+                    if self.cache:
+                        self.cache.put(key, {"text": text, "usage": usage, "logprobs": logprobs, "response_id": response_id})  # fmt: skip
             text = prefill + text
             try:
                 parsed = (
