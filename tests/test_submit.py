@@ -117,7 +117,7 @@ def ray_head(ray_cluster, asset_cache, tmp_path):
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300  # a loaded 2-core machine can take minutes
     try:  # the head is stopped below even when it never came up
         while True:
             try:
