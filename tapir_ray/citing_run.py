@@ -73,6 +73,12 @@ def _items(run_dir: str, split: str | None = None) -> list[dict[str, Any]]:
     return items.to_pylist()
 
 
+def train_ids(run_dir: str) -> list[str]:
+    """The train split's ids, read without the texts (the curriculum sample needs only these)."""
+    t = storage.read_table(storage.join(run_dir, "items"), ["id", "split"])
+    return t.filter(pc.equal(t["split"], "train"))["id"].to_pylist()
+
+
 def write_warmup_set(run_dir: str, rows: int | None) -> int:
     train = sorted(_items(run_dir, "train"), key=lambda r: r["id"])[: rows or None]
     out = [{"id": r["id"], "category": "", "source": "warmup", "style": "general",
@@ -406,7 +412,7 @@ class CitingRun(TapirRun):
         return self.citing.embedding_model
 
     def questions(self, round_: int) -> list[str]:
-        train = [r["id"] for r in _task(_items, self.run_dir, "train")]
+        train = _task(train_ids, self.run_dir)
         return curriculum_ids(
             train,
             self.citing.curriculum_questions,
@@ -639,14 +645,11 @@ class CitingRun(TapirRun):
                 )
             },
         )
-        from tapir_ray.eval.harness import _preference_parser
+        from tapir_ray.eval.harness import preference_request
 
-        j = self.tapir.judge
-        read_probs = prefill and j.logprob_scoring
-        params = {"temperature": j.temperature, "max_tokens": 1 if read_probs else (4 if prefill else j.max_tokens),
-                  **(P.CONTINUE_PARAMS if prefill else {}), **({"logprobs": True, "top_logprobs": 20} if read_probs else {})}  # fmt: skip
+        params, parse = preference_request(self.tapir.judge, prefill)
         self.step(f"{rd}/eval/judge", k, lambda: self.ask(f"{rd} · judge per criterion", self.path(rd, "eval", "judge_in"), self.path(rd, "eval", "judge"),
-                  role="eval-judge", endpoint="judge", params=params, parse=_preference_parser(prefill, read_probs), round_=k))  # fmt: skip
+                  role="eval-judge", endpoint="judge", params=params, parse=parse, round_=k))  # fmt: skip
         return self.step(
             f"{rd}/eval/results",
             k,

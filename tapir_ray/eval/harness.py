@@ -151,14 +151,8 @@ class Evaluation:
             parse: Callable = _judge_parser("single", j.logprob_scoring, prefill)
             prefix = P.VERDICT_PREFILL
         else:
-            read_probs = prefill and j.logprob_scoring
-            params = {
-                "temperature": j.temperature,
-                "max_tokens": 1 if read_probs else (4 if prefill else j.max_tokens),
-            }
-            params.update(P.CONTINUE_PARAMS if prefill else {})
-            params.update({"logprobs": True, "top_logprobs": 20} if read_probs else {})
-            parse, prefix = _preference_parser(prefill, read_probs), P.PREFER_PREFILL
+            params, parse = preference_request(j, prefill)
+            prefix = P.PREFER_PREFILL
         for r in rows:
             prompt = r.pop("prompt")
             r["messages"] = json.dumps(P.prefilled(prompt, prefix) if prefill else prompt.messages)
@@ -328,6 +322,19 @@ class Evaluation:
             results[target[0]] = {**out, "seconds": round(time.perf_counter() - started, 1)}
             self.log(f"eval nll · {target[0]}: {out.get('nll')}")
         return {"targets": results}
+
+
+def preference_request(judge, prefill: bool) -> tuple[dict[str, Any], Callable]:
+    """Params and parser for an A/B verdict: one token read from its probabilities when the
+    judge's turn is prefilled and logprob scoring is on, else the written verdict."""
+    read_probs = prefill and judge.logprob_scoring
+    params: dict[str, Any] = {
+        "temperature": judge.temperature,
+        "max_tokens": 1 if read_probs else (4 if prefill else judge.max_tokens),
+        **(P.CONTINUE_PARAMS if prefill else {}),
+        **({"logprobs": True, "top_logprobs": 20} if read_probs else {}),
+    }
+    return params, _preference_parser(prefill, read_probs)
 
 
 class _preference_parser:
