@@ -108,9 +108,10 @@ def write_merge_request(run_dir: str, max_types: int, fallback: list[str]) -> di
         candidates = [{"name": c, "definition": f"Instructions of the {c} category.", "merged_from": []}
                       for c in fallback[:max_types]]  # fmt: skip
     storage.write_json_atomic(storage.join(run_dir, "types", "candidates.json"), candidates)
+    # The taxonomy's categories have no synonyms to merge: no request then.
     prompt = P.merge_types(candidates, max_types)
     _write_requests(
-        [{"id": "merge", "messages": json.dumps(prompt.messages)}],
+        [] if from_taxonomy else [{"id": "merge", "messages": json.dumps(prompt.messages)}],
         storage.join(run_dir, "types", "merge_in"),
     )
     return {"candidates": len(candidates), "from_taxonomy": from_taxonomy}
@@ -142,11 +143,45 @@ def write_assign_requests(run_dir: str, ids: list[str], prefill: bool) -> int:
     return len(rows)
 
 
-def _assigned(run_dir: str) -> dict[str, str]:
-    t = storage.read_table(storage.join(run_dir, "types", "assigned"), ["id", "parsed"])
-    return {
-        i: json.loads(p) for i, p in zip(t["id"].to_pylist(), t["parsed"].to_pylist(), strict=True)
-    }
+def _assigned(run_dir: str, teacher_only: bool = False) -> dict[str, str]:
+    """Curriculum question → type: the teacher's, then (unless `teacher_only`) the nearest type
+    description's for the questions whose assignment was dead-lettered."""
+    out: dict[str, str] = {}
+    for name in ("assigned",) if teacher_only else ("by_description", "assigned"):
+        folder = storage.join(run_dir, "types", name)
+        if storage.exists(folder):
+            t = storage.read_table(folder, ["id", "parsed"])
+            out.update(zip(t["id"].to_pylist(), map(json.loads, t["parsed"].to_pylist()), strict=True))  # fmt: skip
+    return out
+
+
+def write_types_by_description(
+    run_dir: str, ids: list[str], model: str, fallback: str
+) -> dict[str, Any]:
+    """types/by_description/: the curriculum questions the teacher named no type for (their
+    assignment was dead-lettered, as with a very small teacher) get the type whose "name:
+    definition" embeds closest to them (cosine). With `fallback: none` they stay untyped."""
+    import numpy as np
+
+    from tapir_ray.embed import encode, load_encoder
+
+    teacher, types = _assigned(run_dir, teacher_only=True), merged_types(run_dir)
+    missing = [i for i in ids if i not in teacher] if fallback == "description" and types else []
+    rows = []
+    if missing:
+        emb = storage.read_table(storage.join(run_dir, "embeddings"), ["id", "embedding"])
+        vec = dict(zip(emb["id"].to_pylist(), emb["embedding"].to_pylist(), strict=True))
+        described = encode(
+            load_encoder(model), [f"{t['name']}: {t.get('definition', '')}" for t in types]
+        )
+        scores = np.asarray([vec[i] for i in missing], dtype=np.float32) @ described.T
+        rows = [{"id": i, "parsed": json.dumps(types[int(k)]["name"])}
+                for i, k in zip(missing, scores.argmax(axis=1), strict=True)]  # fmt: skip
+    schema = pa.schema([("id", pa.string()), ("parsed", pa.string())])
+    storage.write_table(
+        pa.Table.from_pylist(rows, schema=schema), storage.join(run_dir, "types", "by_description")
+    )
+    return {"by_teacher": sum(i in teacher for i in ids), "by_description": len(rows)}
 
 
 def write_rubric_requests(run_dir: str, low: int, high: int, required: list[str]) -> int:
@@ -174,15 +209,19 @@ def write_rubric_book(run_dir: str, required: list[str], low: int, high: int) ->
     criteria = {
         i: json.loads(p) for i, p in zip(t["id"].to_pylist(), t["parsed"].to_pylist(), strict=True)
     }
-    assigned = {i: n for i, n in _assigned(run_dir).items() if n in criteria}
+    assigned = _assigned(run_dir)
     book = build_book(
         merged_types(run_dir), assigned, criteria, required=required, criteria_max=high
     )
     storage.write_text_atomic(storage.join(run_dir, "rubrics.json"), book.to_json())
+    # A type whose rubric request was dead-lettered keeps its questions; the required criteria
+    # stand in for its rubric, and the report says so.
+    generic = [t.name for t in book.types if t.name not in criteria]
     return {
         "types": len(book.types),
-        "typed_questions": len(assigned),
-        "problems": book.check(low, high),
+        "typed_questions": sum(t.members for t in book.types),
+        "problems": book.check(low, high)
+        + [f"{n}: the teacher wrote no rubric; the required criteria stand in" for n in generic],
     }
 
 
@@ -195,6 +234,7 @@ def write_retrieval(run_dir: str) -> dict[str, Any]:
     import numpy as np
 
     book, assigned = load_book(run_dir), _assigned(run_dir)
+    teacher = _assigned(run_dir, teacher_only=True)
     known = {t.name for t in book.types}
     emb = storage.read_table(storage.join(run_dir, "embeddings"), ["id", "embedding"])
     ids = emb["id"].to_pylist()
@@ -207,15 +247,23 @@ def write_retrieval(run_dir: str) -> dict[str, Any]:
     cents = type_centroids(vectors[members], [assigned[ids[k]] for k in members])
     got = retrieve(vectors, cents)
     agree = sum(got[k] == assigned[ids[k]] for k in members)
-    rows = [{"id": i, "type": assigned[i] if assigned.get(i) in known else g,
-             "source": "teacher" if assigned.get(i) in known else "retrieved"} for i, g in zip(ids, got, strict=True)]  # fmt: skip
+
+    def source(i: str) -> str:
+        return (
+            ("teacher" if i in teacher else "description")
+            if assigned.get(i) in known
+            else "retrieved"
+        )
+
+    rows = [{"id": i, "type": assigned[i] if assigned.get(i) in known else g, "source": source(i)}
+            for i, g in zip(ids, got, strict=True)]  # fmt: skip
     storage.write_table(pa.Table.from_pylist(rows), storage.join(run_dir, "types_by_id"))
     storage.write_table(
         pa.table({"type": list(cents), "centroid": pa.array([cents[c].tolist() for c in cents], pa.list_(pa.float32()))}),
         storage.join(run_dir, "centroids"),
     )  # fmt: skip
     return {"rows": len(rows), "retrieval_agreement": round(agree / len(members), 4) if members else None,
-            "typed_by_teacher": len(members)}  # fmt: skip
+            "typed": len(members), "typed_by_teacher": sum(ids[k] in teacher for k in members)}  # fmt: skip
 
 
 def _rubric_of(run_dir: str) -> dict[str, str]:
@@ -456,7 +504,7 @@ class CitingRun(TapirRun):
     def rubrics(self) -> None:
         c, prefill = self.citing, self.prefill("teacher")
         ids = self.questions(1)
-        fixed = {"max_tokens": 512, "temperature": 0.0}
+        fixed = {"max_tokens": c.rubric_max_tokens, "temperature": 0.0}
         self.step(
             "types/induce_in",
             0,
@@ -492,6 +540,12 @@ class CitingRun(TapirRun):
         names = [t["name"] for t in _task(merged_types, self.run_dir)]
         self.step("types/assign", 0, lambda: self.ask("type per question", self.path("types", "assign_in"), self.path("types", "assigned"),
                   role="classify", endpoint="teacher", params={"max_tokens": 24, "temperature": 0.0}, parse=_type_parser(names), round_=0))  # fmt: skip
+        self.step("embeddings", 0, self.embeddings)
+        typed = self.step("types/by_description", 0, lambda: _task(
+            write_types_by_description, self.run_dir, ids, self.embedding_model, c.type_fallback))  # fmt: skip
+        if typed.get("by_description"):
+            self.log(f"question types: the teacher named no type for {typed['by_description']} of {len(ids)} "
+                     "curriculum questions; the nearest type description (embedding) typed them")  # fmt: skip
         self.step(
             "types/rubric_in",
             0,
@@ -520,7 +574,6 @@ class CitingRun(TapirRun):
         )
         for problem in book.get("problems", []):
             self.log(f"rubrics: {problem}")
-        self.step("embeddings", 0, self.embeddings)
         self.step("retrieval", 0, lambda: _task(write_retrieval, self.run_dir))
 
     def students(self, label: str, in_dir: str, out_dir: str, after: int) -> dict[str, Any]:

@@ -353,6 +353,14 @@ class CitingConfig(_Strict):
         1, description="T_inf; chosen on the validation split when tune_inference_revisions."
     )
     tune_inference_revisions: bool = True
+    type_fallback: Literal["description", "none"] = Field(
+        "description",
+        description="Questions the teacher names no type for: typed by the nearest type description "
+        "(sentence embedding), or left untyped (none).",
+    )
+    rubric_max_tokens: PositiveInt = Field(
+        512, description="max_tokens of the teacher's type lists, type merge and rubrics."
+    )
     embedding_model: str = "bundled:all-minilm-l6-v2"
     eval_questions: PositiveInt = Field(
         100, description="Test-split questions judged each round against the SFT warm-up student."

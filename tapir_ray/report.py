@@ -123,7 +123,10 @@ def rubric_section(run_dir: str) -> list[str]:
     book = storage.read_json(path)
     parts = [f"## Question types and rubrics ({len(book['types'])} types, `rubrics.json`)", ""]
     for t in book["types"]:
-        parts += [f"**{t['name']}** ({t['members']} curriculum questions): {t['definition']}", ""]
+        parts += [
+            f"**{t['name']}** ({t['members']} curriculum question{'' if t['members'] == 1 else 's'}): {t['definition']}",
+            "",
+        ]
         parts += [f"{k}. {c}" for k, c in enumerate(t["criteria"], 1)] + [""]
     return parts
 
@@ -280,8 +283,19 @@ def write_report(run_dir: str) -> str:
         retrieval = state["stages"].get("retrieval", {})
         parts += rubric_section(run_dir)
         if retrieval.get("retrieval_agreement") is not None:
-            parts += [f"Rubric retrieval by type centroid agrees with the teacher's type on {retrieval['retrieval_agreement']:.1%} "
-                      f"of its {retrieval['typed_by_teacher']} typed curriculum questions.", ""]  # fmt: skip
+            typed, by_teacher = (
+                retrieval.get("typed", retrieval["typed_by_teacher"]),
+                retrieval["typed_by_teacher"],
+            )
+            source = (
+                "all typed by the teacher"
+                if typed == by_teacher
+                else (
+                    f"{by_teacher} typed by the teacher, {typed - by_teacher} by the nearest type description"
+                )
+            )
+            parts += [f"Rubric retrieval by type centroid agrees with the curriculum questions' types on "
+                      f"{retrieval['retrieval_agreement']:.1%} of {typed} ({source}).", ""]  # fmt: skip
     if pre:
         parts += ["## Preparation", "", _table(["stage", "rows in", "rows out", "dead-lettered", "seconds"],
                   [[n, i.get("rows_in"), i.get("rows_out", i.get("items")), i.get("dead_lettered"), i.get("seconds")] for n, i in pre]), ""]  # fmt: skip
@@ -289,7 +303,11 @@ def write_report(run_dir: str) -> str:
         if labels.get("classifier_agreement") is not None:
             parts += [f"Embedding classifier: agreement with the oracle on {labels['classifier_holdout_rows']} held-out labelled rows: {labels['classifier_agreement']:.1%}.", ""]  # fmt: skip
     for m in metrics:
-        parts += [f"## Round {m['round']} (α = {m['alpha']}, N = {m['size']})", ""]
+        planned = m["alpha"] is not None or m["size"] is not None  # TAPIR's plan; CITING has none
+        parts += [
+            f"## Round {m['round']}" + (f" (α = {m['alpha']}, N = {m['size']})" if planned else ""),
+            "",
+        ]
         parts += [_table(["stage", "rows in", "rows out", "dead-lettered", "seconds", "rows/s", "tokens/s", "requests/s"],
                          [[s["stage"], s["rows_in"], s["rows_out"], s["dead_lettered"], s["seconds"], s["rows_per_s"],
                            s.get("tokens_per_s"), s.get("requests_per_s")] for s in m["stages"]]), ""]  # fmt: skip
@@ -315,11 +333,14 @@ def write_report(run_dir: str) -> str:
             for c, v in m["categories"].items()
             if v["target"] or v["trained"]
         ]
-        if cats:
+        if cats and planned:
             parts += [_table(["category", "target", "trained"], cats), ""]
+        elif cats:
+            parts += [_table(["question type", "trained rows"], [[c, n] for c, _, n in cats]), ""]
         t = m["train"]
+        nll = f"; held-out NLL {m['heldout_nll']}" if m["heldout_nll"] is not None else ""
         parts += [f"Training: {t.get('rows')} rows, {t.get('steps')} steps, loss {_num(t.get('first_loss'))} → {_num(t.get('final_loss'))}, "
-                  f"{t.get('tokens_per_s')} tokens/s; adapter sha256 {str(t.get('adapter_sha256'))[:12]}…; held-out NLL {m['heldout_nll']}.", ""]  # fmt: skip
+                  f"{t.get('tokens_per_s')} tokens/s; adapter sha256 {str(t.get('adapter_sha256'))[:12]}…{nll}.", ""]  # fmt: skip
     try:
         plots = _plots(run_dir, metrics, _delta(run_dir))
     except ImportError:  # matplotlib is optional for the report

@@ -152,7 +152,7 @@ def test_teacher_replies_for_types_rubrics_and_revisions_parse():
     assert P.parse_types(
         'Sure! ```json\n[{"name": " Math  Qs ", "definition": "d"}, {"name": "math qs"}, {"x": 1}]\n```'
     ) == [{"name": "Math Qs", "definition": "d", "merged_from": []}]
-    assert P.parse_criteria("Criteria:\n1) Clear.\n- Deep.\n3. Complete.\nThanks") == [
+    assert P.parse_criteria("Criteria:\n1) Clear.\n- Deep.\n3. Complete.\n4. clear.\nThanks") == [
         "Clear.",
         "Deep.",
         "Complete.",
@@ -374,8 +374,8 @@ def test_a_teacher_that_induces_no_types_leaves_the_taxonomy_standing_in(tmp_pat
     storage.write_table(empty, f"{run}/types/induced")
     info = write_merge_request(run, 2, ["Math", "Reasoning", "Others"])
     assert info == {"candidates": 2, "from_taxonomy": True}
-    request = json.loads(storage.read_table(f"{run}/types/merge_in")["messages"][0].as_py())
-    assert "- Math: " in request[1]["content"] and "Others" not in request[1]["content"]
+    # The taxonomy's categories have no synonyms: nothing is sent to merge them.
+    assert storage.read_table(f"{run}/types/merge_in").num_rows == 0
     storage.write_table(empty.select(["parsed"]), f"{run}/types/merged")
     assert [t["name"] for t in merged_types(run)] == ["Math", "Reasoning"]
     induced = pa.table(
@@ -383,3 +383,50 @@ def test_a_teacher_that_induces_no_types_leaves_the_taxonomy_standing_in(tmp_pat
     )
     storage.write_table(induced, f"{run}/types/induced")
     assert write_merge_request(run, 2, ["Math"]) == {"candidates": 1, "from_taxonomy": False}
+    request = json.loads(storage.read_table(f"{run}/types/merge_in")["messages"][0].as_py())
+    assert "- Poems: Verse." in request[1]["content"]
+
+
+def test_questions_the_teacher_named_no_type_for_take_the_nearest_type_description(tmp_path):
+    """A dead-lettered type assignment is typed by the closest "name: definition" (MiniLM); the
+    teacher's own assignments stand; `type_fallback: none` leaves them untyped. A type whose rubric
+    was dead-lettered keeps its questions with the required criteria, and the run says so."""
+    import json
+
+    import pyarrow as pa
+
+    from tapir_ray import storage
+    from tapir_ray.citing_run import write_rubric_book, write_types_by_description
+    from tapir_ray.embed import encode, load_encoder
+
+    run, model = str(tmp_path), "bundled:all-minilm-l6-v2"
+    questions = {"q1": "What is 17 multiplied by 3?", "q2": "Write a short poem about autumn leaves.",
+                 "q3": "Solve for x: 2x + 6 = 10.", "q4": "Compose a haiku about the sea."}  # fmt: skip
+    vectors = encode(load_encoder(model), list(questions.values()))
+    storage.write_table(pa.table({"id": list(questions), "embedding": pa.array(vectors.tolist(), pa.list_(pa.float32()))}),
+                        f"{run}/embeddings")  # fmt: skip
+    types = [{"name": "Arithmetic", "definition": "Calculations with numbers and equations."},
+             {"name": "Poetry", "definition": "Writing poems and verse."}]  # fmt: skip
+    storage.write_json_atomic(f"{run}/types/candidates.json", types)
+    storage.write_table(pa.table({"parsed": pa.array([], pa.string())}), f"{run}/types/merged")
+    # The teacher typed q4 (wrongly, on purpose: its word stands) and named no type for the rest.
+    storage.write_table(pa.table({"id": ["q4"], "parsed": [json.dumps("Arithmetic")]}), f"{run}/types/assigned")  # fmt: skip
+    info = write_types_by_description(run, list(questions), model, "description")
+    assert info == {"by_teacher": 1, "by_description": 3}
+    got = dict(zip(*(storage.read_table(f"{run}/types/by_description")[c].to_pylist() for c in ("id", "parsed")), strict=True))  # fmt: skip
+    assert {i: json.loads(v) for i, v in got.items()} == {"q1": "Arithmetic", "q2": "Poetry", "q3": "Arithmetic"}  # fmt: skip
+    # Rubrics: the teacher wrote one for Arithmetic only.
+    storage.write_table(pa.table({"id": ["Arithmetic"], "parsed": [json.dumps(["Shows each step."])]}), f"{run}/types/rubrics")  # fmt: skip
+    required = ["articulate", "in-depth", "comprehensive"]
+    summary = write_rubric_book(run, required, 3, 7)
+    book = RubricBook.from_json((tmp_path / "rubrics.json").read_text())
+    members = {t.name: t.members for t in book.types}
+    assert members == {"Arithmetic": 3, "Poetry": 1} and summary["typed_questions"] == 4
+    poetry = next(t for t in book.types if t.name == "Poetry")
+    assert len(poetry.criteria) == 3 and all(q in " ".join(poetry.criteria) for q in required)
+    assert summary["problems"] == [
+        "Poetry: the teacher wrote no rubric; the required criteria stand in"
+    ]
+    # With no fallback the untyped questions stay untyped.
+    assert write_types_by_description(run, list(questions), model, "none") == {"by_teacher": 1, "by_description": 0}  # fmt: skip
+    assert storage.read_table(f"{run}/types/by_description").num_rows == 0

@@ -434,7 +434,13 @@ _CRITERION = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s+(.+?)\s*$")
 
 
 def parse_criteria(reply: str) -> list[str]:
-    found = [m.group(1) for line in reply.splitlines() if (m := _CRITERION.match(line))]
+    """The numbered (or bulleted) criteria of a rubric reply, each once (a small teacher repeats
+    itself)."""
+    found: list[str] = []
+    for line in reply.splitlines():
+        m = _CRITERION.match(line)
+        if m and m.group(1).casefold() not in {f.casefold() for f in found}:
+            found.append(m.group(1))
     if not found:
         raise ParseError("no numbered criteria in the reply")
     return found
