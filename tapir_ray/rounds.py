@@ -482,9 +482,16 @@ def write_warmup_plan(run_dir: str, rows: int, seed: int) -> int:
     return len(chosen)
 
 
+def heldout(items: pa.Table) -> pa.Table:
+    """The rows no student trains on, with a reference answer: TAPIR's held-out fraction, CITING's
+    test split."""
+    mask = items["heldout"] if "heldout" in items.column_names else pc.equal(items["split"], "test")
+    return items.filter(pc.and_(mask, pc.is_valid(items["teacher"])))
+
+
 def heldout_rows(run_dir: str, seed: int, limit: int) -> list[dict[str, Any]]:
     items = storage.read_table(storage.join(run_dir, "items"))
-    rows = items.filter(items["heldout"]).to_pylist()  # only the held-out rows leave Arrow
+    rows = heldout(items).to_pylist()  # only the held-out rows leave Arrow
     rows.sort(key=lambda r: rank_key(seed, -1, r["id"]))
     return [
         {"messages": _messages(r["instruction"], r["input"]), "response": r["teacher"]}

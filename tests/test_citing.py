@@ -430,3 +430,24 @@ def test_questions_the_teacher_named_no_type_for_take_the_nearest_type_descripti
     # With no fallback the untyped questions stay untyped.
     assert write_types_by_description(run, list(questions), model, "none") == {"by_teacher": 1, "by_description": 0}  # fmt: skip
     assert storage.read_table(f"{run}/types/by_description").num_rows == 0
+
+
+def test_the_evaluation_holds_out_citings_test_split_and_tapirs_heldout_rows(tmp_path):
+    """`tapir-ray eval` reads one rule for both curricula: the rows no student trained on that
+    have a reference answer (CITING's test split; TAPIR's held-out fraction)."""
+    import pyarrow as pa
+
+    from tapir_ray import storage
+    from tapir_ray.rounds import heldout, heldout_rows
+
+    citing = pa.table({"id": ["a", "b", "c", "d"], "instruction": ["Q1", "Q2", "Q3", "Q4"], "input": [""] * 4,
+                       "teacher": ["A1", "A2", None, "A4"], "split": ["train", "test", "test", "val"]})  # fmt: skip
+    assert heldout(citing)["id"].to_pylist() == ["b"]
+    tapir = citing.drop_columns(["split"]).append_column(
+        "heldout", pa.array([True, False, True, True])
+    )
+    assert heldout(tapir)["id"].to_pylist() == ["a", "d"]
+    storage.write_table(citing, f"{tmp_path}/items")
+    assert heldout_rows(str(tmp_path), 0, 10) == [
+        {"messages": '[{"role": "user", "content": "Q2"}]', "response": "A2"}
+    ]

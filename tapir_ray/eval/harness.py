@@ -233,8 +233,9 @@ class Evaluation:
 
             out = [{"id": row_id(r["instruction"], r["input"]), **r} for r in rows]
             return out[: self.limit] if self.limit else out, f"file {reference}"
-        items = storage.read_table(storage.join(self.run_dir, "items"))
-        rows = items.filter(items["heldout"]).to_pylist()
+        from tapir_ray.rounds import heldout
+
+        rows = heldout(storage.read_table(storage.join(self.run_dir, "items"))).to_pylist()
         rows.sort(key=lambda r: rank_key(self.cfg.run.seed, -2, r["id"]))
         rows = rows[: self.limit] if self.limit else rows
         name = "teacher" if not reference or reference == "teacher" else reference
