@@ -457,3 +457,21 @@ def test_a_local_server_stops_when_the_run_that_started_it_is_killed():
             return
         time.sleep(0.5)
     raise AssertionError("the local oracle server outlived the process that started it")
+
+
+def test_a_limiter_outlives_the_runner_that_created_it(ray_cluster):
+    """A named actor dies with its creator's handle; the driver keeps its limiters, so a second
+    runner in the same process (evaluating a run twice, a notebook) keeps a live one."""
+    import gc
+    import time
+
+    import ray
+
+    from tapir_ray.oracle.limiter import limiter_for
+
+    first = limiter_for("outlives-test|m", 60, 1e6)  # the first runner's
+    second = limiter_for("outlives-test|m", 60, 1e6)  # the second runner's
+    del first  # the first runner is gone
+    gc.collect()
+    time.sleep(2)
+    assert ray.get(second.get_stats.remote(), timeout=30)["scale"] > 0

@@ -14,6 +14,7 @@ recovers step by step with each success.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import ray
 
@@ -99,17 +100,32 @@ class RateLimiter:
         return {**self.stats, "scale": self.buckets.scale}
 
 
+# A named actor dies when the handle its creator got is dropped, even while handles found by name
+# are in use. The process keeps the handles it made, so a limiter outlives the runner that created
+# it within one driver (a notebook or a test evaluating a run twice), and dies with the driver.
+_KEPT: dict[tuple[str | None, str], Any] = {}
+
+
 def limiter_for(endpoint_key: str, rpm: float, tpm: float, namespace: str | None = None):
     """The named limiter actor of an endpoint. The driver creates it and hands it to the stage actors.
 
     A limiter left by a driver that was just killed may still answer to its name while it dies:
     the handle is checked, and a fresh actor is made once the old name is free."""
+    key = (namespace, f"tapir-limiter:{endpoint_key}")
+    kept = _KEPT.get(key)
+    if kept is not None:
+        try:
+            ray.get(kept.get_stats.remote(), timeout=30)
+            return kept
+        except Exception:  # dead, or from an earlier ray.init: make or find a live one
+            _KEPT.pop(key, None)
     for _ in range(30):
-        handle = RateLimiter.options(
-            name=f"tapir-limiter:{endpoint_key}", namespace=namespace, get_if_exists=True
-        ).remote(rpm, tpm)
+        handle = RateLimiter.options(name=key[1], namespace=namespace, get_if_exists=True).remote(
+            rpm, tpm
+        )
         try:
             ray.get(handle.get_stats.remote(), timeout=30)
+            _KEPT[key] = handle
             return handle
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             time.sleep(1.0)
