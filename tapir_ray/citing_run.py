@@ -775,25 +775,28 @@ def generate(run_dir: str, *, round_: int, input_path: str, self_revise: int, ou
     types = retrieve(encode(load_encoder(cfg.curriculum.citing.embedding_model), texts), centroid)
     rubric = {t.name: t.rubric() for t in book.types}
     work = storage.join(run_dir, "generate", time.strftime("%Y%m%d-%H%M%S"))
-    runner = CitingRun(cfg, run_dir, {}, log)
+    runner = CitingRun(cfg, run_dir, {}, log, attach=True)
     ids = [f"q{k:06d}" for k in range(len(questions))]
     drafts: list[dict[str, str]] = []
-    for t in range(self_revise + 1):
-        if t == 0:
-            msgs = [[{"role": "user", "content": q}] for q in texts]
-        else:
-            msgs = [
-                revision_messages(q, rubric[c], drafts[-1][i])
-                for q, c, i in zip(texts, types, ids, strict=True)
-            ]
-        folder = storage.join(work, f"draft-{t}")
-        _write_requests(
-            [{"id": i, "messages": json.dumps(m)} for i, m in zip(ids, msgs, strict=True)],
-            folder + "_in",
-        )
-        runner.students(f"generate · draft {t}", folder + "_in", folder, round_)
-        got = _responses(folder)
-        drafts.append({i: got.get(i, drafts[-1][i] if drafts else "") for i in ids})
+    try:
+        for t in range(self_revise + 1):
+            if t == 0:
+                msgs = [[{"role": "user", "content": q}] for q in texts]
+            else:
+                msgs = [
+                    revision_messages(q, rubric[c], drafts[-1][i])
+                    for q, c, i in zip(texts, types, ids, strict=True)
+                ]
+            folder = storage.join(work, f"draft-{t}")
+            _write_requests(
+                [{"id": i, "messages": json.dumps(m)} for i, m in zip(ids, msgs, strict=True)],
+                folder + "_in",
+            )
+            runner.students(f"generate · draft {t}", folder + "_in", folder, round_)
+            got = _responses(folder)
+            drafts.append({i: got.get(i, drafts[-1][i] if drafts else "") for i in ids})
+    finally:
+        runner.close()
     out_path = out_path or storage.join(work, "answers.jsonl")
     lines = [json.dumps({"instruction": q["instruction"], "input": q["input"], "type": c, "rubric": rubric[c],
                          "drafts": [d[i] for d in drafts], "answer": drafts[-1][i]}, ensure_ascii=False)

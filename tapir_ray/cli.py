@@ -190,6 +190,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from tapir_ray.citing_run import GenerateError, generate
+    from tapir_ray.curriculum import RunBusyError
 
     try:
         out = generate(
@@ -199,7 +200,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             self_revise=args.self_revise,
             out_path=args.out,
         )
-    except GenerateError as exc:
+    except (GenerateError, RunBusyError) as exc:
         raise UsageError(str(exc)) from None
     print(f"answers with every draft: {out}")
     return 0
@@ -209,6 +210,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from tapir_ray.curriculum import RunBusyError
     from tapir_ray.eval.harness import SUITES, EvalError, evaluate
 
     suites = list(SUITES) if args.suite == "all" else [args.suite]
@@ -216,7 +218,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         evaluate(
             args.run, rounds=args.round, suites=suites, reference=args.reference, limit=args.limit
         )
-    except EvalError as exc:
+    except (EvalError, RunBusyError) as exc:
         raise UsageError(str(exc)) from None
     print(
         f"results: {args.run.rstrip('/')}/eval/summary.json, report: {args.run.rstrip('/')}/eval/report.md"

@@ -505,15 +505,18 @@ def heldout_rows(run_dir: str, seed: int, limit: int) -> list[dict[str, Any]]:
 class TapirRun:
     ALGORITHM = "tapir"
 
-    def __init__(self, cfg: Config, run_dir: str, endpoints: dict, log: Callable[[str], None]):
+    def __init__(self, cfg: Config, run_dir: str, endpoints: dict, log: Callable[[str], None],
+                 *, attach: bool = False):  # fmt: skip
+        """`attach=True`: a tool reading the run (eval, generate), see `curriculum_actor`."""
         from tapir_ray.oracle.ledger import Ledger
 
         self.cfg, self.run_dir, self.endpoints, self.log = cfg, run_dir, endpoints, log
         self.tapir = cfg.curriculum.tapir
         self.seed = cfg.run.seed
         self.actor = curriculum_actor(
-            run_dir, self.ALGORITHM, self.seed, pin_to_head=cfg.resources.pin_curriculum_to_head
-        )
+            run_dir, self.ALGORITHM, self.seed, pin_to_head=cfg.resources.pin_curriculum_to_head,
+            attach=attach,
+        )  # fmt: skip
         self.ledger = Ledger.remote(
             storage.join(run_dir, "metrics", "oracle-ledger.json"), cfg.oracle.max_usd
         )
@@ -522,6 +525,12 @@ class TapirRun:
         self.use_gpu = (
             bool(ray.cluster_resources().get("GPU", 0)) and cfg.student.gpus_per_replica > 0
         )
+
+    def close(self) -> None:
+        """Ends the run's actor (state.json holds everything), so the run can be read by another
+        driver at once rather than when this process lets go of the handle."""
+        with contextlib.suppress(Exception):
+            ray.kill(self.actor)
 
     # -- plumbing --
 
@@ -1041,6 +1050,8 @@ def run(cfg: Config, *, resume: bool | str = False, log: Callable[[str], None] =
             with contextlib.suppress(Exception):
                 ray.get(runner.actor.finish.remote("failed"), timeout=10)
             raise
+        finally:
+            runner.close()
     from tapir_ray.report import write_report
 
     text = write_report(run_dir)

@@ -354,6 +354,7 @@ def test_one_citing_round_end_to_end_killed_and_resumed(ray_cluster, smollm2, tm
     assert all(
         r["type"] in {t.name for t in book.types} and r["rubric"].startswith("1. ") for r in rows
     )
+    assert json.loads((Path(run_dir) / "state.json").read_text())["status"] == "done"
     bad = subprocess.run([sys.executable, "-m", "tapir_ray.cli", "generate", run_dir, "--round", "4",
                                              "--input", str(questions)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 2 and "no trained round 4" in bad.stderr

@@ -142,6 +142,55 @@ def test_curriculum_actor_persists_every_change_and_a_new_actor_restores_it(ray_
         ray.get(curriculum_actor(run_dir, "tapir", 6).get.remote())
 
 
+LIVE_DRIVER = """
+import sys, time, ray
+from tapir_ray.curriculum import curriculum_actor
+ray.init()
+actor = curriculum_actor(sys.argv[1], "tapir", 5)
+ray.get(actor.update_round.remote(1, {"adapter": "a"}))
+print("running", flush=True)
+time.sleep(600)
+"""
+
+
+def test_eval_and_generate_attach_to_a_finished_run_and_refuse_a_live_one(ray_cluster, tmp_path):
+    """The tools that read a run (`tapir-ray eval`, `generate`) refuse a run whose driver — another
+    process — still holds its curriculum actor rather than take it over, and leave a finished run's
+    status as it is."""
+    from tapir_ray.curriculum import RunBusyError, curriculum_actor, read_state
+
+    run_dir = str(tmp_path / "run")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-c", LIVE_DRIVER, run_dir], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        assert driver.stdout.readline().strip() == "running"
+        with pytest.raises(RunBusyError, match="still running"):
+            curriculum_actor(run_dir, "tapir", 5, attach=True)
+        assert read_state(run_dir)["rounds"]["1"] == {"adapter": "a"}
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    deadline = time.monotonic() + 60
+    while True:  # the killed driver's actor goes with it
+        try:
+            tool = curriculum_actor(run_dir, "tapir", 5, attach=True)
+            break
+        except RunBusyError:
+            assert time.monotonic() < deadline, "the killed driver's actor still answers"
+            time.sleep(0.5)
+    ray.get(tool.finish.remote("done"))
+    ray.kill(tool)
+    tool = curriculum_actor(run_dir, "tapir", 5, attach=True)
+    assert ray.get(tool.get.remote())["status"] == "done"  # attaching did not mark it running
+    ray.get(tool.set_ledger.remote({"eval-judge": {"requests": 3}}))
+    on_disk = read_state(run_dir)
+    assert on_disk["status"] == "done" and on_disk["ledger"] == {"eval-judge": {"requests": 3}}
+    with pytest.raises(RunBusyError):  # a second tool at the same time
+        curriculum_actor(run_dir, "tapir", 5, attach=True)
+    ray.kill(tool)
+
+
 # --- end to end ---------------------------------------------------------------------------------
 
 
@@ -249,6 +298,7 @@ def test_eval_suites_on_the_finished_run(finished_run, scripted, tmp_path):
     """`tapir-ray eval`: win rate against a file with one trained prompt in it (excluded by the
     contamination guard), MT-Bench's two turns, the held-out NLL falling from base to round 2, and
     a second evaluation that sends the judge nothing."""
+    from tapir_ray.curriculum import read_state
     from tapir_ray.eval.harness import EvalError, evaluate
 
     run_dir = finished_run["dir"]
@@ -316,6 +366,7 @@ def test_eval_suites_on_the_finished_run(finished_run, scripted, tmp_path):
     assert all(
         (Path(run_dir) / "eval" / p).exists() for p in ("winrate.png", "mtbench.png", "nll.png")
     )
+    assert read_state(run_dir)["status"] == "done"  # evaluating a finished run leaves it finished
     with pytest.raises(EvalError, match="no such trained round"):
         evaluate(run_dir, rounds="7", suites=["nll"])
     bad = tmp_path / "bad.jsonl"

@@ -51,7 +51,7 @@ def empty_state(run_dir: str, algorithm: str, seed: int) -> dict[str, Any]:
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class CurriculumActor:
-    def __init__(self, run_dir: str, algorithm: str, seed: int):
+    def __init__(self, run_dir: str, algorithm: str, seed: int, attach: bool = False):
         self.run_dir = run_dir
         self.state = read_state(run_dir) or empty_state(run_dir, algorithm, seed)
         if self.state["algorithm"] != algorithm or self.state["seed"] != seed:
@@ -59,8 +59,9 @@ class CurriculumActor:
                 f"{state_path(run_dir)}: the run was started with algorithm {self.state['algorithm']} and "
                 f"seed {self.state['seed']}; the config asks for {algorithm} and seed {seed}"
             )
-        self.state["status"] = "running"
-        self._persist()
+        if not attach:  # `tapir-ray eval` / `generate` read a finished run and leave its status be
+            self.state["status"] = "running"
+            self._persist()
 
     def _persist(self) -> None:
         self.state["updated_at"] = time.time()
@@ -100,10 +101,40 @@ class CurriculumActor:
         self._persist()
 
 
-def curriculum_actor(run_dir: str, algorithm: str, seed: int, *, pin_to_head: bool = True):
-    """The run's actor, created fresh from `<run>/state.json` (a resumed run gets a new one)."""
+class RunBusyError(RuntimeError):
+    """The run's curriculum actor is alive: its driver is still running it."""
+
+
+# Named actors are scoped by namespace and every driver gets an anonymous one by default: the
+# run's actor lives in a fixed namespace so that another driver (a resumed run, `tapir-ray eval`)
+# finds it by name.
+NAMESPACE = "tapir-ray"
+
+
+def _alive(name: str) -> bool:
+    try:
+        actor = ray.get_actor(name, namespace=NAMESPACE)
+        ray.get(actor.stage_done.remote(""), timeout=10)
+    except Exception:  # no such actor, or one its crashed driver left behind that no longer answers
+        return False
+    return True
+
+
+def curriculum_actor(
+    run_dir: str, algorithm: str, seed: int, *, pin_to_head: bool = True, attach: bool = False
+):
+    """The run's actor, created fresh from `<run>/state.json` (a resumed run gets a new one).
+
+    `attach=True` is for tools that read a run and add to it (evaluation, generation): the run's
+    status is left as it is, and a run whose actor is alive — its driver still running it — is
+    refused rather than taken over."""
     digest = hashlib.sha256(run_dir.encode()).hexdigest()[:12]
-    options: dict[str, Any] = {"name": f"tapir-curriculum-{digest}"}
+    options: dict[str, Any] = {"name": f"tapir-curriculum-{digest}", "namespace": NAMESPACE}
+    if attach and _alive(options["name"]):
+        raise RunBusyError(
+            f"{run_dir}: the run is still running (its curriculum actor answers); "
+            "evaluate it or generate from it once it has finished or been stopped"
+        )
     if pin_to_head:
         head = _head_node_id()
         if head is not None:
@@ -112,14 +143,14 @@ def curriculum_actor(run_dir: str, algorithm: str, seed: int, *, pin_to_head: bo
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=False)
     for _ in range(60):
         try:
-            old = ray.get_actor(options["name"])
+            old = ray.get_actor(options["name"], namespace=NAMESPACE)
             ray.kill(
                 old
             )  # an actor left by a crashed driver of the same run: state.json is the truth
         except ValueError:
             pass
         try:
-            actor = CurriculumActor.options(**options).remote(run_dir, algorithm, seed)
+            actor = CurriculumActor.options(**options).remote(run_dir, algorithm, seed, attach)
         except ValueError:  # the old actor still holds the name for a moment
             time.sleep(0.5)
             continue
