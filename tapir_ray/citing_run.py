@@ -775,10 +775,9 @@ def generate(run_dir: str, *, round_: int, input_path: str, self_revise: int, ou
     types = retrieve(encode(load_encoder(cfg.curriculum.citing.embedding_model), texts), centroid)
     rubric = {t.name: t.rubric() for t in book.types}
     work = storage.join(run_dir, "generate", time.strftime("%Y%m%d-%H%M%S"))
-    runner = CitingRun(cfg, run_dir, {}, log, attach=True)
     ids = [f"q{k:06d}" for k in range(len(questions))]
     drafts: list[dict[str, str]] = []
-    try:
+    with CitingRun(cfg, run_dir, {}, log, attach=True) as runner:
         for t in range(self_revise + 1):
             if t == 0:
                 msgs = [[{"role": "user", "content": q}] for q in texts]
@@ -795,8 +794,6 @@ def generate(run_dir: str, *, round_: int, input_path: str, self_revise: int, ou
             runner.students(f"generate · draft {t}", folder + "_in", folder, round_)
             got = _responses(folder)
             drafts.append({i: got.get(i, drafts[-1][i] if drafts else "") for i in ids})
-    finally:
-        runner.close()
     out_path = out_path or storage.join(work, "answers.jsonl")
     lines = [json.dumps({"instruction": q["instruction"], "input": q["input"], "type": c, "rubric": rubric[c],
                          "drafts": [d[i] for d in drafts], "answer": drafts[-1][i]}, ensure_ascii=False)

@@ -526,7 +526,10 @@ class TapirRun:
             bool(ray.cluster_resources().get("GPU", 0)) and cfg.student.gpus_per_replica > 0
         )
 
-    def close(self) -> None:
+    def __enter__(self) -> TapirRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         """Ends the run's actor (state.json holds everything), so the run can be read by another
         driver at once rather than when this process lets go of the handle."""
         with contextlib.suppress(Exception):
@@ -1042,16 +1045,16 @@ def run(cfg: Config, *, resume: bool | str = False, log: Callable[[str], None] =
     ensure_ray(cfg.resources)
     ray.data.DataContext.get_current().enable_progress_bars = False
     started = time.perf_counter()
-    with oracle_endpoints(cfg, run_dir, log) as endpoints:
-        runner = runner_class(cfg)(cfg, run_dir, endpoints, log)
+    with (
+        oracle_endpoints(cfg, run_dir, log) as endpoints,
+        runner_class(cfg)(cfg, run_dir, endpoints, log) as runner,
+    ):
         try:
             state = runner.run()
         except BaseException:
             with contextlib.suppress(Exception):
                 ray.get(runner.actor.finish.remote("failed"), timeout=10)
             raise
-        finally:
-            runner.close()
     from tapir_ray.report import write_report
 
     text = write_report(run_dir)

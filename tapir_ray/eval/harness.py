@@ -399,40 +399,30 @@ def evaluate(run_dir: str, *, rounds: str = "all", suites: list[str] | None = No
     summary_path = storage.join(run_dir, "eval", "summary.json")
     summary = storage.read_json(summary_path) if storage.exists(summary_path) else {}
     needs_judge = any(s in ("alpaca", "mtbench") for s in suites)
-    with oracle_endpoints(cfg, run_dir, log) if needs_judge else _no_endpoints() as endpoints:
-        runner = runner_class(cfg)(cfg, run_dir, endpoints, log, attach=True)
-        try:
-            summary = _evaluate(
-                runner, summary, summary_path, suites, rounds, reference, limit, log
-            )
-        finally:
-            runner.close()
+    with (
+        oracle_endpoints(cfg, run_dir, log) if needs_judge else _no_endpoints() as endpoints,
+        runner_class(cfg)(cfg, run_dir, endpoints, log, attach=True) as runner,
+    ):
+        ev = Evaluation(runner, limit=limit, log=log)
+        targets = ev.targets(rounds)
+        for suite in suites:
+            started = time.perf_counter()
+            if suite == "alpaca":
+                out = ev.alpaca(targets, reference)
+            elif suite == "mtbench":
+                out = ev.mtbench(targets)
+            else:
+                out = ev.nll(targets)
+            out["seconds"] = round(time.perf_counter() - started, 1)
+            previous = summary.get(suite, {}).get("targets", {})
+            out["targets"] = {**previous, **out["targets"]}
+            summary[suite] = out
+            storage.write_json_atomic(summary_path, summary)
+            log(f"eval {suite}: done in {out['seconds']:.0f} s")
+        ray.get(runner.actor.set_ledger.remote(ray.get(runner.ledger.flush.remote())))
     from tapir_ray.eval.report import write_eval_report
 
     log(write_eval_report(run_dir))
-    return summary
-
-
-def _evaluate(runner, summary: dict, summary_path: str, suites: list[str], rounds, reference,
-              limit, log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
-    """Each suite in turn; the summary is written after every suite."""
-    ev = Evaluation(runner, limit=limit, log=log)
-    targets = ev.targets(rounds)
-    for suite in suites:
-        started = time.perf_counter()
-        if suite == "alpaca":
-            out = ev.alpaca(targets, reference)
-        elif suite == "mtbench":
-            out = ev.mtbench(targets)
-        else:
-            out = ev.nll(targets)
-        out["seconds"] = round(time.perf_counter() - started, 1)
-        previous = summary.get(suite, {}).get("targets", {})
-        out["targets"] = {**previous, **out["targets"]}
-        summary[suite] = out
-        storage.write_json_atomic(summary_path, summary)
-        log(f"eval {suite}: done in {out['seconds']:.0f} s")
-    ray.get(runner.actor.set_ledger.remote(ray.get(runner.ledger.flush.remote())))
     return summary
 
 
