@@ -6,6 +6,10 @@
 A scripted OpenAI-compatible server (latency 200–800 ms, RPM and TPM enforced over a 60 s window,
 429 + Retry-After) answers, in turn:
   ours        tapir-ray's oracle stage (Ray Data actor pool, one shared RPM+TPM limiter actor)
+  heavy_tail  the same stage against a second server whose answers take 1–30 s, as long
+              completions do, at the paper-scale config's 8 actors and 5,000 RPM
+              (--heavy-tail-*): only a window that never waits for a batch's slowest reply
+              keeps the limit busy (Little's law: ~1,300 requests in flight)
   sequential  a plain loop over the openai client, one request at a time (a bounded sample: at
               ~0.5 s a request, 20,000 would take hours; its rate is what is compared)
   ray_http    ray.data.llm's HttpRequestProcessorConfig with qps = limit / actors (its per-actor
@@ -81,25 +85,50 @@ def _steady(stats: dict, amount: float) -> float:
     return amount / (span / 60) if span > 0 else 0.0
 
 
-def run_ours(server, args, params, tmp) -> dict:
+def run_ours(
+    server, args, params, tmp, *, name="ours", requests=None, actors=None, first=0
+) -> dict:
     endpoint = EndpointConfig(
         base_url=server.base_url, model="local", api_key_env=None, rpm=args.rpm, tpm=args.tpm,
-        max_concurrency=256, timeout_s=30, max_retries=6,
+        max_concurrency=256, timeout_s=60,
     )  # fmt: skip
+    requests, actors = requests or args.requests, actors or args.actors
     rows = [
         {"id": f"r{i}", "messages": json.dumps(make_messages(i, args.prompt_chars))}
-        for i in range(args.requests)
+        for i in range(first, first + requests)
     ]
     ds = ray.data.from_items(rows).materialize()
     ledger = Ledger.remote(None, None)
     started = time.monotonic()
     out = oracle_map(
         ds, role="answer", endpoint=endpoint, base_url=server.base_url, run_dir=tmp, round_=1, params=params,
-        ledger=ledger, actors=args.actors, cpus_per_actor=0.25, batch_size=args.batch_size,
+        ledger=ledger, actors=actors, cpus_per_actor=0.25, batch_size=args.batch_size,
     ).count()  # fmt: skip
     wall = time.monotonic() - started
     dead = len(read_dead_letters(tmp))
-    return phase_result("ours", server.stats(), wall, args.requests, dead, args) | {"rows_out": out}
+    return phase_result(name, server.stats(), wall, requests, dead, args) | {
+        "rows_out": out, "actors": actors, "latency_ms": server.args[server.args.index("--latency-ms") + 1],
+    }  # fmt: skip
+
+
+def run_heavy_tail(server_args, args, params) -> dict:
+    """Its own server (answers take 1–30 s), so the uniform server's window is not shared."""
+    import tempfile
+
+    # Same request size, the paper-scale config's limit (both budgets bind together again).
+    args = argparse.Namespace(**{**vars(args), "rpm": args.heavy_tail_rpm,
+                                 "tpm": int(args.tpm * args.heavy_tail_rpm / args.rpm)})  # fmt: skip
+    heavy = list(server_args)
+    for flag, value in (
+        ("--latency-ms", args.heavy_tail_latency_ms),
+        ("--rpm", args.rpm),
+        ("--tpm", args.tpm),
+    ):
+        heavy[heavy.index(flag) + 1] = str(value)
+    with LocalOracle(*heavy) as server, tempfile.TemporaryDirectory() as tmp:
+        out = run_ours(server, args, params, tmp, name="heavy_tail", requests=args.heavy_tail_requests,
+                       actors=args.heavy_tail_actors, first=3 * 10**7)  # fmt: skip
+    return out | {"rpm": args.rpm, "tpm": args.tpm}
 
 
 def run_sequential(server, args, params) -> dict:
@@ -154,7 +183,11 @@ def main() -> None:
     parser.add_argument("--actors", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--sequential-requests", type=int, default=200)
-    parser.add_argument("--phases", default="ours,sequential,ray_http")
+    parser.add_argument("--phases", default="ours,heavy_tail,sequential,ray_http")
+    parser.add_argument("--heavy-tail-latency-ms", default="1000-30000")
+    parser.add_argument("--heavy-tail-requests", type=int, default=12_000)
+    parser.add_argument("--heavy-tail-actors", type=int, default=8)
+    parser.add_argument("--heavy-tail-rpm", type=int, default=5000)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     # Size requests so both budgets bind together: prompt estimate + max_tokens ≈ tpm / rpm.
@@ -188,6 +221,7 @@ def main() -> None:
             print(f"[{name}] running ...", file=sys.stderr, flush=True)
             result = {
                 "ours": lambda: run_ours(server, args, params, tmp),
+                "heavy_tail": lambda: run_heavy_tail(server_args, args, params),
                 "sequential": lambda: run_sequential(server, args, params),
                 "ray_http": lambda: run_ray_http(server, args, params),
             }[name]()
@@ -211,6 +245,7 @@ def main() -> None:
             k: ours.get(k)
             for k in ("utilization_rpm", "utilization_tpm", "rate_429", "requests", "wall_s")
         },
+        "heavy_tail": results.get("heavy_tail"),
         "phases": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -515,7 +515,7 @@ class CitingRun(TapirRun):
             },
         )
         self.step("types/induce", 0, lambda: self.ask("question types", self.path("types", "induce_in"), self.path("types", "induced"),
-                  role="types", endpoint="teacher", params=fixed, parse=_types_parser(c.max_types), round_=0))  # fmt: skip
+                  role="types", endpoint="teacher", params=fixed, parse=_types_parser(c.max_types), round_=0, max_dead_share=1.0))  # fmt: skip
         fallback = [
             name
             for name, ratio in sorted(self.tapir.taxonomy.items(), key=lambda kv: -kv[1])
@@ -531,7 +531,7 @@ class CitingRun(TapirRun):
                 "question types: the teacher induced none; the task taxonomy's categories stand in"
             )
         self.step("types/merge", 0, lambda: self.ask("merge types", self.path("types", "merge_in"), self.path("types", "merged"),
-                  role="types", endpoint="teacher", params=fixed, parse=_types_parser(c.max_types), round_=0))  # fmt: skip
+                  role="types", endpoint="teacher", params=fixed, parse=_types_parser(c.max_types), round_=0, max_dead_share=1.0))  # fmt: skip
         self.step(
             "types/assign_in",
             0,
@@ -539,7 +539,7 @@ class CitingRun(TapirRun):
         )
         names = [t["name"] for t in _task(merged_types, self.run_dir)]
         self.step("types/assign", 0, lambda: self.ask("type per question", self.path("types", "assign_in"), self.path("types", "assigned"),
-                  role="classify", endpoint="teacher", params={"max_tokens": 24, "temperature": 0.0}, parse=_type_parser(names), round_=0))  # fmt: skip
+                  role="classify", endpoint="teacher", params={"max_tokens": 24, "temperature": 0.0}, parse=_type_parser(names), round_=0, max_dead_share=1.0))  # fmt: skip
         self.step("embeddings", 0, self.embeddings)
         typed = self.step("types/by_description", 0, lambda: _task(
             write_types_by_description, self.run_dir, ids, self.embedding_model, c.type_fallback))  # fmt: skip
@@ -560,7 +560,7 @@ class CitingRun(TapirRun):
             },
         )
         self.step("types/rubric", 0, lambda: self.ask("rubrics", self.path("types", "rubric_in"), self.path("types", "rubrics"),
-                  role="rubric", endpoint="teacher", params=fixed, parse=P.parse_criteria, round_=0))  # fmt: skip
+                  role="rubric", endpoint="teacher", params=fixed, parse=P.parse_criteria, round_=0, max_dead_share=1.0))  # fmt: skip
         book = self.step(
             "rubrics",
             0,

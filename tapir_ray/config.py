@@ -45,6 +45,31 @@ def looks_secret(value: Any) -> bool:
     return isinstance(value, str) and bool(SECRET_SHAPES.search(value))
 
 
+def redact(text: str, *secrets: str | None) -> str:
+    """`text` with every credential-shaped run and each given secret value replaced."""
+    for secret in secrets:
+        if secret and len(secret) >= 4 and secret != "EMPTY":
+            text = text.replace(secret, "[redacted]")
+    text = SECRET_SHAPES.sub("[redacted]", text)
+    return KEY_FIELDS.sub(lambda m: m.group(1) + "[redacted]", text)
+
+
+KEY_FIELDS = re.compile(r"((?:api[_-]?key|authorization|x-api-key)[\"'\s:=]+)[^\s\"',}]+", re.I)
+
+
+def is_loopback(url: str) -> bool:
+    import ipaddress
+    from urllib.parse import urlparse
+
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class _Strict(BaseModel):
     """Unknown keys are errors (a typo must not silently fall back to a default)."""
 
@@ -158,7 +183,24 @@ class EndpointConfig(_Strict):
     tpm: PositiveInt = 200_000
     max_concurrency: PositiveInt = 32
     timeout_s: Annotated[float, Field(gt=0)] = 120.0
-    max_retries: Annotated[int, Field(ge=0, le=20)] = 6
+    max_retries: Annotated[int, Field(ge=0)] | None = Field(
+        None,
+        description="Retries of a retryable failure (429, 408, 409, 5xx, timeouts, dropped "
+        "connections) before the row is dead-lettered. None = retry until retry_deadline_s.",
+    )
+    retry_deadline_s: Annotated[float, Field(gt=0)] = Field(
+        600.0,
+        description="How long one request keeps retrying (from its first attempt): long enough to "
+        "ride out an outage of several minutes.",
+    )
+    max_retry_after_s: Annotated[float, Field(gt=0)] = Field(
+        120.0, description="A Retry-After longer than this is capped (and logged)."
+    )
+    allow_key_over_http: bool = Field(
+        False,
+        description="Send the key over plain http to a host that is not this machine. Off: such an "
+        "endpoint must use https or name no api_key_env.",
+    )
     continue_final_message: bool = Field(
         False,
         description="The endpoint continues a final assistant turn (vLLM, tapir-ray's server): judge and "
@@ -191,6 +233,21 @@ class EndpointConfig(_Strict):
             raise ValueError("an http(s) URL such as http://127.0.0.1:8000/v1")
         return v.rstrip("/")
 
+    @model_validator(mode="after")
+    def _key_not_in_clear(self) -> EndpointConfig:
+        if (
+            self.api_key_env
+            and self.base_url
+            and self.base_url.startswith("http://")
+            and not is_loopback(self.base_url)
+            and not self.allow_key_over_http
+        ):
+            raise ValueError(
+                "plain http to a host other than this machine would send the key in clear: use "
+                "https, set api_key_env: null, or set allow_key_over_http: true"
+            )
+        return self
+
     def api_key(self) -> str:
         """The key from the environment; local servers accept any non-empty key."""
         if self.api_key_env and os.environ.get(self.api_key_env):
@@ -212,6 +269,12 @@ class OracleConfig(_Strict):
     max_usd: Annotated[float, Field(gt=0)] | None = Field(
         None,
         description="Stop sending requests once this much is spent; the run pauses, resumable.",
+    )
+    max_dead_letter_share: Fraction = Field(
+        0.05,
+        description="An oracle stage whose dead-lettered share is above this fails (one line naming "
+        "the stage, the count and the commonest reason) instead of carrying holes on; --resume "
+        "asks the dead-lettered rows again.",
     )
     actors: PositiveInt = 4
     cpus_per_actor: Annotated[float, Field(gt=0)] = 0.25

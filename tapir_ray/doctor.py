@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import platform
 
 from tapir_ray import assets
@@ -124,6 +125,36 @@ def check_endpoint(cfg: Config, role: str) -> tuple[str, str]:
     ), f"{ep.base_url} answers; {have} model {ep.model!r}; {key}"
 
 
+def check_keys_on_nodes(cfg: Config) -> list[tuple[str, str, str]]:
+    """Whether every node's Ray workers see each key variable the config names: oracle actors run
+    on worker nodes, and a key set on the head alone leaves theirs empty. Only presence is read."""
+    import ray
+
+    names = sorted({ep.api_key_env for ep in (cfg.oracle.teacher, cfg.oracle.judge)
+                    if ep is not None and ep.base_url and ep.api_key_env})  # fmt: skip
+    if not names or not ray.is_initialized():
+        return []
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def present(keys: list[str]) -> dict[str, bool]:
+        return {k: bool(os.environ.get(k)) for k in keys}
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    seen = ray.get([
+        present.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(names)
+        for n in nodes
+    ], timeout=60)  # fmt: skip
+    rows = []
+    for name in names:
+        missing = [
+            n["NodeManagerAddress"] for n, got in zip(nodes, seen, strict=True) if not got[name]
+        ]
+        rows.append((f"${name} on nodes", FAIL if missing else OK,
+                     f"missing on {', '.join(missing)}" if missing else f"set on all {len(nodes)} nodes"))  # fmt: skip
+    return rows
+
+
 def run_doctor(cfg: Config, *, check_endpoints: bool = True) -> int:
     rows: list[tuple[str, str, str]] = []
     try:
@@ -136,6 +167,10 @@ def run_doctor(cfg: Config, *, check_endpoints: bool = True) -> int:
     if check_endpoints:
         for role in ("teacher", "judge"):
             rows.append((f"oracle {role}", *check_endpoint(cfg, role)))
+        try:
+            rows += check_keys_on_nodes(cfg)
+        except Exception as exc:
+            rows.append(("keys on nodes", FAIL, f"{type(exc).__name__}: {exc}"))
     width = max(len(r[0]) for r in rows)
     for name, status, detail in rows:
         print(f"{name:<{width}}  {status:<4}  {detail}")

@@ -48,6 +48,7 @@ from tapir_ray.curriculum.plan import (
     round_sizes,
     select_round,
 )
+from tapir_ray.lease import LeaseHeld, RunLease
 from tapir_ray.oracle import prompts as P
 from tapir_ray.progress import Progress
 
@@ -101,7 +102,8 @@ def oracle_endpoints(cfg: Config, run_dir: str, log: Callable[[str], None]) -> I
             if ep.base_url is None:
                 # Our server continues a prefilled assistant turn; its port changes between runs,
                 # so the cache keys on a stable name instead of the URL.
-                ep = ep.model_copy(update={"continue_final_message": True})
+                # It takes no key: none is sent to it.
+                ep = ep.model_copy(update={"continue_final_message": True, "api_key_env": None})
                 identity = f"local://{cfg.oracle.local_backend}/{cfg.oracle.local_model}"
                 out[role] = (ep, server.base_url, identity)
             else:
@@ -518,7 +520,9 @@ class TapirRun:
             attach=attach,
         )  # fmt: skip
         self.ledger = Ledger.remote(
-            storage.join(run_dir, "metrics", "oracle-ledger.json"), cfg.oracle.max_usd
+            storage.join(run_dir, "metrics", "oracle-ledger.json"),
+            cfg.oracle.max_usd,
+            cache_root=storage.join(run_dir, "oracle-cache"),
         )
         self.labels = list(self.tapir.taxonomy)
         self.limiters: dict[str, Any] = {}
@@ -546,6 +550,7 @@ class TapirRun:
         """Run a stage once: skipped when state.json says it is done (its info is returned)."""
         if ray.get(self.actor.stage_done.remote(name)):
             return ray.get(self.actor.get.remote())["stages"][name]
+        self.stage_name = name
         self.actor.begin_stage.remote(name, round_, total)
         started = time.perf_counter()
         info = fn() or {}
@@ -556,10 +561,18 @@ class TapirRun:
         return info
 
     def ask(self, label: str, in_dir: str, out_dir: str, *, role: str, endpoint: str, params: dict,
-            parse: Callable | None, round_: int) -> dict[str, Any]:  # fmt: skip
-        """Send every row of `in_dir` to the oracle as `role`; answers to `out_dir` (Parquet)."""
+            parse: Callable | None, round_: int, max_dead_share: float | None = None) -> dict[str, Any]:  # fmt: skip
+        """Send every row of `in_dir` to the oracle as `role`; answers to `out_dir` (Parquet).
+        More dead letters than `max_dead_share` (default oracle.max_dead_letter_share) of the rows
+        fail the stage in one line; a rerun (--resume) asks them again, the rest from the cache.
+        Stages with a designed fallback for missing replies pass 1.0."""
         from tapir_ray.oracle.limiter import limiter_for
-        from tapir_ray.oracle.stage import oracle_map
+        from tapir_ray.oracle.stage import (
+            TooManyDeadLetters,
+            check_dead_share,
+            clear_dead_letters,
+            oracle_map,
+        )
 
         ep, url, identity = self.endpoints[endpoint]
         key = f"{identity}|{ep.model}"
@@ -567,11 +580,13 @@ class TapirRun:
             self.limiters[key] = limiter_for(key, ep.rpm, ep.tpm)
         total = storage.parquet_rows(in_dir)
         storage.remove(out_dir)
+        stage = f"{getattr(self, 'stage_name', label)}/{out_dir.rstrip('/').rsplit('/', 1)[-1]}"
+        clear_dead_letters(self.run_dir, stage)
         if total == 0:
             return {"rows_in": 0, "rows_out": 0, "dead_lettered": 0}
         before = ray.get(self.ledger.done.remote(round_, role))
         ds = oracle_map(
-            ray.data.read_parquet(in_dir), role=role, endpoint=ep, base_url=url, identity=identity,
+            ray.data.read_parquet(in_dir), role=role, endpoint=ep, base_url=url, identity=identity, stage=stage,
             run_dir=self.run_dir, round_=round_, params=params, ledger=self.ledger, parse=parse,
             limiter=self.limiters[key], actors=self.cfg.oracle.actors, cpus_per_actor=self.cfg.oracle.cpus_per_actor,
             batch_size=max(8, min(64, math.ceil(total / self.cfg.oracle.actors))),
@@ -582,6 +597,11 @@ class TapirRun:
             ds.write_parquet(out_dir)
         seconds = time.perf_counter() - started
         rows_out = storage.parquet_rows(out_dir)
+        share = self.cfg.oracle.max_dead_letter_share if max_dead_share is None else max_dead_share
+        try:
+            check_dead_share(self.run_dir, stage, total, rows_out, share)
+        except TooManyDeadLetters as exc:
+            raise RunError(str(exc)) from None
         storage.mark_success(out_dir, {"rows": rows_out})
         return {"rows_in": total, "rows_out": rows_out, "dead_lettered": total - rows_out,
                 "requests_per_s": round(total / seconds, 2) if seconds else None}  # fmt: skip
@@ -911,12 +931,12 @@ class TapirRun:
         _task(write_expansion_requests, self.run_dir, r, attempt, missing)
         asked = self.ask(f"{rd} · expansion {attempt + 1}", storage.join(folder, "requests"), storage.join(folder, "answers"),
                          role="expand", endpoint="teacher", params={"max_tokens": 256, "temperature": 0.0},
-                         parse=P.parse_instruction, round_=r)  # fmt: skip
+                         parse=P.parse_instruction, round_=r, max_dead_share=1.0)  # fmt: skip
         prefill = self.prefill("teacher")
         _task(write_expansion_labels_in, self.run_dir, r, attempt, self.labels, prefill)
         self.ask(f"{rd} · expansion labels", storage.join(folder, "label_requests"), storage.join(folder, "labels"),
                  role="classify", endpoint="teacher", params={"max_tokens": 16, "temperature": 0.0},
-                 parse=_label_parser(self.labels), round_=r)  # fmt: skip
+                 parse=_label_parser(self.labels), round_=r, max_dead_share=1.0)  # fmt: skip
         got = _task(accept_expansions, self.run_dir, r, attempt, self.tapir.near_duplicate_threshold,
                     self.tapir.classifier.embedding_model, list(self.cfg.pool.decontaminate_against))  # fmt: skip
         return {**got, "oracle": asked}
@@ -1041,11 +1061,16 @@ def run(cfg: Config, *, resume: bool | str = False, log: Callable[[str], None] =
                     f"oracle.{role}.api_key_env: ${ep.api_key_env} is not set in this environment (on a cluster, set it on the head node, e.g. from a Kubernetes Secret)"
                 )
     storage.makedirs(run_dir)
+    try:
+        lease = RunLease(run_dir).acquire()  # one driver per run, before anything is written
+    except LeaseHeld as exc:
+        raise RunError(str(exc)) from None
     storage.write_text_atomic(storage.join(run_dir, "config.yaml"), cfg.to_yaml())
     ensure_ray(cfg.resources)
     ray.data.DataContext.get_current().enable_progress_bars = False
     started = time.perf_counter()
     with (
+        lease,
         oracle_endpoints(cfg, run_dir, log) as endpoints,
         runner_class(cfg)(cfg, run_dir, endpoints, log) as runner,
     ):

@@ -40,7 +40,7 @@ def small_demo(base_url: str | None = None) -> dict:
     )
     raw["oracle"] = {
         "local": False,
-        "teacher": {"base_url": base_url or "http://10.0.0.1:8000/v1", "model": "local",
+        "teacher": {"base_url": base_url or "https://10.0.0.1:8000/v1", "model": "local",
                     "api_key_env": KEY_ENV, "continue_final_message": True, "max_concurrency": 4,
                     "rpm": 100_000, "tpm": 10**8},
         "actors": 1, "teacher_max_tokens": 48,

@@ -7,6 +7,7 @@ is written atomically, so a reader sees a whole response or none. A hit makes no
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from typing import Any
@@ -55,3 +56,14 @@ class ResponseCache:
 
     def put(self, key: str, value: dict[str, Any]) -> None:
         storage.write_text_atomic(self._path(key), json.dumps(value, ensure_ascii=False))
+
+    def total_usd(self) -> float:
+        """What every cached reply cost: the spend a ledger can be rebuilt from."""
+        fs, path = storage.fs_and_path(self.root)
+        if not fs.exists(path):
+            return 0.0
+        total = 0.0
+        for f in fs.glob(f"{path}/*/*.json"):
+            with contextlib.suppress(OSError, ValueError), fs.open(f, "r") as fh:
+                total += float(json.load(fh).get("usd") or 0.0)
+        return total

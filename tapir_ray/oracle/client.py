@@ -1,17 +1,23 @@
 """One oracle call, done properly: cache, shared rate limit, retries, parse-and-repair, ledger.
 
-    cache hit? → answer, no request, no cost
+Every reply ends as an Answer or a DeadLetter, never an exception out of the stage, a hang or a
+made-up value:
+
+    cache hit? → the cached reply (an answer, or a refusal that was paid for): no request, no cost
     reserve from the endpoint's limiter → send (openai async client, many in flight)
-      429            → pause the whole endpoint for Retry-After, retry
-      5xx, timeout,
-      dropped conn.,
-      broken body    → exponential backoff with jitter, retry up to max_retries
-      400/401/403/404,
-      content policy → no retry
-    parse the reply → on failure one repair request, then the dead-letter
+      429                   → pause the whole endpoint for Retry-After (capped), retry
+      408, 409, 5xx,
+      timeout, dropped conn. → capped exponential backoff with jitter (Retry-After honoured, capped)
+      a broken 200 body     → the same, a few times (then a dead letter "malformed")
+      ... until the request's deadline (endpoint.retry_deadline_s) or endpoint.max_retries
+      any other 4xx         → dead letter at once (400, 401, 402, 403, 404, 413, 422, policy)
+    a 200 reply: usage missing → estimated from the text; finish_reason content_filter → a refusal
+    (billed: cached and costed, then a dead letter, so no resume pays for it again)
+    parse the reply → on a ParseError one repair request, then the dead letter
     usage → reconcile the limiter's token estimate; cost → ledger
 
-Whatever finally fails becomes a DeadLetter (row id, role, status, reason): never a default value.
+A reply that was received is in the cache (with its usage and cost) before its row leaves here.
+Reasons never carry a credential: they are redacted of the key and of anything shaped like one.
 """
 
 from __future__ import annotations
@@ -19,33 +25,26 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import openai
 
-from tapir_ray.config import EndpointConfig
+from tapir_ray.config import EndpointConfig, redact
 from tapir_ray.oracle.cache import ResponseCache, cache_key
-from tapir_ray.oracle.ledger import empty_entry
+from tapir_ray.oracle.ledger import BudgetExceeded, empty_entry
 from tapir_ray.oracle.prompts import ParseError
 from tapir_ray.oracle.server import estimate_tokens
 
-NO_RETRY = (
-    openai.BadRequestError,
-    openai.AuthenticationError,
-    openai.PermissionDeniedError,
-    openai.NotFoundError,
-)
-RETRY = (
-    openai.InternalServerError,
-    openai.APITimeoutError,
-    openai.APIConnectionError,
-    openai.APIResponseValidationError,
-)
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = {408, 409, 429}  # and every 5xx
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 30.0
+MALFORMED_ATTEMPTS = 3  # a 200 whose body is not a completion: asked again this many times at most
 
 
 @dataclass
@@ -76,10 +75,21 @@ class Delta:
         self.counts[key] += n
 
 
+@dataclass
+class Reply:
+    """What a 200 carried: the text, usage (estimated where the body had none), logprobs."""
+
+    text: str
+    usage: dict[str, int]
+    logprobs: list[dict[str, float]] | None
+    finish_reason: str | None
+    response_id: str | None
+
+
 def _retry_after(exc: openai.APIStatusError) -> float | None:
     value = exc.response.headers.get("retry-after") if exc.response is not None else None
     try:
-        return float(value) if value is not None else None
+        return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None
 
@@ -87,6 +97,33 @@ def _retry_after(exc: openai.APIStatusError) -> float | None:
 def _is_refusal(exc: openai.APIStatusError) -> bool:
     text = json.dumps(exc.body) if exc.body is not None else str(exc)
     return "content_policy" in text or "content_filter" in text
+
+
+def _reply(resp: Any, prompt_estimate: int) -> Reply:
+    """Read a completion, tolerating what providers leave out; a body with no message is malformed."""
+    choices = getattr(resp, "choices", None)
+    if not choices:
+        raise _Malformed("a 200 reply with no choices")
+    choice = choices[0]
+    message = getattr(choice, "message", None)
+    if message is None:
+        raise _Malformed("a 200 reply whose choice has no message")
+    text = message.content or ""
+    usage = getattr(resp, "usage", None)
+    prompt_tokens = getattr(usage, "prompt_tokens", None)
+    completion_tokens = getattr(usage, "completion_tokens", None)
+    usage_dict = {
+        # Missing usage is estimated (≈4 characters a token) so the cost is never counted as zero.
+        "prompt_tokens": int(prompt_tokens) if prompt_tokens is not None else prompt_estimate,
+        "completion_tokens": int(completion_tokens)
+        if completion_tokens is not None
+        else estimate_tokens(text),
+    }
+    logprobs = None
+    content = getattr(getattr(choice, "logprobs", None), "content", None)
+    if content:
+        logprobs = [{a.token: a.logprob for a in (t.top_logprobs or [])} for t in content]
+    return Reply(text, usage_dict, logprobs, choice.finish_reason, getattr(resp, "id", None))
 
 
 class OracleClient:
@@ -107,13 +144,18 @@ class OracleClient:
         self.identity = identity or base_url
         self.limiter = limiter
         self.cache = cache
+        self.key = endpoint.api_key()
         self.client = openai.AsyncOpenAI(
-            base_url=base_url, api_key=endpoint.api_key(), timeout=endpoint.timeout_s, max_retries=0
+            base_url=base_url, api_key=self.key, timeout=endpoint.timeout_s, max_retries=0
         )
         self.sem = asyncio.Semaphore(endpoint.max_concurrency)
         self.rng = random.Random(seed)
         self.delta = Delta()
         self._inflight: dict[str, asyncio.Future] = {}
+        self._warned_retry_after = False
+        # Called after each paid reply is counted (a stage with a budget reports it at once, so
+        # the budget stops sending within the requests already in flight).
+        self.on_paid: Callable[[], Awaitable[None]] | None = None
 
     def _cost(self, usage: dict[str, int]) -> float:
         ep = self.endpoint
@@ -122,90 +164,95 @@ class OracleClient:
             + usage.get("completion_tokens", 0) * ep.price_output_per_m
         ) / 1e6
 
+    def _redact(self, text: str) -> str:
+        return redact(text, self.key)[:300]
+
+    def _capped(self, retry_after: float) -> float:
+        cap = self.endpoint.max_retry_after_s
+        if retry_after > cap and not self._warned_retry_after:
+            self._warned_retry_after = True
+            log.warning(
+                "%s asked to wait %.0f s (Retry-After); waiting %.0f s (max_retry_after_s)",
+                self.base_url, retry_after, cap,
+            )  # fmt: skip
+        return min(retry_after, cap)
+
     async def _send(
-        self, messages: list[dict], params: dict[str, Any]
-    ) -> tuple[str, dict, list | None, str, str]:
-        """One request with retries; returns (text, usage, logprobs, finish_reason, response id)."""
+        self, messages: list[dict], params: dict[str, Any], allowed: Callable[[], bool]
+    ) -> Reply:
+        """One request with retries until its deadline; a final failure raises _Final."""
         prompt_estimate = sum(estimate_tokens(str(m.get("content", ""))) + 4 for m in messages)
         estimate = prompt_estimate + int(params.get("max_tokens") or 256)
-        attempt = 0
+        ep = self.endpoint
+        deadline = time.monotonic() + ep.retry_deadline_s
+        attempt = malformed = 0
         while True:
             wait = await self.limiter.reserve.remote(estimate)
             if wait > 0:
                 await asyncio.sleep(wait)
             self.delta.add("requests")
             started = time.monotonic()
+            retry_after = None
             try:
                 async with self.sem:
+                    # Checked again at the last moment: the budget stops everything not yet sent.
+                    if not allowed():
+                        raise BudgetExceeded("oracle.max_usd reached")
                     resp = await self.client.chat.completions.create(
-                        model=self.endpoint.model, messages=messages, **params
+                        model=ep.model, messages=messages, **params
                     )
-                choice = resp.choices[0]
-                usage = (
-                    {
-                        "prompt_tokens": resp.usage.prompt_tokens,
-                        "completion_tokens": resp.usage.completion_tokens,
-                    }
-                    if resp.usage
-                    else {"prompt_tokens": prompt_estimate, "completion_tokens": 0}
-                )
+                reply = _reply(resp, prompt_estimate)
                 # Endpoints charge prompt + max_tokens against TPM at admission: only the prompt
                 # estimate is corrected by what the server reports.
-                self.limiter.reconcile.remote(prompt_estimate, usage["prompt_tokens"])
+                self.limiter.reconcile.remote(prompt_estimate, reply.usage["prompt_tokens"])
                 self.delta.counts["latencies"].append(time.monotonic() - started)
-                if choice.finish_reason == "content_filter":
-                    raise _Final(
-                        "content_filter", "the endpoint refused the request (content policy)"
-                    )
-                logprobs = None
-                if choice.logprobs is not None and choice.logprobs.content:
-                    logprobs = [
-                        {a.token: a.logprob for a in t.top_logprobs}
-                        for t in choice.logprobs.content
-                    ]
                 self.limiter.succeeded.remote()
-                return choice.message.content or "", usage, logprobs, choice.finish_reason, resp.id
-            except openai.RateLimitError as exc:
-                status, delay = "429", _retry_after(exc) or self._backoff(attempt)
-                reason = "rate limited (429)"
-                self.delta.add("rate_limited")
-                self.limiter.rate_limited.remote(delay)
-            except NO_RETRY as exc:
-                kind = "content_policy" if _is_refusal(exc) else str(exc.status_code)
-                raise _Final(kind, _message(exc)) from None
-            except RETRY as exc:
-                status = str(getattr(exc, "status_code", None) or type(exc).__name__)
-                reason, delay = (
-                    _message(exc) if isinstance(exc, openai.APIStatusError) else type(exc).__name__,
-                    self._backoff(attempt),
-                )
-            except (
-                json.JSONDecodeError,
-                ValueError,
-                TypeError,
-                AttributeError,
-            ) as exc:  # a body that is not a completion
-                status, delay = "malformed", self._backoff(attempt)
-                reason = f"malformed response ({type(exc).__name__})"
-            if attempt >= self.endpoint.max_retries:
+                return reply
+            except openai.APIStatusError as exc:
+                code = exc.status_code
+                if code not in RETRY_STATUSES and code < 500:
+                    kind = "content_policy" if _is_refusal(exc) else str(code)
+                    raise _Final(kind, self._redact(_message(exc))) from None
+                status, reason = str(code), f"{self._redact(_message(exc))} ({code})"
+                retry_after = _retry_after(exc)
+                if code == 429:
+                    self.delta.add("rate_limited")
+                    retry_after = self._capped(retry_after or self._backoff(attempt))
+                    self.limiter.rate_limited.remote(retry_after)
+                elif retry_after is not None:
+                    retry_after = self._capped(retry_after)
+            except (openai.APITimeoutError, openai.APIConnectionError) as exc:
+                status, reason = type(exc).__name__, type(exc).__name__
+            except (_Malformed, openai.APIResponseValidationError, json.JSONDecodeError,
+                    ValueError, TypeError, AttributeError) as exc:  # fmt: skip
+                malformed += 1
+                status = "malformed"
+                reason = f"malformed response ({exc if isinstance(exc, _Malformed) else type(exc).__name__})"
+                if malformed >= MALFORMED_ATTEMPTS:
+                    raise _Final(
+                        status, f"{reason}; gave up after {attempt + 1} attempts"
+                    ) from None
+            delay = retry_after if retry_after is not None else self._backoff(attempt)
+            out_of_retries = ep.max_retries is not None and attempt >= ep.max_retries
+            if out_of_retries or time.monotonic() + delay > deadline:
                 raise _Final(status, f"{reason}; gave up after {attempt + 1} attempts")
             attempt += 1
             self.delta.add("retries")
             await asyncio.sleep(delay)
 
     async def _send_once(
-        self, key: str, convo: list[dict], params: dict[str, Any]
-    ) -> tuple[tuple, bool]:
+        self, key: str, convo: list[dict], params: dict[str, Any], allowed: Callable[[], bool]
+    ) -> tuple[Reply, bool]:
         """Identical requests in flight at the same time are sent once and share the answer (a
         batch can repeat a prompt: a self-revision that changed nothing is judged like its draft).
-        Returns (the _send result, whether it was shared)."""
+        Returns (the reply, whether it was shared)."""
         pending = self._inflight.get(key)
         if pending is not None:
             return await asyncio.shield(pending), True
         future = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            result = await self._send(convo, params)
+            result = await self._send(convo, params, allowed)
         except asyncio.CancelledError:
             future.cancel()
             raise
@@ -220,6 +267,38 @@ class OracleClient:
 
     def _backoff(self, attempt: int) -> float:
         return min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt) * self.rng.uniform(0.5, 1.0)
+
+    async def _cached(self, key: str) -> dict | None:
+        if self.cache is None:
+            return None
+        return await asyncio.to_thread(self.cache.get, key)
+
+    async def _fetch(
+        self, key: str, convo: list[dict], params: dict[str, Any], allowed: Callable[[], bool]
+    ) -> tuple[dict, bool]:
+        """The reply to `convo` as a cache entry (text, usage, logprobs, usd, refusal), and
+        whether no request was paid for it here. A new reply is in the cache before it returns."""
+        hit = await self._cached(key)
+        if hit is not None:
+            self.delta.add("cache_hits")
+            return hit, True
+        if not allowed():
+            raise BudgetExceeded("oracle.max_usd reached")
+        reply, shared = await self._send_once(key, convo, params, allowed)
+        entry = {"text": reply.text, "usage": reply.usage, "logprobs": reply.logprobs,
+                 "response_id": reply.response_id, "usd": self._cost(reply.usage),
+                 "refusal": reply.finish_reason == "content_filter"}  # fmt: skip
+        if shared:  # an identical request in flight answered it: paid for once, by that one
+            self.delta.add("cache_hits")
+            return entry, True
+        self.delta.add("prompt_tokens", reply.usage["prompt_tokens"])
+        self.delta.add("completion_tokens", reply.usage["completion_tokens"])
+        self.delta.add("usd", entry["usd"])
+        if self.cache is not None:
+            await asyncio.to_thread(self.cache.put, key, entry)
+        if self.on_paid is not None:
+            await self.on_paid()
+        return entry, False
 
     async def call(
         self,
@@ -241,32 +320,16 @@ class OracleClient:
         )
         for repair in (False, True):
             key = cache_key(self.identity, self.endpoint.model, convo, params)
-            hit = self.cache.get(key) if self.cache else None
-            if hit is not None:
-                self.delta.add("cache_hits")
-                text, usage, logprobs, cached = hit["text"], hit["usage"], hit.get("logprobs"), True
-            else:
-                if not allowed():
-                    from tapir_ray.oracle.ledger import BudgetExceeded
-
-                    raise BudgetExceeded("oracle.max_usd reached")
-                try:
-                    (text, usage, logprobs, _, response_id), shared = await self._send_once(
-                        key, convo, params
-                    )
-                except _Final as final:
-                    self.delta.add("dead_lettered")
-                    return DeadLetter(row_id, role, final.status, final.reason, 0)
-                cached = shared
-                if shared:  # an identical request in flight answered it: paid for once
-                    self.delta.add("cache_hits")
-                else:
-                    self.delta.add("prompt_tokens", usage.get("prompt_tokens", 0))
-                    self.delta.add("completion_tokens", usage.get("completion_tokens", 0))
-                    self.delta.add("usd", self._cost(usage))
-                    if self.cache:
-                        self.cache.put(key, {"text": text, "usage": usage, "logprobs": logprobs, "response_id": response_id})  # fmt: skip
-            text = prefill + text
+            try:
+                entry, cached = await self._fetch(key, convo, params, allowed)
+            except _Final as final:
+                self.delta.add("dead_lettered")
+                return DeadLetter(row_id, role, final.status, final.reason, 0)
+            if entry.get("refusal"):
+                self.delta.add("dead_lettered")
+                return DeadLetter(row_id, role, "content_filter",
+                                  "the endpoint refused the request (content policy); the refusal is cached", 1)  # fmt: skip
+            text, logprobs = prefill + entry["text"], entry.get("logprobs")
             try:
                 parsed = (
                     parse(text) if logprobs is None else _parse_with_logprobs(parse, text, logprobs)
@@ -283,7 +346,9 @@ class OracleClient:
                          *([{"role": "assistant", "content": prefill}] if prefill else [])]  # fmt: skip
                 continue
             self.delta.add("succeeded")
-            return Answer(text=text, parsed=parsed, usage=usage, cached=cached, logprobs=logprobs)
+            return Answer(
+                text=text, parsed=parsed, usage=entry["usage"], cached=cached, logprobs=logprobs
+            )
         raise AssertionError("unreachable")
 
 
@@ -300,10 +365,14 @@ class _Final(Exception):
         self.status, self.reason = status, reason
 
 
+class _Malformed(Exception):
+    """A 200 whose body is not a usable completion."""
+
+
 def _message(exc: openai.APIStatusError) -> str:
     body = exc.body
     if isinstance(body, dict):
         err = body.get("error", body)
         if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])[:300]
-    return str(exc)[:300]
+            return str(err["message"])
+    return str(exc)

@@ -123,10 +123,9 @@ def logprob_score(top_logprobs: list[dict[str, float]], low: int = 1, high: int 
             text = token.strip()
             if text.isdigit() and low <= int(text) <= high:
                 scores[int(text)] = scores.get(int(text), 0.0) + math.exp(logprob)
-        if scores and sum(scores.values()) >= 0.5 * sum(
-            math.exp(lp) for lp in alternatives.values()
-        ):
-            total = sum(scores.values())
+        total = sum(scores.values())
+        # exp(−9999), OpenAI's filler for "not in the top list", is 0: such a position has no mass.
+        if total > 0 and total >= 0.5 * sum(math.exp(lp) for lp in alternatives.values()):
             return sum(k * p for k, p in scores.items()) / total
     raise ParseError("no token position carries a probability distribution over scores")
 
@@ -140,9 +139,11 @@ def score_at(alternatives: dict[str, float], low: int = 1, high: int = 10) -> fl
         text = token.strip()
         if text.isdigit() and low <= int(text) <= high:
             scores[int(text)] = scores.get(int(text), 0.0) + math.exp(logprob)
-    if not scores:
-        raise ParseError("no score token among the top alternatives at the rating position")
     total = sum(scores.values())
+    if total <= 0:  # none, or only OpenAI's −9999 fillers (probability 0)
+        raise ParseError(
+            "no score token with probability among the top alternatives at the rating position"
+        )
     return sum(k * p for k, p in scores.items()) / total
 
 

@@ -223,6 +223,22 @@ class Faults:
         return None
 
 
+# Per-request faults, asked for by an explicit marker in a message's text, `[fault:NAME]` or
+# `[fault:NAME=VALUE]`, so a test can make every reply class providers send:
+#   status=CODE       that HTTP status (401 echoes the bearer value the request carried)
+#   fail_times=N      503 for the request's first N attempts, then an answer
+#   retry_after=S     429 with Retry-After: S on the first attempt, then an answer
+#   empty_choices     200 with "choices": []          no_message   200 whose choice has no message
+#   null_usage        200 with "usage": null          refusal      200, finish_reason content_filter
+#   filler_logprobs   200 whose rating position's top log-probabilities are all −9999
+FAULT_MARK = re.compile(r"\[fault:([a-z_]+)(?:=([0-9.]+))?\]")
+
+
+def request_faults(messages: list[dict[str, Any]]) -> dict[str, str]:
+    text = "\n".join(str(m.get("content", "")) for m in messages)
+    return {name: value for name, value in FAULT_MARK.findall(text)}
+
+
 # --- the HTTP front -------------------------------------------------------------------------------
 
 
@@ -255,6 +271,8 @@ class OracleServer:
             "last_admitted": None,
         }
         self.answered: collections.Counter = collections.Counter()
+        self.attempts: collections.Counter = collections.Counter()  # every request, by its key
+        self.outage_until = 0.0
         self.response_ids: dict[str, list[str]] = collections.defaultdict(list)
         self.rng = random.Random(0)
         self.generator = HFGenerator(model_path, max_batch=max_batch) if backend == "hf" else None
@@ -265,6 +283,7 @@ class OracleServer:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/stats", self.get_stats)
         app.router.add_post("/stats/reset", self.reset_stats)
+        app.router.add_post("/outage", self.outage)
         app.router.add_get("/health", lambda r: web.json_response({"ok": True}))
         if self.generator is not None:
             app.on_startup.append(lambda _: self.generator.start())
@@ -292,12 +311,18 @@ class OracleServer:
             }
         )
 
+    async def outage(self, request: web.Request) -> web.Response:
+        """POST /outage?seconds=S: every chat request is answered 503 for the next S seconds."""
+        self.outage_until = time.monotonic() + float(request.query.get("seconds", "60"))
+        return web.json_response({"ok": True})
+
     async def reset_stats(self, request: web.Request) -> web.Response:
         self.stats.update(
             requests=0, ok=0, by_status=collections.Counter(), rate_limited=0,
             tokens_admitted=0, first_admitted=None, last_admitted=None,
         )  # fmt: skip
         self.answered.clear()
+        self.attempts.clear()
         self.response_ids.clear()
         return web.json_response({"ok": True})
 
@@ -334,6 +359,22 @@ class OracleServer:
         self.stats["tokens_admitted"] += prompt_tokens + max_tokens
         self.stats["first_admitted"] = self.stats["first_admitted"] or now
         self.stats["last_admitted"] = now
+        key = hashlib.sha256(
+            json.dumps(
+                [
+                    messages,
+                    {k: body.get(k) for k in ("temperature", "max_tokens", "top_p", "seed")},
+                ],
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()
+        self.attempts[key] += 1
+        if time.monotonic() < self.outage_until:
+            return self._error(503, "service unavailable (outage)")
+        marked = request_faults(messages)
+        early = self._marked_error(marked, self.attempts[key], request)
+        if early is not None:
+            return early
         fault = self.faults.draw()
         low, high = self.latency_ms
         if high > 0:
@@ -373,15 +414,14 @@ class OracleServer:
                 text = text.split(prefill, 1)[1] if prefill and prefill in text else text
             completion_tokens, finish = estimate_tokens(text), "stop"
             logprobs = scripted_logprobs(text, top_n) if want_logprobs else None
-        key = hashlib.sha256(
-            json.dumps(
-                [
-                    messages,
-                    {k: body.get(k) for k in ("temperature", "max_tokens", "top_p", "seed")},
-                ],
-                sort_keys=True,
-            ).encode()
-        ).hexdigest()
+        if "filler_logprobs" in marked and logprobs is not None:
+            for entry in logprobs:
+                if entry["token"].isdigit():
+                    entry["top_logprobs"] = [
+                        {"token": t["token"], "logprob": -9999.0} for t in entry["top_logprobs"]
+                    ]
+        if "refusal" in marked:
+            text, finish = "", "content_filter"
         self.answered[key] += 1
         response_id = f"chatcmpl-{uuid.uuid4().hex[:12]}"
         self.response_ids[key].append(response_id)
@@ -394,20 +434,42 @@ class OracleServer:
         }
         if logprobs is not None:
             choice["logprobs"] = {"content": logprobs}
+        if "no_message" in marked:
+            del choice["message"]
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
         return web.json_response(
             {
                 "id": response_id,
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": self.model_name,
-                "choices": [choice],
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
+                "choices": [] if "empty_choices" in marked else [choice],
+                "usage": None if "null_usage" in marked else usage,
             }
         )
+
+    def _marked_error(
+        self, marked: dict[str, str], attempt: int, request: web.Request
+    ) -> web.Response | None:
+        if "status" in marked:
+            code = int(marked["status"])
+            if code == 401:  # as some providers do: the rejected credential is echoed back
+                return self._error(
+                    401, f"Incorrect API key provided: {request.headers.get('Authorization', '')}"
+                )
+            return self._error(code, f"scripted status {code}")
+        if "fail_times" in marked and attempt <= int(float(marked["fail_times"])):
+            return self._error(503, f"scripted failure {attempt} of {marked['fail_times']}")
+        if "retry_after" in marked and attempt == 1:
+            self.stats["rate_limited"] += 1
+            return self._error(
+                429, "rate limit exceeded", headers={"Retry-After": marked["retry_after"]}
+            )
+        return None
 
 
 class HFGenerator:

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
+import math
+import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -25,10 +29,15 @@ from tapir_ray import storage
 from tapir_ray.config import EndpointConfig
 from tapir_ray.oracle.cache import ResponseCache
 from tapir_ray.oracle.client import Answer, DeadLetter, OracleClient
-from tapir_ray.oracle.ledger import BudgetExceeded
+from tapir_ray.oracle.ledger import COUNTERS, BudgetExceeded, empty_entry
 
 
 class OracleStage:
+    """Several batches run at once on one actor (Ray Data calls it from a few threads), and all of
+    their requests share one event loop and the endpoint's concurrency, so the actor keeps up to
+    `max_concurrency` requests in flight continuously: a batch's slowest reply holds up only that
+    batch's output, never the next requests. The ledger hears about spend every second."""
+
     def __init__(
         self,
         endpoint: dict,
@@ -41,31 +50,36 @@ class OracleStage:
         limiter,
         ledger,
         identity: str | None = None,
+        stage: str | None = None,
     ):
-        self.loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self.loop)
         self.endpoint = EndpointConfig.model_validate(endpoint)
         self.role, self.round, self.params, self.parse = role, round_, params, parse
         self.ledger = ledger
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="oracle-loop").start()
         self.client = OracleClient(
             self.endpoint,
             base_url,
             limiter=limiter,
             cache=ResponseCache(storage.join(run_dir, "oracle-cache")),
             identity=identity,
-        )
+        )  # made on the loop's thread would be the same: it holds no loop-bound state until used
         self.dead_dir = storage.join(run_dir, "dead-letter")
+        self.dead_prefix = dead_letter_prefix(stage or f"round-{round_}-{role}")
         self.tag = uuid.uuid4().hex[:8]
-        self.batches = 0
-        self.budget_ok = True
+        self.batches = itertools.count(1)
+        self.budget_ok = ray.get(ledger.allowed.remote())  # a resumed run may have spent it all
+        if ray.get(ledger.has_budget.remote()):
+            self.client.on_paid = self._report
+        asyncio.run_coroutine_threadsafe(self._report_every(1.0), self.loop)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(x) for x in batch["id"]]
         messages = [json.loads(m) for m in batch["messages"]]
         try:
-            results = self.loop.run_until_complete(self._all(ids, messages))
+            results = asyncio.run_coroutine_threadsafe(self._all(ids, messages), self.loop).result()
         finally:
-            self._flush_ledger()
+            asyncio.run_coroutine_threadsafe(self._report(), self.loop).result()
         budget = [r for r in results if isinstance(r, BudgetExceeded)]
         other = [
             r for r in results if isinstance(r, BaseException) and not isinstance(r, BudgetExceeded)
@@ -103,36 +117,23 @@ class OracleStage:
             )
             for i, m in zip(ids, messages, strict=True)
         )
-        done = asyncio.Event()
+        return await asyncio.gather(*calls, return_exceptions=True)
 
-        async def report_every(seconds: float) -> None:  # progress and budget within a long batch
-            while not done.is_set():
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(done.wait(), seconds)
-                if not done.is_set():
-                    self.budget_ok = await self.ledger.add.remote(
-                        self.round, self.role, self._take_delta()
-                    )
-
-        ticker = asyncio.ensure_future(report_every(5.0))
-        try:
-            return await asyncio.gather(*calls, return_exceptions=True)
-        finally:
-            done.set()
-            await ticker
-
-    def _take_delta(self) -> dict:
+    async def _report(self) -> None:
+        """Hands the ledger what was spent since the last report; learns whether budget is left."""
         delta = self.client.delta.counts
-        self.client.delta.counts = type(delta)(
-            **{k: (0.0 if k == "usd" else [] if k == "latencies" else 0) for k in delta}
-        )
-        return delta
+        if not any(delta[k] for k in COUNTERS) and not delta["latencies"]:
+            return
+        self.client.delta.counts = empty_entry()
+        self.budget_ok = await self.ledger.add.remote(self.round, self.role, delta)
 
-    def _flush_ledger(self) -> None:
-        self.budget_ok = ray.get(self.ledger.add.remote(self.round, self.role, self._take_delta()))
+    async def _report_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            with contextlib.suppress(Exception):
+                await self._report()
 
     def _write_dead(self, dead: list[DeadLetter]) -> None:
-        self.batches += 1
         lines = [
             json.dumps(
                 {
@@ -145,17 +146,51 @@ class OracleStage:
             )
             for d in dead
         ]
-        name = f"round-{self.round}-{self.role}-{self.tag}-{self.batches:05d}.jsonl"
+        name = f"{self.dead_prefix}{self.tag}-{next(self.batches):05d}.jsonl"
         storage.write_text_atomic(storage.join(self.dead_dir, name), "\n".join(lines) + "\n")
 
 
-def read_dead_letters(run_dir: str) -> list[dict]:
+def dead_letter_prefix(stage: str) -> str:
+    """File-name prefix of one stage's dead letters (a rerun of the stage replaces them)."""
+    return stage.replace("/", "-").replace(" ", "_") + "--"
+
+
+def clear_dead_letters(run_dir: str, stage: str) -> None:
+    fs, path = storage.fs_and_path(storage.join(run_dir, "dead-letter"))
+    if fs.exists(path):
+        for f in fs.glob(f"{path}/{dead_letter_prefix(stage)}*.jsonl"):
+            fs.rm(f)
+
+
+class TooManyDeadLetters(RuntimeError):
+    """A stage dead-lettered more than its allowed share: one line naming it, the count and the
+    commonest reason. Its output is not marked done, so a rerun asks those rows again (what was
+    answered comes from the cache)."""
+
+
+def check_dead_share(run_dir: str, stage: str, total: int, answered: int, share: float) -> None:
+    dead = total - answered
+    if dead <= share * total:
+        return
+    reasons = Counter(f"{d['status']}: {d['reason']}" for d in read_dead_letters(run_dir, stage))
+    common = f"; commonest: {reasons.most_common(1)[0][0][:200]}" if reasons else ""
+    raise TooManyDeadLetters(
+        f"{stage}: {dead} of {total} rows were dead-lettered ({dead / total:.1%}, above "
+        f"oracle.max_dead_letter_share {share:g}){common}. Fix the cause (see "
+        f"{storage.join(run_dir, 'dead-letter')}) and run again with --resume: answered rows come "
+        "from the cache and the dead-lettered ones are asked again"
+    )
+
+
+def read_dead_letters(run_dir: str, stage: str | None = None) -> list[dict]:
+    """Every dead letter of the run, or one stage's."""
     folder = storage.join(run_dir, "dead-letter")
     fs, path = storage.fs_and_path(folder)
     if not fs.exists(path):
         return []
     rows = []
-    for f in sorted(fs.glob(path + "/*.jsonl")):
+    pattern = f"{dead_letter_prefix(stage)}*.jsonl" if stage else "*.jsonl"
+    for f in sorted(fs.glob(f"{path}/{pattern}")):
         with fs.open(f, "r") as fh:
             rows += [json.loads(line) for line in fh if line.strip()]
     return rows
@@ -177,8 +212,10 @@ def oracle_map(
     batch_size: int = 64,
     identity: str | None = None,
     limiter=None,
+    stage: str | None = None,
 ) -> ray.data.Dataset:
-    """Send every row of `ds` (id, messages JSON) to the endpoint as `role`; see OracleStage."""
+    """Send every row of `ds` (id, messages JSON) to the endpoint as `role`; see OracleStage.
+    `stage` names the dead-letter files (default: round and role)."""
     from tapir_ray.oracle.limiter import limiter_for
 
     # A caller running several stages passes its limiter and keeps it alive between them (a named
@@ -191,11 +228,20 @@ def oracle_map(
         OracleStage,
         fn_constructor_kwargs=dict(
             endpoint=endpoint.model_dump(), base_url=base_url, role=role, run_dir=run_dir, round_=round_,
-            params=params, parse=parse, limiter=limiter, ledger=ledger, identity=identity,
+            params=params, parse=parse, limiter=limiter, ledger=ledger, identity=identity, stage=stage,
         ),
         batch_size=batch_size,
         batch_format="numpy",
         # Fractional CPUs: an actor pool holding every CPU starves Ray Data's own read tasks.
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        # Enough batches at once per actor that their rows keep max_concurrency requests busy.
+        compute=ray.data.ActorPoolStrategy(
+            size=actors, max_tasks_in_flight_per_actor=(w := batches_in_flight(endpoint, batch_size)),
+            max_concurrent_calls_per_actor=w, enable_true_multi_threading=True,
+        ),
         num_cpus=cpus_per_actor,
     )  # fmt: skip
+
+
+def batches_in_flight(endpoint: EndpointConfig, batch_size: int) -> int:
+    """Batches one actor works on at once: twice its concurrency in rows, 2 to 16 batches."""
+    return max(2, min(16, math.ceil(2 * endpoint.max_concurrency / max(1, batch_size))))
