@@ -9,14 +9,42 @@ for token, for the bundled model and for ChatML and Llama-style templates.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 IGNORE_INDEX = -100
 Messages = list[dict[str, str]]
 
 
+def _special_strings(tokenizer: Any) -> list[str]:
+    cached = getattr(tokenizer, "_tapir_special_strings", None)
+    if cached is None:
+        found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+        for added in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
+            if getattr(added, "special", False):
+                found.add(added.content)
+        cached = sorted((t for t in found if t and len(t) > 1), key=len, reverse=True)
+        with contextlib.suppress(AttributeError):  # a tokenizer that takes no attributes
+            tokenizer._tapir_special_strings = cached
+    return cached
+
+
+def neutral(tokenizer: Any, text: str) -> str:
+    """`text` with every special-token string of `tokenizer` broken by a zero-width space, so pool
+    or model text saying `<|im_start|>system` stays text and never becomes a role marker."""
+    for special in _special_strings(tokenizer):
+        if special in text:
+            text = text.replace(special, special[0] + "\u200b" + special[1:])
+    return text
+
+
+def neutral_messages(tokenizer: Any, messages: Messages) -> Messages:
+    return [{**m, "content": neutral(tokenizer, str(m.get("content", "")))} for m in messages]
+
+
 def prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
     """Token ids of `messages` rendered with the chat template, ready for the assistant's turn."""
+    messages = neutral_messages(tokenizer, messages)
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
         ids = ids["input_ids"]
@@ -46,6 +74,7 @@ def sft_example(
     whole prompt when they can and cut the response; if the prompt alone is too long, its start is cut.
     """
     prompt = prompt_ids(tokenizer, messages)
+    response = neutral(tokenizer, response)
     answer = tokenizer(response, add_special_tokens=False)["input_ids"] + _turn_end_ids(
         tokenizer, messages, response
     )

@@ -320,6 +320,12 @@ class JudgeSettings(_Strict):
     )
     temperature: Annotated[float, Field(ge=0.0)] = 0.0
     max_tokens: PositiveInt = 512
+    min_valid_mass: Fraction = Field(
+        0.5,
+        description="With logprob scoring: a verdict whose well-formed scores (or A/B) carry less "
+        "of the judge's probability than this is a parse failure (repair, then dead letter), "
+        "never a number.",
+    )
 
 
 class ClassifierSettings(_Strict):

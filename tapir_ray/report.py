@@ -316,6 +316,15 @@ def write_report(run_dir: str) -> str:
             parts += [f"Scored {sc.get('scored')} candidates ({sc.get('unscored')} unscored): mean judge score teacher "
                       f"{sc.get('mean_score_teacher')}, student {sc.get('mean_score_student')}; mean MFD {sc.get('mean_mfd')}; "
                       f"hard {sc.get('hard')} ({sc.get('hard_share')}). Training set by source: {m['by_source']}.", ""]  # fmt: skip
+            judge = sc.get("judge") or {}
+            if judge:
+                parts += [f"Judge diagnostics: order consistency {_num(judge.get('order_consistency'))}, score spread "
+                          f"{judge.get('score_spread')}, unreadable verdicts {_num(judge.get('parse_failures'))}.", ""]  # fmt: skip
+                parts += [
+                    f"**Warning: the judge looks degenerate: {w}.**"
+                    for w in judge.get("warnings", [])
+                ]
+                parts += [""] if judge.get("warnings") else []
             hist = {b: n for b, n in sc.get("mfd_histogram", {}).items() if n}
             if hist:
                 parts += [

@@ -231,7 +231,19 @@ def write_scores(run_dir: str, round_: int, mode: str, delta: float) -> dict[str
         storage.join(run_dir, f"round-{round_}", "scores"),
     )
     mfds = [r["mfd"] for r in rows]
+    from tapir_ray.eval.judge_health import judge_health, order_consistency
+
+    consistency = None
+    if mode == "pairwise":
+        consistency = order_consistency(
+            (v["TS"], v["ST"]) for v in verdicts.values() if {"TS", "ST"} <= set(v)
+        )
+    health = judge_health(
+        asked=2 * asked.num_rows, answered=sum(len(v) for v in verdicts.values()), consistency=consistency,
+        scores_by_source={"teacher": [r["score_teacher"] for r in rows], "student": [r["score_student"] for r in rows]},
+    )  # fmt: skip
     return {
+        "judge": health,
         "scored": len(rows),
         "unscored": unscored,
         "hard": sum(r["hard"] for r in rows),
@@ -850,10 +862,12 @@ class TapirRun:
             )
             self.step(f"{rd}/judge", r, lambda: self.ask(
                 f"{rd} · judge", self.path(rd, "judge_in"), self.path(rd, "judge"), role="judge", endpoint="judge",
-                params=self._judge_params(prefill), parse=_judge_parser(mode, tapir.judge.logprob_scoring, prefill), round_=r))  # fmt: skip
+                params=self._judge_params(prefill), parse=P.JudgeParser(mode, tapir.judge.logprob_scoring, prefill, tapir.judge.min_valid_mass), round_=r))  # fmt: skip
             scored = self.step(
                 f"{rd}/scores", r, lambda: _task(write_scores, self.run_dir, r, mode, tapir.delta)
             )
+            for warning in scored.get("judge", {}).get("warnings", []):
+                self.log(f"warning: {rd}: the judge looks degenerate: {warning}")
         else:
             scores_dir = self.path("round-1", "scores")
             scored = ray.get(self.actor.get.remote())["stages"]["round-1/scores"]
@@ -914,8 +928,8 @@ class TapirRun:
             params.update(P.CONTINUE_PARAMS)
         if j.logprob_scoring:
             params.update(logprobs=True, top_logprobs=20)
-            if prefill and j.mode == "single":  # the score is read at the first generated token
-                params["max_tokens"] = 1
+            if prefill and j.mode == "single":  # the score is read at the first two positions:
+                params["max_tokens"] = 2  # a tokenizer that splits digits writes 10 as "1", "0"
         return params
 
     def _plan(self, r: int, scores_dir: str, size: int, alpha: float) -> dict:
@@ -951,21 +965,6 @@ class _label_parser:
 
     def __call__(self, text: str) -> str:
         return P.parse_label(text, self.labels)
-
-
-class _judge_parser:
-    def __init__(self, mode: str, logprob_scoring: bool, prefilled: bool):
-        self.mode, self.logprob_scoring, self.prefilled = mode, logprob_scoring, prefilled
-
-    def __call__(self, text: str, logprobs: list | None = None) -> Any:
-        if self.mode == "pairwise":
-            return list(P.parse_pair(text, prefilled=self.prefilled))
-        if self.prefilled and self.logprob_scoring and logprobs:
-            return P.score_at(logprobs[0])  # the first token after "Rating: [[" is the rating
-        score = P.parse_rating(
-            text, prefilled=self.prefilled
-        )  # the verdict must be there either way
-        return P.logprob_score(logprobs) if (self.logprob_scoring and logprobs) else score
 
 
 def _labels_from_parsed(answers_dir: str, out_dir: str) -> None:

@@ -80,5 +80,6 @@ def test_a_preference_verdict_is_read_from_text_or_from_the_a_b_probabilities():
     prompt = P.judge_preference("Add 2 and 2.", "4", "5")
     assert (
         "Better: [[A]]" in prompt.messages[0]["content"]
-        and "<<<ANSWER B>>>\n5" in prompt.messages[1]["content"]
+        and f"<<<ANSWER B {P.fence_tag('Add 2 and 2.', '4', '5')}>>>\n5\n"
+        in prompt.messages[1]["content"]
     )

@@ -79,7 +79,7 @@ def test_logprob_score_is_the_probability_weighted_mean():
         P.logprob_score([{"hello": 0.0}])
 
 
-def test_label_parser_maps_unknown_labels_to_others():
+def test_label_parser_maps_unknown_labels_to_others_and_no_label_to_a_parse_error():
     labels = ["Math", "Code Generation", "Others"]
     assert P.parse_label("<answer>math</answer>", labels) == "Math"
     assert P.parse_label("Thinking... <answer>Astrology</answer>", labels) == "Others"
@@ -90,7 +90,8 @@ def test_label_parser_maps_unknown_labels_to_others():
         P.parse_label(P.LABEL_PREFILL + " Code generation\nbecause it asks for code", labels)
         == "Code Generation"
     )
-    assert P.parse_label(P.LABEL_PREFILL + "\n\nThe story of a tale.", labels) == "Others"
+    with pytest.raises(P.ParseError):  # a reply that names no label is no label, not Others
+        P.parse_label(P.LABEL_PREFILL + "\n\nThe story of a tale.", labels)
 
 
 def test_expansion_parser_strips_preambles():

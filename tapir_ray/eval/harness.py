@@ -142,13 +142,12 @@ class Evaluation:
         answers is better, read from the A/B token probabilities when the judge's turn is
         prefilled and logprob scoring is on (AlpacaEval's way, and the only one a small judge
         manages), else from its written verdict."""
-        from tapir_ray.rounds import _judge_parser
 
         prefill = self.runner.prefill("judge")
         j = self.runner.tapir.judge
         if mode == "single":
             params = self.runner._judge_params(prefill)
-            parse: Callable = _judge_parser("single", j.logprob_scoring, prefill)
+            parse: Callable = P.JudgeParser("single", j.logprob_scoring, prefill, j.min_valid_mass)
             prefix = P.VERDICT_PREFILL
         else:
             params, parse = preference_request(j, prefill)
@@ -188,6 +187,7 @@ class Evaluation:
             [{"id": p["id"], "messages": json.dumps([{"role": "user", "content": P.user_content(p["instruction"], p["input"])}])} for p in prompts],
             self.path("alpaca", "prompts"),
         )  # fmt: skip
+        from tapir_ray.eval.judge_health import judge_health, order_consistency
         from tapir_ray.eval.winrate import win_rate
 
         results = {}
@@ -216,8 +216,16 @@ class Evaluation:
                 [(tuple(v[f"{i}|SR"]), tuple(v[f"{i}|RS"])) for i in ids],
                 [len(student[i]) for i in ids], [len(ref_answers[i]) for i in ids], seed=self.cfg.run.seed,
             )  # fmt: skip
+            health = judge_health(
+                asked=2 * len(prompts), answered=sum(f"{p['id']}|{o}" in v for p in prompts for o in ("SR", "RS")),
+                consistency=order_consistency((v[f"{i}|SR"], v[f"{i}|RS"]) for i in ids),
+            )  # fmt: skip
+            for warning in health["warnings"]:
+                self.log(
+                    f"warning: eval alpaca · {target[0]}: the judge looks degenerate: {warning}"
+                )
             results[target[0]] = {**wr.as_dict(), "reference": ref_name, "unjudged": len(prompts) - len(ids),
-                                  "oracle": judged["oracle"]}  # fmt: skip
+                                  "judge": health, "oracle": judged["oracle"]}  # fmt: skip
             storage.write_json_atomic(storage.join(folder, "result.json"), results[target[0]])
         return {
             "targets": results,
@@ -335,19 +343,7 @@ def preference_request(judge, prefill: bool) -> tuple[dict[str, Any], Callable]:
         **(P.CONTINUE_PARAMS if prefill else {}),
         **({"logprobs": True, "top_logprobs": 20} if read_probs else {}),
     }
-    return params, _preference_parser(prefill, read_probs)
-
-
-class _preference_parser:
-    """Module level: it travels to the oracle actors."""
-
-    def __init__(self, prefilled: bool, read_probs: bool):
-        self.prefilled, self.read_probs = prefilled, read_probs
-
-    def __call__(self, text: str, logprobs: list | None = None) -> list[float]:
-        if self.read_probs and logprobs:
-            return list(P.preference_at(logprobs[0]))
-        return list(P.parse_preference(text, prefilled=self.prefilled))
+    return params, P.PreferenceParser(prefill, read_probs, judge.min_valid_mass)
 
 
 def mtbench_scores(questions: list[dict], verdicts: dict[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,13 @@ def eval_tables(summary: dict[str, Any]) -> list[str]:
               f"{t[n]['mean_len_student']:.0f} / {t[n]['mean_len_reference']:.0f}", t[n]["unjudged"]] for n in _order(t)],
             alpaca.get("excluded_contaminated"), "prompts",
         )  # fmt: skip
+        health = {n: t[n]["judge"] for n in _order(t) if t[n].get("judge")}
+        if health:
+            parts += _section(
+                "Judge diagnostics (win rate)", ["student", "order consistency", "unreadable verdicts", "warnings"],
+                [[n, _num(h["order_consistency"]), _num(h["parse_failures"]), "; ".join(h["warnings"]) or "–"]
+                 for n, h in health.items()], None, "",
+            )  # fmt: skip
     if mt := summary.get("mtbench"):
         t = mt["targets"]
         cats = sorted({c for n in t for c in t[n]["categories"]})

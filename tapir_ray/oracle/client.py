@@ -331,9 +331,7 @@ class OracleClient:
                                   "the endpoint refused the request (content policy); the refusal is cached", 1)  # fmt: skip
             text, logprobs = prefill + entry["text"], entry.get("logprobs")
             try:
-                parsed = (
-                    parse(text) if logprobs is None else _parse_with_logprobs(parse, text, logprobs)
-                )
+                parsed = _parse(parse, text, logprobs, messages)
             except ParseError as exc:
                 if repair:
                     self.delta.add("dead_lettered")
@@ -352,11 +350,16 @@ class OracleClient:
         raise AssertionError("unreachable")
 
 
-def _parse_with_logprobs(parse, text, logprobs):
-    """Parsers that take `logprobs` (the G-Eval score) get them; others parse the text alone."""
-    if "logprobs" in inspect.signature(parse).parameters:
-        return parse(text, logprobs=logprobs)
-    return parse(text)
+def _parse(parse, text, logprobs, messages):
+    """Parsers that take `logprobs` (the G-Eval score) or `messages` (the request, e.g. the rubric
+    parser dropping echoed examples) get them; others parse the text alone."""
+    wants = inspect.signature(parse).parameters
+    extra = {}
+    if "logprobs" in wants and logprobs is not None:
+        extra["logprobs"] = logprobs
+    if "messages" in wants:
+        extra["messages"] = messages
+    return parse(text, **extra)
 
 
 class _Final(Exception):

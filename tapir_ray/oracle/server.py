@@ -72,19 +72,23 @@ def score_of(answer: str) -> int:
     return max(1, min(10, 1 + words // 6))
 
 
+def _inside(user: str, label: str) -> str:
+    """The text fenced as `label` (with or without a tag)."""
+    m = re.search(rf"<<<{label}(?: \w+)?>>>\n?(.*?)\n?<<<END {label}(?: \w+)?>>>", user, flags=re.S)
+    return m.group(1) if m else ""
+
+
 def scripted_reply(messages: list[dict[str, Any]]) -> str:
     system = next((m["content"] for m in messages if m.get("role") == "system"), "")
     user = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
     if "Rating: [[k]]" in system:
-        answer = user.split("<<<ANSWER>>>", 1)[-1].split("<<<END ANSWER>>>", 1)[0]
+        answer = _inside(user, "ANSWER")
         return f"The answer was read against the instruction.\nRating: [[{score_of(answer)}]]"
     if "Scores: [[a, b]]" in system:
-        a = user.split("<<<ANSWER A>>>", 1)[-1].split("<<<END ANSWER A>>>", 1)[0]
-        b = user.split("<<<ANSWER B>>>", 1)[-1].split("<<<END ANSWER B>>>", 1)[0]
+        a, b = _inside(user, "ANSWER A"), _inside(user, "ANSWER B")
         return f"Both answers were compared.\nScores: [[{score_of(a)}, {score_of(b)}]]"
     if "Better: [[A]]" in system:
-        a = score_of(user.split("<<<ANSWER A>>>", 1)[-1].split("<<<END ANSWER A>>>", 1)[0])
-        b = score_of(user.split("<<<ANSWER B>>>", 1)[-1].split("<<<END ANSWER B>>>", 1)[0])
+        a, b = score_of(_inside(user, "ANSWER A")), score_of(_inside(user, "ANSWER B"))
         return (
             f"Both answers were compared.\nBetter: [[{'A' if a > b else 'B' if b > a else 'tie'}]]"
         )
@@ -121,12 +125,12 @@ def scripted_reply(messages: list[dict[str, Any]]) -> str:
             f"4. It meets what {name.group(1) if name else 'this type'} asks for."
         )
     if "revise answers so that they meet a rubric" in system:  # CITING: a minimal revision
-        answer = user.split("<<<ANSWER>>>", 1)[-1].split("<<<END ANSWER>>>", 1)[0].strip()
+        answer = _inside(user, "ANSWER").strip()
         suffix = "In short: every criterion of the rubric is addressed."
         return answer if answer.endswith(suffix) else f"{answer} {suffix}".strip()
     if "<answer></answer>" in system:
-        labels = re.findall(r"^- (.+)$", user.split("Instruction:", 1)[0], flags=re.M)
-        text = user.split("Instruction:", 1)[-1].lower()
+        labels = re.findall(r"^- (.+)$", user.split("<<<INSTRUCTION", 1)[0], flags=re.M)
+        text = _inside(user, "INSTRUCTION").lower()
         for label, words in _LABEL_WORDS.items():
             if label in labels and any(w in text for w in words):
                 return f"<answer>{label}</answer>"
@@ -516,11 +520,14 @@ class HFGenerator:
                 item[-1].set_result(result)
 
     def _run(self, batch):
+        from tapir_ray.chat import neutral_messages
+
         torch = self.torch
         prompts = [
             # A conversation ending in an assistant turn is continued (vLLM's continue_final_message).
+            # Special-token strings inside the texts stay text (never role markers).
             self.tokenizer.apply_chat_template(
-                m,
+                neutral_messages(self.tokenizer, m),
                 tokenize=False,
                 add_generation_prompt=m[-1]["role"] != "assistant",
                 continue_final_message=m[-1]["role"] == "assistant",

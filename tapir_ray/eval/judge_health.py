@@ -1,0 +1,61 @@
+"""Whether a judge's verdicts can be trusted: figures every scoring round and evaluation records.
+
+- order consistency: the share of comparisons whose winner survives swapping the two answers
+  (a judge that always prefers one position scores 0.5 or less, whatever the answers);
+- score spread: the standard deviation of the scores per source (a judge that gives every answer
+  the same score separates nothing);
+- parse failures: verdicts that could not be read (dead-lettered) as a share of those asked.
+
+`warnings` lists, in one line each, what makes the judge look degenerate; the run prints them and
+the report shows them.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+
+MIN_CONSISTENCY = 0.6
+MIN_SPREAD = 0.25
+MAX_PARSE_FAILURES = 0.2
+
+
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)
+
+
+def order_consistency(pairs: Iterable[tuple[Sequence[float], Sequence[float]]]) -> float | None:
+    """pairs: ((x, y) scored with x shown first, (y, x) scored with y shown first). A comparison is
+    consistent when both orders name the same winner (or both a tie)."""
+    outcomes = [
+        _sign(first[0] - first[1]) == _sign(swapped[1] - swapped[0]) for first, swapped in pairs
+    ]
+    return round(sum(outcomes) / len(outcomes), 4) if outcomes else None
+
+
+def spread(scores: Sequence[float]) -> float | None:
+    return round(statistics.pstdev(scores), 4) if len(scores) > 1 else None
+
+
+def judge_health(
+    *,
+    asked: int,
+    answered: int,
+    consistency: float | None = None,
+    scores_by_source: dict[str, Sequence[float]] | None = None,
+) -> dict:
+    spreads = {k: spread(v) for k, v in (scores_by_source or {}).items()}
+    failures = round((asked - answered) / asked, 4) if asked else None
+    warnings = []
+    if consistency is not None and consistency < MIN_CONSISTENCY:
+        warnings.append(
+            f"only {consistency:.0%} of its verdicts survive swapping the answers: it prefers a "
+            "position, not an answer"
+        )
+    known = [s for s in spreads.values() if s is not None]
+    if known and max(known) < MIN_SPREAD:
+        warnings.append(f"its scores hardly vary (spread {max(known):.2f}): it separates nothing")
+    if failures is not None and failures > MAX_PARSE_FAILURES:
+        warnings.append(f"{failures:.0%} of its verdicts could not be read")
+    return {"order_consistency": consistency, "score_spread": spreads, "parse_failures": failures,
+            "verdicts_asked": asked, "warnings": warnings}  # fmt: skip
