@@ -374,6 +374,14 @@ class TapirConfig(_Strict):
         description="Category → refinement style; others → 'general'.",
     )
     rescore_unused: bool = True
+    selection: Literal["mfd", "random"] = Field(
+        "mfd",
+        description="mfd: TAPIR (hard share α_r by Model Fitting Difficulty). random: the control "
+        "arm — the same round sizes chosen at random (seeded) without the student or the judge.",
+    )
+    random_quotas: bool = Field(
+        True, description="With selection: random, keep the taxonomy's per-category quotas."
+    )
     heldout_fraction: Fraction = Field(
         0.02, description="Share of the pool held out for the per-round NLL."
     )

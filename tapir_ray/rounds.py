@@ -46,6 +46,7 @@ from tapir_ray.curriculum.plan import (
     mfd_histogram,
     rank_key,
     round_sizes,
+    select_random,
     select_round,
 )
 from tapir_ray.lease import LeaseHeld, RunLease
@@ -256,10 +257,28 @@ def write_scores(run_dir: str, round_: int, mode: str, delta: float) -> dict[str
 
 
 def write_plan(
-    run_dir: str, round_: int, scores_dir: str, size: int, alpha: float, ratios: dict, seed: int
-) -> dict[str, Any]:
+    run_dir: str, round_: int, scores_dir: str | None, size: int, alpha: float, ratios: dict, seed: int,
+    random_quotas: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """plan/: the round's selection; with no scores (selection: random) the control arm's."""
     items = storage.read_table(storage.join(run_dir, "items"), ["id", "category", "heldout"])
     items = items.filter(pc.invert(items["heldout"]))
+    if scores_dir is None:
+        used = used_ids(run_dir, round_)
+        ids = items["id"].to_pylist()
+        candidates = pa.table(
+            {"id": ids, "category": items["category"], "used": [i in used for i in ids]}
+        )
+        sel = select_random(
+            candidates,
+            size=size,
+            ratios=ratios if random_quotas else None,
+            seed=seed,
+            round_=round_,
+        )
+        storage.write_table(sel.table(), storage.join(run_dir, f"round-{round_}", "plan"))
+        return {"size": size, "alpha": None, "selection": "random", "targets": sel.targets, "hard_targets": {},
+                "shortfall": sel.shortfall, "selected": dict(Counter(sel.source))}  # fmt: skip
     scores = storage.read_table(scores_dir, ["id", "hard"])
     hard = dict(zip(scores["id"].to_pylist(), scores["hard"].to_pylist(), strict=True))
     used = used_ids(run_dir, round_)
@@ -834,8 +853,10 @@ class TapirRun:
                 r, {"alpha": alpha, "size": size, "student_adapter": student["adapter"]}
             )
         )
-        scores_dir = self.path(rd, "scores")
-        if r == 1 or tapir.rescore_unused:
+        scores_dir: str | None = self.path(rd, "scores")
+        if tapir.selection == "random":  # the control arm: no student answers, no judge
+            scores_dir, scored = None, {}
+        elif r == 1 or tapir.rescore_unused:
             n = self.step(
                 f"{rd}/student_in",
                 r,
@@ -932,10 +953,9 @@ class TapirRun:
                 params["max_tokens"] = 2  # a tokenizer that splits digits writes 10 as "1", "0"
         return params
 
-    def _plan(self, r: int, scores_dir: str, size: int, alpha: float) -> dict:
-        info = _task(
-            write_plan, self.run_dir, r, scores_dir, size, alpha, self.tapir.taxonomy, self.seed
-        )
+    def _plan(self, r: int, scores_dir: str | None, size: int, alpha: float) -> dict:
+        info = _task(write_plan, self.run_dir, r, scores_dir, size, alpha, self.tapir.taxonomy,
+                     self.seed, self.tapir.random_quotas)  # fmt: skip
         storage.write_json_atomic(self.path(f"round-{r}", "plan", "_PLAN.json"), info)
         return info
 

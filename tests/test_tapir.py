@@ -21,7 +21,14 @@ import yaml
 
 from tapir_ray import storage
 from tapir_ray.config import DEFAULT_TAXONOMY, TapirConfig, parse_config
-from tapir_ray.curriculum.plan import apportion, duplicate_fill, quotas, round_sizes, select_round
+from tapir_ray.curriculum.plan import (
+    apportion,
+    duplicate_fill,
+    quotas,
+    round_sizes,
+    select_random,
+    select_round,
+)
 from tapir_ray.oracle.local import LocalOracle
 from tests.conftest import REPO, run_cli
 
@@ -88,6 +95,23 @@ def test_selection_takes_the_hard_share_then_easy_then_reports_the_shortfall():
     again = select_round(cands, size=40, alpha=0.5, ratios=ratios, seed=3, round_=1)
     other = select_round(cands, size=40, alpha=0.5, ratios=ratios, seed=4, round_=1)
     assert again.ids == sel.ids[: len(again.ids)] and set(other.ids) != set(again.ids)
+
+
+def test_random_selection_is_the_control_arm_same_sizes_no_judge():
+    """selection: random picks unused candidates in seeded order, to the quotas or from the whole
+    pool, whatever the judge said (hard flags are ignored; unscored rows are candidates too)."""
+    ratios = {"Math": 0.5, "Writing": 0.25, "Others": 0.25}
+    cands = _candidates({"Math": (30, 30, 5), "Writing": (1, 2, 0), "Others": (10, 0, 0)})
+    sel = select_random(cands, size=40, ratios=ratios, seed=3, round_=1)
+    assert Counter(sel.category) == {"Math": 20, "Writing": 3, "Others": 10}
+    assert sel.shortfall == {"Writing": 7} and set(sel.source) == {"random"}
+    assert not {i for i in sel.ids if "-u" in i}  # nothing already trained on
+    hard_math = sum("Math-h" in i for i in sel.ids)
+    assert 5 <= hard_math <= 15  # about half of Math's picks are hard: chance, not MFD
+    free = select_random(cands, size=40, ratios=None, seed=3, round_=1)
+    assert len(free.ids) == 40 and len(set(free.ids)) == 40 and free.shortfall == {}
+    assert select_random(cands, size=40, ratios=None, seed=3, round_=1).ids == free.ids
+    assert set(select_random(cands, size=40, ratios=None, seed=4, round_=1).ids) != set(free.ids)
 
 
 def test_embedding_classifier_learns_from_oracle_labels_and_reports_agreement(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -126,6 +127,44 @@ def select_round(
             sel.source.append(source)
         if want - len(chosen):
             sel.shortfall[cat] = want - len(chosen)
+    return sel
+
+
+def select_random(
+    candidates: pa.Table,
+    *,
+    size: int,
+    ratios: dict[str, float] | None,
+    seed: int,
+    round_: int,
+) -> Selection:
+    """The control arm: `size` unused candidates in seeded random order, per category to the
+    taxonomy's quotas when `ratios` is given, else from the whole pool. No judge involved."""
+    cols = candidates.select(["id", "category", "used"]).to_pydict()
+    pool: dict[str, list[str]] = {}
+    for item_id, cat, used in zip(cols["id"], cols["category"], cols["used"], strict=True):
+        if not used:
+            pool.setdefault(cat, []).append(item_id)
+    if ratios is None:
+        ranked = sorted(
+            ((i, c) for c, ids in pool.items() for i in ids),
+            key=lambda x: rank_key(seed, round_, x[0]),
+        )[:size]
+        sel = Selection(targets=dict(Counter(c for _, c in ranked)))
+        for item_id, cat in ranked:
+            sel.ids.append(item_id)
+            sel.category.append(cat)
+            sel.source.append("random")
+        return sel  # fewer than `size` only when the pool has run out
+    sel = Selection(targets=quotas(size, ratios, set(pool)))
+    for cat in sorted(sel.targets):
+        members = sorted(pool.get(cat, []), key=lambda i: rank_key(seed, round_, i))
+        chosen = members[: sel.targets[cat]]
+        sel.ids += chosen
+        sel.category += [cat] * len(chosen)
+        sel.source += ["random"] * len(chosen)
+        if sel.targets[cat] - len(chosen):
+            sel.shortfall[cat] = sel.targets[cat] - len(chosen)
     return sel
 
 
