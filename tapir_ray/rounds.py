@@ -654,6 +654,12 @@ class TapirRun:
         summary = ingest(self.cfg.pool, self.path("ingest"), quarantine_dir=self.path("quarantine"),
                          block_rows=self.cfg.resources.ingest_batch_size)  # fmt: skip
         self.log(summary.table())
+        if summary.kept == 0:
+            raise RunError(
+                f"the pool is empty after ingest: {summary.read} rows read = {summary.quarantined} quarantined "
+                f"+ {summary.duplicates} duplicates + {summary.decontaminated} evaluation prompts "
+                f"(reasons in {self.path('quarantine')})"
+            )
         return {"rows_in": summary.read, "rows_out": summary.kept, "quarantined": summary.quarantined,
                 "duplicates": summary.duplicates, "decontaminated": summary.decontaminated,
                 "reconciles": summary.reconciles}  # fmt: skip

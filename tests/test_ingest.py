@@ -214,6 +214,86 @@ def test_csv_row_with_wrong_field_count_is_quarantined(ray_cluster, tmp_path):
     assert quarantine(tmp_path)[0]["reason"] == "CSV row has 4 fields, the header has 3"
 
 
+# --- pools as users have them ------------------------------------------------------------------------
+
+
+def test_pools_with_real_world_quirks(ray_cluster, tmp_path):
+    """Byte-order marks, gzip, a JSON array (streamed), a quoted field over two lines, missing
+    values written as text, and files no reader takes: each read or reported, never dropped."""
+    import gzip
+
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    bom = "\ufeff"
+    (folder / "a.csv").write_text(
+        bom + "instruction,input,output\n"
+        '"A poem\nover two lines",,ok\n'  # record 1 spans two lines
+        "NaN,,x\nNone,,x\nnull,,x\n"  # records 2-4: missing values written as text
+        '"Too many",a,b,c\n'  # record 5
+        "Keep me,,y\n",
+        encoding="utf-8",
+    )
+    (folder / "b.json").write_text(bom + json.dumps(ALPACA[:2]), encoding="utf-8")
+    with gzip.open(folder / "c.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"instruction": "Zipped row.", "output": "z"}) + "\n")
+    (folder / "notes.txt").write_text("not a pool file")
+    (folder / "README").write_text("no extension")
+    summary, rows = run_ingest(tmp_path, [folder])
+    assert summary.reconciles and summary.read == 9
+    assert sorted(r["instruction"] for r in rows) == sorted(
+        [
+            "A poem\nover two lines",
+            "Keep me",
+            "Zipped row.",
+            ALPACA[0]["instruction"],
+            ALPACA[1]["instruction"],
+        ]
+    )
+    reasons = {q["origin"].rsplit(":", 1)[1]: q["reason"] for q in quarantine(tmp_path)}
+    assert reasons == {
+        "2": "field 'instruction' is 'NaN', a missing value written as text",
+        "3": "field 'instruction' is 'None', a missing value written as text",
+        "4": "field 'instruction' is 'null', a missing value written as text",
+        "5": "CSV row has 4 fields, the header has 3",  # the record's number, not the line's
+    }
+    assert summary.skipped_files == [f"{folder}/README", f"{folder}/notes.txt"]
+    assert "skipped 2 file(s) no reader takes" in summary.table()
+
+
+def test_an_empty_or_truncated_parquet_file_is_one_line_naming_it(ray_cluster, tmp_path):
+    empty = tmp_path / "empty.parquet"
+    empty.write_bytes(b"")
+    with pytest.raises(IngestError, match=r"empty\.parquet: not a readable Parquet file") as info:
+        run_ingest(tmp_path, [empty])
+    assert "\n" not in str(info.value)
+    good = tmp_path / "good.parquet"
+    pd.DataFrame(ALPACA).to_parquet(good)
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(IngestError, match=r"cut\.parquet: not a readable Parquet file"):
+        run_ingest(tmp_path, [cut])
+
+
+def test_a_pool_empty_after_ingest_stops_the_run_in_one_line(ray_cluster, tmp_path):
+    from tapir_ray.config import parse_config
+    from tapir_ray.rounds import RunError, run
+
+    path = write_jsonl(
+        tmp_path / "pool.jsonl", [{"instruction": "NaN"}, {"input": "no instruction"}]
+    )
+    cfg = parse_config({
+        "run": {"dir": str(tmp_path / "run")},
+        "pool": {"paths": [str(path)], "decontaminate_against": []},
+        "oracle": {"teacher": {"base_url": "http://127.0.0.1:9/v1", "api_key_env": None}},
+    })  # fmt: skip
+    with pytest.raises(RunError) as info:
+        run(cfg, log=lambda line: None)
+    message = str(info.value)
+    assert (
+        "\n" not in message and "pool is empty after ingest: 2 rows read = 2 quarantined" in message
+    )
+
+
 # --- ids, dedup, decontamination -------------------------------------------------------------------
 
 
@@ -292,7 +372,7 @@ def test_unknown_format_and_missing_file_are_one_line_errors(ray_cluster, tmp_pa
         run_ingest(tmp_path, [tmp_path / "missing.jsonl"])
     broken = tmp_path / "broken.json"
     broken.write_text('[{"instruction": "a"},\n {"instruction": ')
-    with pytest.raises(IngestError, match=r"broken\.json: invalid JSON at line 2"):
+    with pytest.raises(IngestError, match=r"broken\.json: invalid JSON after element 1"):
         run_ingest(tmp_path, [broken])
 
 

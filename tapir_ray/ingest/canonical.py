@@ -47,6 +47,10 @@ def row_id(instruction: str, input_text: str = "") -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
+# What spreadsheets and pandas write for a missing value: never an instruction.
+MISSING_WORDS = {"nan", "none", "null", "n/a", "na", "#n/a"}
+
+
 class BadRow(ValueError):
     """A row that goes to the quarantine; the message is the reason and names the field."""
 
@@ -120,6 +124,10 @@ def canonicalize(
         instruction = _string(record, field, required=True)
         if not instruction.strip():
             raise BadRow(f"field '{field}' is empty")
+        if instruction.strip().casefold() in MISSING_WORDS:
+            raise BadRow(
+                f"field '{field}' is {instruction.strip()!r}, a missing value written as text"
+            )
         input_text = _string(record, columns.get("input"), required=False) or ""
         output = _string(record, columns.get("output"), required=False)
     size = len(instruction) + len(input_text)

@@ -45,6 +45,7 @@ class IngestSummary:
     quarantined: int = 0
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     files: int = 0
+    skipped_files: list[str] = field(default_factory=list)
     seconds: float = 0.0
     out: str = ""
     quarantine: str = ""
@@ -67,6 +68,11 @@ class IngestSummary:
         lines.append("-" * 28)
         lines.append(f"read = kept + duplicates + decontaminated + quarantined: {check}")
         lines.append(f"{self.files} file(s), {self.seconds:.1f} s, {rate:,.0f} rows/s")
+        if self.skipped_files:
+            shown = ", ".join(self.skipped_files[:5]) + (
+                " …" if len(self.skipped_files) > 5 else ""
+            )
+            lines.append(f"skipped {len(self.skipped_files)} file(s) no reader takes: {shown}")
         lines.append(f"pool: {self.out}")
         lines.append(f"quarantine: {self.quarantine}")
         return "\n".join(lines)
@@ -176,7 +182,8 @@ def ingest(
     started = time.perf_counter()
     quarantine_dir = quarantine_dir or storage.join(out_dir, "quarantine")
     pool_dir = storage.join(out_dir, "pool")
-    files = resolve_pool_files([resolve_data(p) for p in pool.paths], pool.format)
+    skipped: list[str] = []
+    files = resolve_pool_files([resolve_data(p) for p in pool.paths], pool.format, skipped)
     prompts = load_eval_prompts(pool.decontaminate_against)
     for stale in (pool_dir, quarantine_dir, storage.join(out_dir, "_SUCCESS")):
         storage.remove(stale)  # Ray appends to existing folders: a re-run must not double rows
@@ -230,6 +237,7 @@ def ingest(
         quarantined=quarantined,
         quarantine_reasons=reasons,
         files=len(files),
+        skipped_files=skipped,
         seconds=time.perf_counter() - started,
         out=pool_dir,
         quarantine=quarantine_dir,

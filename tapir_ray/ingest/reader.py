@@ -27,6 +27,9 @@ EXTENSIONS = {
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
     ".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".arrow": "hf",
 }  # fmt: skip
+# Compressed text files are read through Arrow's codecs, chosen by this last extension.
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4", ".br": "brotli"}
+BOM = b"\xef\xbb\xbf"
 FORMATS = ("json", "jsonl", "parquet", "csv", "hf")
 
 
@@ -49,10 +52,15 @@ def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), path
 
 
+def _compression(path: str) -> str | None:
+    lower = path.lower()
+    return next((c for ext, c in COMPRESSIONS.items() if lower.endswith(ext)), None)
+
+
 def _sniff_json(fs: pafs.FileSystem, path: str, label: str) -> str:
     """A .json file is a JSON array (json) or one object per line (jsonl)."""
-    with fs.open_input_stream(path) as f:
-        head = f.read(4096).lstrip()
+    with fs.open_input_stream(path, compression=_compression(path)) as f:
+        head = f.read(4096).removeprefix(BOM).lstrip()
     if head[:1] == b"[":
         return "json"
     if head[:1] == b"{" or not head:
@@ -83,8 +91,11 @@ def _hf_files(fs: pafs.FileSystem, root: str, label: str) -> list[str]:
     return split_files(root)
 
 
-def resolve_pool_files(paths: list[str], fmt: str = "auto") -> list[PoolFile]:
-    """Expand the configured paths (files, folders, saved HF datasets) into an ordered file list."""
+def resolve_pool_files(
+    paths: list[str], fmt: str = "auto", skipped: list[str] | None = None
+) -> list[PoolFile]:
+    """Expand the configured paths (files, folders, saved HF datasets) into an ordered file list.
+    Files in a folder that no reader takes are appended to `skipped` (the summary lists them)."""
     out: list[tuple[str, str, str]] = []
     for label in paths:
         fs, path = _filesystem(label)
@@ -108,7 +119,11 @@ def resolve_pool_files(paths: list[str], fmt: str = "auto") -> list[PoolFile]:
                     if i.type == pafs.FileType.File
                 ),
             )
-            found = [p for p in found if fmt != "auto" or _ext_format(p)]
+            if fmt == "auto":
+                unread = [p for p in found if not _ext_format(p)]
+                if skipped is not None:
+                    skipped += [label.rstrip("/") + p[len(path.rstrip("/")) :] for p in unread]
+                found = [p for p in found if _ext_format(p)]
             if not found:
                 raise IngestError(
                     f"{label}: the folder holds no pool files (.jsonl, .json, .parquet, .csv)"
@@ -129,20 +144,35 @@ def resolve_pool_files(paths: list[str], fmt: str = "auto") -> list[PoolFile]:
             raise IngestError(
                 f"{label}: unknown format {f!r} (expected one of {', '.join(FORMATS)})"
             )
-        if f in ("json", "jsonl") and path.endswith(".json"):
+        if f in ("json", "jsonl") and _strip_compression(path).lower().endswith(".json"):
             f = _sniff_json(fs, path, label)
         try:
-            with fs.open_input_stream(path) as stream:
+            with fs.open_input_stream(path, compression=_compression(path)) as stream:
                 stream.read(1)
-        except OSError as exc:
-            raise IngestError(f"{label}: cannot read the file ({exc})") from None
+            if f == "parquet":  # an empty or truncated file: one line naming it, not a traceback
+                with fs.open_input_file(path) as handle:
+                    pq.ParquetFile(handle).metadata  # noqa: B018
+        except (OSError, pa.ArrowException) as exc:
+            what = "not a readable Parquet file" if f == "parquet" else "cannot read the file"
+            raise IngestError(f"{label}: {what} ({str(exc).splitlines()[0][:160]})") from None
         files.append(PoolFile(path=path, label=label, format=f, index=index))
     return files
 
 
-def _ext_format(path: str) -> str | None:
+def _strip_compression(path: str) -> str:
     lower = path.lower()
-    return next((fmt for ext, fmt in EXTENSIONS.items() if lower.endswith(ext)), None)
+    for ext in COMPRESSIONS:
+        if lower.endswith(ext):
+            return path[: -len(ext)]
+    return path
+
+
+def _ext_format(path: str) -> str | None:
+    lower = _strip_compression(path).lower()
+    fmt = next((fmt for ext, fmt in EXTENSIONS.items() if lower.endswith(ext)), None)
+    if fmt in ("parquet", "hf") and lower != path.lower():
+        return None  # compressed inside their own format, never as a whole file
+    return fmt
 
 
 class PoolDatasource(FileBasedDatasource):
@@ -189,7 +219,7 @@ class PoolDatasource(FileBasedDatasource):
         # failing the whole file.
         return io.TextIOWrapper(
             io.BufferedReader(f, buffer_size=1 << 20),
-            encoding="utf-8",
+            encoding="utf-8-sig",  # a leading byte-order mark is dropped, not read as text
             errors="surrogateescape",
             newline="",
         )
@@ -209,21 +239,22 @@ class PoolDatasource(FileBasedDatasource):
             yield
 
     def _json_array(self, f, builder: BlockBuilder, pf: PoolFile) -> Iterator[None]:
-        # A JSON array has to be parsed whole; this happens in the read task, never on the driver.
-        # Pools of millions of rows should be JSONL or Parquet, which stream.
-        text = self._text(f).read()
+        """A JSON array streamed element by element (ijson): never the whole file in memory."""
+        import ijson
+
+        stream = io.BufferedReader(f, buffer_size=1 << 20)
+        if stream.peek(3)[:3] == BOM:
+            stream.read(3)
+        n = 0
         try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
+            for n, record in enumerate(ijson.items(stream, "item", use_float=True), start=1):
+                builder.add(n, record)
+                yield
+        except ijson.JSONError as exc:
             raise IngestError(
-                f"{pf.label}: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})"
+                f"{pf.label}: invalid JSON after element {n} ({str(exc).splitlines()[0][:120]}); "
+                "a JSON file must hold one array of objects"
             ) from None
-        del text
-        if not isinstance(records, list):
-            raise IngestError(f"{pf.label}: a JSON file must hold an array of objects")
-        for n, record in enumerate(records, start=1):
-            builder.add(n, record)
-            yield
 
     def _csv(self, f, builder: BlockBuilder, pf: PoolFile) -> Iterator[None]:
         reader = csv.reader(self._text(f))
@@ -233,18 +264,20 @@ class PoolDatasource(FileBasedDatasource):
             return
         except csv.Error as exc:
             raise IngestError(f"{pf.label}: unreadable CSV header ({exc})") from None
+        n = 0  # records, counted from 1 after the header (a quoted field may span lines)
         while True:
             try:
                 fields = next(reader)
             except StopIteration:
                 return
             except csv.Error as exc:
-                builder.add_bad(reader.line_num, f"unparsable CSV row ({exc})", "")
+                n += 1
+                builder.add_bad(n, f"unparsable CSV row ({exc})", "")
                 yield
                 continue
-            n = reader.line_num - 1  # data rows count from 1, after the header
             if not fields:
                 continue
+            n += 1
             if len(fields) != len(header):
                 builder.add_bad(
                     n,
