@@ -26,6 +26,7 @@ import ray
 from tapir_ray.assets import resolve_data
 from tapir_ray.config import PoolConfig
 from tapir_ray.ingest import ingest
+from tapir_ray.runtime import configure_data
 
 RESULTS = Path(__file__).parent / "results" / "ingest_throughput.json"
 
@@ -94,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    configure_data()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         # Warm-up: Ray Data's first execution imports and caches code on the driver; exclude it.

@@ -35,6 +35,7 @@ from tapir_ray.oracle.ledger import Ledger
 from tapir_ray.oracle.local import LocalOracle
 from tapir_ray.oracle.server import request_tokens
 from tapir_ray.oracle.stage import oracle_map, read_dead_letters
+from tapir_ray.runtime import configure_data
 
 RESULTS = Path(__file__).parent / "results" / "oracle_throughput.json"
 TOPICS = [
@@ -201,7 +202,7 @@ def main() -> None:
     # Logical CPUs: every phase's actors spend their time waiting on HTTP, and ray.data.llm's HTTP
     # actors each take a whole CPU (4 of them would never all start on a 2-core machine).
     ray.init(num_cpus=max(8, os.cpu_count()), include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    configure_data()
     results = {}
     import tempfile
 

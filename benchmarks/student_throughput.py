@@ -27,7 +27,7 @@ from common import command_line, device_name, print_table, write_results
 from tapir_ray.assets import resolve_data, resolve_model
 from tapir_ray.chat import prompt_ids
 from tapir_ray.config import StudentConfig
-from tapir_ray.runtime import best_dtype
+from tapir_ray.runtime import best_dtype, configure_data
 from tapir_ray.student import run_student
 
 RESULTS = Path(__file__).parent / "results" / "student_throughput.json"
@@ -148,7 +148,7 @@ def main() -> None:
     model = resolve_model("bundled:smollm2-135m")
     tok = AutoTokenizer.from_pretrained(model)
     ray.init(include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    configure_data()
     report: dict = {
         "benchmark": "student_throughput",
         "command": command_line("student_throughput.py", args),

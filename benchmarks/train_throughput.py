@@ -23,6 +23,8 @@ from pathlib import Path
 
 from common import command_line, device_name, print_table, write_results
 
+from tapir_ray.runtime import configure_data
+
 RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 
 
@@ -144,7 +146,7 @@ def main() -> None:
     report["plain_peft_loop"] = plain_loop(model_path, rows, args)
     print(json.dumps({"plain_peft_loop": report["plain_peft_loop"]}), flush=True)
     ray.init(include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    configure_data()
     with tempfile.TemporaryDirectory() as tmp:
         for stage in (int(s) for s in args.stages.split(",")):
             key = f"ours_zero{stage}"

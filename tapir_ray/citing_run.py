@@ -767,7 +767,6 @@ def generate(run_dir: str, *, round_: int, input_path: str, self_revise: int, ou
     questions = read_questions(input_path)
     cfg = parse_config(yaml.safe_load(storage.read_text(storage.join(run_dir, "config.yaml"))))
     ensure_ray(cfg.resources)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     book = load_book(run_dir)
     cents = storage.read_table(storage.join(run_dir, "centroids")).to_pylist()
     centroid = {c["type"]: np.asarray(c["centroid"], dtype=np.float32) for c in cents}

@@ -1092,7 +1092,6 @@ def run(cfg: Config, *, resume: bool | str = False, log: Callable[[str], None] =
         raise RunError(str(exc)) from None
     storage.write_text_atomic(storage.join(run_dir, "config.yaml"), cfg.to_yaml())
     ensure_ray(cfg.resources)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     started = time.perf_counter()
     with (
         lease,

@@ -34,7 +34,9 @@ def ray_cluster(asset_cache):
         log_to_driver=False,
         runtime_env={"env_vars": {"TAPIR_RAY_CACHE": str(asset_cache), "HF_HUB_OFFLINE": "1"}},
     )
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    from tapir_ray.runtime import configure_data
+
+    configure_data()
     yield ray
     ray.shutdown()
 

@@ -391,7 +391,6 @@ def evaluate(run_dir: str, *, rounds: str = "all", suites: list[str] | None = No
         source=storage.join(run_dir, "config.yaml"),
     )
     ensure_ray(cfg.resources)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     summary_path = storage.join(run_dir, "eval", "summary.json")
     summary = storage.read_json(summary_path) if storage.exists(summary_path) else {}
     needs_judge = any(s in ("alpaca", "mtbench") for s in suites)
