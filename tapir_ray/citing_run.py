@@ -655,7 +655,7 @@ class CitingRun(TapirRun):
                 0,
             ),
         )
-        for t in range(c.inference_revisions + 1):
+        for t in range(c.eval_drafts + 1):
             folder = self.path(rd, "eval", f"draft-{t}")
             if t == 0:
                 self.step(
@@ -692,7 +692,7 @@ class CitingRun(TapirRun):
                     write_criterion_judge_requests,
                     self.run_dir,
                     k,
-                    c.inference_revisions,
+                    c.eval_drafts,
                     criteria,
                     prefill,
                 )
@@ -711,7 +711,7 @@ class CitingRun(TapirRun):
                 self.run_dir,
                 k,
                 ids,
-                c.inference_revisions,
+                c.eval_drafts,
                 criteria,
                 self.seed,
                 c.tune_inference_revisions,
@@ -739,10 +739,11 @@ def read_questions(path: str) -> list[dict[str, str]]:
     return [{"instruction": r["instruction"], "input": str(r.get("input") or "")} for r in rows]
 
 
-def generate(run_dir: str, *, round_: int, input_path: str, self_revise: int, out_path: str | None = None,
-             log=print) -> str:  # fmt: skip
+def generate(run_dir: str, *, round_: int, input_path: str, self_revise: int | None = None,
+             out_path: str | None = None, log=print) -> str:  # fmt: skip
     """Answer every question with S_round, then revise the answer `self_revise` times with the
-    rubric retrieved for it; writes all drafts as JSONL and returns the output path."""
+    rubric retrieved for it (default: the T_inf the run chose on val for that round, else the
+    configured one); writes all drafts as JSONL and returns the output path."""
     import time
 
     import numpy as np
@@ -766,6 +767,11 @@ def generate(run_dir: str, *, round_: int, input_path: str, self_revise: int, ou
         )
     questions = read_questions(input_path)
     cfg = parse_config(yaml.safe_load(storage.read_text(storage.join(run_dir, "config.yaml"))))
+    if self_revise is None:
+        chosen = (state["rounds"][str(round_)].get("eval") or {}).get("t_inf")
+        self_revise = chosen if chosen is not None else cfg.curriculum.citing.inference_revisions
+        how = "chosen on val for this round" if chosen is not None else "citing.inference_revisions"
+        log(f"self-revisions: {self_revise} ({how})")
     ensure_ray(cfg.resources)
     book = load_book(run_dir)
     cents = storage.read_table(storage.join(run_dir, "centroids")).to_pylist()

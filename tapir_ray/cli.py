@@ -8,7 +8,7 @@ tapir-ray run CONFIG [--resume]    run the curriculum (TAPIR): rounds of scoring
 tapir-ray status RUN               where a run stands
 tapir-ray report RUN               metrics/report.md + plots; prints the per-round table
 tapir-ray export RUN --round R [--merge] --out DIR
-tapir-ray generate RUN --round R --input FILE --self-revise N   (CITING: answer, then self-revise)
+tapir-ray generate RUN --round R --input FILE [--self-revise N]   (CITING: answer, then self-revise)
 tapir-ray eval RUN [--round R|base|all] [--suite alpaca|mtbench|nll|all] [--reference ...]
 tapir-ray submit CONFIG --address http://HEAD:8265 [--follow]   run a config as a Ray job
 tapir-ray submit --status JOB | --stop JOB --address ...
@@ -392,7 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="JSON/JSONL rows with instruction (and input), or a text file",
     )
-    p.add_argument("--self-revise", type=int, default=1, help="revisions after the first answer")
+    p.add_argument(
+        "--self-revise",
+        type=int,
+        default=None,
+        help="revisions after the first answer (default: the T_inf the run chose on val)",
+    )
     p.add_argument(
         "--out", help="the JSONL to write (default: <run>/generate/<time>/answers.jsonl)"
     )

@@ -427,9 +427,22 @@ class CitingConfig(_Strict):
     curriculum_questions: PositiveInt = 1000
     resample_each_round: bool = False
     inference_revisions: Annotated[int, Field(ge=0)] = Field(
-        1, description="T_inf; chosen on the validation split when tune_inference_revisions."
+        1, description="T_inf when it is not tuned (tune_inference_revisions: false)."
     )
     tune_inference_revisions: bool = True
+    max_self_revisions: Annotated[int, Field(ge=0)] = Field(
+        3,
+        description="T_inf is chosen on the validation split among 0..max_self_revisions "
+        "(tune_inference_revisions); `tapir-ray generate` uses the chosen one by default.",
+    )
+
+    @property
+    def eval_drafts(self) -> int:
+        """Self-revisions written in each round's evaluation: the T_inf candidates."""
+        return (
+            self.max_self_revisions if self.tune_inference_revisions else self.inference_revisions
+        )
+
     type_fallback: Literal["description", "none"] = Field(
         "description",
         description="Questions the teacher names no type for: typed by the nearest type description "

@@ -240,7 +240,7 @@ def citing_config(run_dir: str, base_url: str, model: str) -> dict:
     raw["oracle"]["teacher_max_tokens"] = 48
     raw["curriculum"] = {"algorithm": "citing",
                          "citing": {"warmup_rows": 12, "max_types": 6, "induction_batch_size": 4, "revision_rounds": 1,
-                                    "curriculum_questions": 8, "inference_revisions": 1, "eval_questions": 3}}  # fmt: skip
+                                    "curriculum_questions": 8, "inference_revisions": 1, "max_self_revisions": 1, "eval_questions": 3}}  # fmt: skip
     raw["train"].update(num_workers=1, max_length=256)
     return raw
 
@@ -344,12 +344,14 @@ def test_one_citing_round_end_to_end_killed_and_resumed(ray_cluster, smollm2, tm
     )
     out = tmp_path / "answers.jsonl"
     gen = subprocess.run([sys.executable, "-m", "tapir_ray.cli", "generate", run_dir, "--round", "1", "--input",
-                          str(questions), "--self-revise", "1", "--out", str(out)],
+                          str(questions), "--out", str(out)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert gen.returncode == 0, gen.stderr[-3000:]
+    # No --self-revise: the T_inf the round's evaluation chose on val.
+    assert f"self-revisions: {ev['t_inf']} (chosen on val for this round)" in gen.stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and all(
-        len(r["drafts"]) == 2 and r["answer"] == r["drafts"][-1] for r in rows
+        len(r["drafts"]) == ev["t_inf"] + 1 and r["answer"] == r["drafts"][-1] for r in rows
     )
     assert all(
         r["type"] in {t.name for t in book.types} and r["rubric"].startswith("1. ") for r in rows

@@ -115,6 +115,11 @@ def test_defaults_follow_the_papers():
         1000,
     )
     assert cfg.oracle.endpoint("judge") is cfg.oracle.teacher  # the judge defaults to the teacher
+    # T_inf is chosen on val among 0..3 self-revisions; untuned, the configured one is used.
+    assert citing.eval_drafts == 3
+    assert citing.model_copy(update={"tune_inference_revisions": False}).eval_drafts == 1
+    assert (cfg.oracle.max_dead_letter_share, cfg.oracle.teacher.retry_deadline_s) == (0.05, 600.0)
+    assert cfg.curriculum.tapir.selection == "mfd" and cfg.curriculum.tapir.judge.min_valid_mass == 0.5
 
 
 def test_api_key_is_read_from_the_named_variable(monkeypatch):
