@@ -15,6 +15,63 @@ from typing import Any
 IGNORE_INDEX = -100
 Messages = list[dict[str, str]]
 
+# Named chat templates for students whose tokenizer has none (base models): `student.chat_template`
+# names one (or a file holding a Jinja template); a tokenizer without a template gets ChatML.
+TEMPLATES = {
+    "chatml": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "llama-2": (
+        "{{ bos_token }}{% set sys = (messages[0]['content'] + '\n\n') if messages[0]['role'] == 'system' else '' %}"
+        "{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{{ '[INST] ' + (sys if loop.index0 <= 1 else '') + m['content'] + ' [/INST]' }}"
+        "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}"
+    ),
+    "llama-3": (
+        "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+        " + m['content'] + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+}
+DEFAULT_TEMPLATE = "chatml"
+
+
+def template_text(name: str) -> str:
+    """A named template's Jinja text, or the contents of a template file."""
+    if name in TEMPLATES:
+        return TEMPLATES[name]
+    with open(name, encoding="utf-8") as f:
+        return f.read()
+
+
+def load_tokenizer(path: str, chat_template: str | None = None, **kwargs: Any) -> Any:
+    """The student's tokenizer with the chat template that inference, training and evaluation
+    all render with: `chat_template` when named, else the model's own, else ChatML."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    chosen = chat_template or (None if tokenizer.chat_template else DEFAULT_TEMPLATE)
+    if chosen:
+        tokenizer.chat_template = template_text(chosen)
+    return tokenizer
+
+
+def template_in_use(model_path: str, chat_template: str | None) -> str:
+    """Which template a run with this student renders with, looked up in its tokenizer."""
+    from transformers import AutoTokenizer
+
+    if chat_template:
+        return f"{chat_template} (student.chat_template)"
+    own = AutoTokenizer.from_pretrained(model_path).chat_template
+    return "the student's own" if own else f"{DEFAULT_TEMPLATE} (the student has none)"
+
+
+def describe_template(chat_template: str | None) -> str:
+    if chat_template:
+        return f"{chat_template} (student.chat_template)"
+    return f"the student's own (or {DEFAULT_TEMPLATE} where it has none)"
+
 
 def _special_strings(tokenizer: Any) -> list[str]:
     cached = getattr(tokenizer, "_tapir_special_strings", None)

@@ -40,7 +40,10 @@ def _load(path: str | None) -> Config:
 def cmd_config_validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.file)
     algo = cfg.curriculum.algorithm
+    from tapir_ray.chat import describe_template
+
     print(f"{args.file}: valid ({algo}, run dir {cfg.run.dir}, student {cfg.student.model})")
+    print(f"chat template: {describe_template(cfg.student.chat_template)}")
     return 0
 
 

@@ -164,6 +164,23 @@ class StudentConfig(_Strict):
         None, description="GPU type the engines need on a mixed cluster (Ray's name, e.g. H100)."
     )
     max_lora_rank: PositiveInt = 64
+    chat_template: str | None = Field(
+        None,
+        description="The chat template prompts are rendered with, for inference and training alike: "
+        "chatml, llama-2, llama-3 or the path of a Jinja file. None: the model's own, or chatml "
+        "for a model without one (a base model).",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if (
+            v is None
+            or v in ("chatml", "llama-2", "llama-3")
+            or v.endswith((".jinja", ".j2", ".txt"))
+        ):
+            return v
+        raise ValueError("chatml, llama-2, llama-3, or the path of a .jinja file")
 
 
 # --- oracle --------------------------------------------------------------------------------------

@@ -164,6 +164,25 @@ def run_doctor(cfg: Config, *, check_endpoints: bool = True) -> int:
     rows.append(("gpu", *check_gpu()))
     rows += check_engines()
     rows += check_assets()
+    try:
+        from tapir_ray.assets import resolve_model
+        from tapir_ray.chat import template_in_use
+
+        rows.append(
+            (
+                "chat template",
+                OK,
+                template_in_use(resolve_model(cfg.student.model), cfg.student.chat_template),
+            )
+        )
+    except Exception as exc:  # a student that cannot be loaded here (a hub id off-line) is reported
+        rows.append(
+            (
+                "chat template",
+                WARN,
+                f"cannot read the student's tokenizer: {str(exc).splitlines()[0][:120]}",
+            )
+        )
     if check_endpoints:
         for role in ("teacher", "judge"):
             rows.append((f"oracle {role}", *check_endpoint(cfg, role)))

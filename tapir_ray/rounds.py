@@ -767,9 +767,10 @@ class TapirRun:
             return {"nll": None, "rows": 0}
         return ray.get(
             heldout_nll_task.remote(
-                model, rows, adapter_dir=adapter_dir, max_length=self.cfg.train.max_length
+                model, rows, adapter_dir=adapter_dir, max_length=self.cfg.train.max_length,
+                chat_template=self.cfg.student.chat_template,
             )
-        )
+        )  # fmt: skip
 
     # -- training --
 
@@ -781,6 +782,7 @@ class TapirRun:
         result = train_round(
             ds, self.cfg.train, self.path(f"round-{round_}"), model=student["model"],
             init_adapter=None if full else student["adapter"], seed=self.seed + round_,
+            chat_template=self.cfg.student.chat_template,
         )  # fmt: skip
         losses = [m["loss"] for m in result.metrics if m.get("loss") is not None]
         tps = [m["tokens_per_s"] for m in result.metrics if m.get("tokens_per_s")]

@@ -119,7 +119,9 @@ def test_defaults_follow_the_papers():
     assert citing.eval_drafts == 3
     assert citing.model_copy(update={"tune_inference_revisions": False}).eval_drafts == 1
     assert (cfg.oracle.max_dead_letter_share, cfg.oracle.teacher.retry_deadline_s) == (0.05, 600.0)
-    assert cfg.curriculum.tapir.selection == "mfd" and cfg.curriculum.tapir.judge.min_valid_mass == 0.5
+    assert (
+        cfg.curriculum.tapir.selection == "mfd" and cfg.curriculum.tapir.judge.min_valid_mass == 0.5
+    )
 
 
 def test_api_key_is_read_from_the_named_variable(monkeypatch):

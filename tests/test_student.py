@@ -4,29 +4,18 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
 
-from tapir_ray.chat import IGNORE_INDEX, fit_prompt, prompt_ids, sft_example
+from tapir_ray.chat import IGNORE_INDEX, fit_prompt, load_tokenizer, prompt_ids, sft_example
 from tapir_ray.config import StudentConfig
 from tapir_ray.oracle.stage import read_dead_letters
 from tapir_ray.student import Adapter, run_student
 
 pytestmark = pytest.mark.timeout(900)
 
-CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-LLAMA2 = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
-    "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}"
-)
-LLAMA3 = (
-    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
 CONVERSATIONS = [
     [{"role": "user", "content": "Name three primary colours."}],
     [
@@ -88,15 +77,15 @@ def lora_adapter(smollm2, tmp_path_factory) -> Adapter:
 
 
 @pytest.mark.parametrize(
-    "template", [None, CHATML, LLAMA2, LLAMA3], ids=["bundled", "chatml", "llama2", "llama3"]
+    "template",
+    [None, "chatml", "llama-2", "llama-3"],
+    ids=["bundled", "chatml", "llama2", "llama3"],
 )
 @pytest.mark.parametrize("messages", CONVERSATIONS, ids=["user", "system+user"])
 def test_inference_prompt_ids_equal_the_trainers(tokenizer, template, messages):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
-    if template is not None:
-        tok.chat_template = template
+    """Every named student.chat_template renders the same prompt ids for inference and training."""
+    tok = load_tokenizer(tokenizer.name_or_path, template)
+    if template == "llama-3":  # a Llama-3 tokenizer has these as special tokens
         tok.add_special_tokens(
             {
                 "additional_special_tokens": [
@@ -106,8 +95,6 @@ def test_inference_prompt_ids_equal_the_trainers(tokenizer, template, messages):
                 ]
             }
         )
-    if template == LLAMA2 and messages[0]["role"] == "system":
-        messages = messages[1:]  # this template has no system turn
     inference = prompt_ids(tok, messages)
     example = sft_example(tok, messages, "Red, yellow and blue.", max_length=512)
     n = len(inference)
@@ -118,7 +105,7 @@ def test_inference_prompt_ids_equal_the_trainers(tokenizer, template, messages):
         tok.decode(example["input_ids"][n:], skip_special_tokens=True).strip()
         == "Red, yellow and blue."
     )
-    if template in (None, CHATML):
+    if template in (None, "chatml"):
         # Here the trainer's ids are also the template's rendering of the whole conversation. Not so
         # for the Llama-3 template with this tokenizer: "\n\n" + text pre-tokenises differently
         # from "\n\n" at the end of a prompt, so rendering the whole conversation would shift the
@@ -129,6 +116,35 @@ def test_inference_prompt_ids_equal_the_trainers(tokenizer, template, messages):
         )
         full = full["input_ids"] if hasattr(full, "keys") else full
         assert example["input_ids"] == list(full)
+
+
+def test_a_student_without_a_chat_template_gets_the_named_default(tokenizer, tmp_path):
+    """A base model ships no template: ChatML renders for inference and training alike, a named
+    one when the config says so; `tapir-ray doctor` says which."""
+    from tapir_ray.chat import template_in_use
+    from tapir_ray.train import Tokenize
+
+    tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    messages = [{"role": "user", "content": "Name a colour."}]
+    base = load_tokenizer(str(tmp_path))
+    assert "<|im_start|>assistant" in base.decode(prompt_ids(base, messages))
+    assert template_in_use(str(tmp_path), None) == "chatml (the student has none)"
+    llama = load_tokenizer(str(tmp_path), "llama-2")
+    assert "[INST] Name a colour. [/INST]" in llama.decode(prompt_ids(llama, messages))
+    assert template_in_use(str(tmp_path), "llama-2") == "llama-2 (student.chat_template)"
+    # The training tokenizer (the Ray Data UDF) renders the same prompt ids as inference.
+    batch = Tokenize(str(tmp_path), 128, "llama-2")(
+        {
+            "messages": np.array([json.dumps(messages)], dtype=object),
+            "response": np.array(["Red."], dtype=object),
+        }
+    )
+    ids = list(batch["input_ids"][0])
+    assert ids[: len(prompt_ids(llama, messages))] == prompt_ids(llama, messages)
 
 
 def test_prepare_stage_renders_the_same_ids(ray_cluster, tokenizer, smollm2):

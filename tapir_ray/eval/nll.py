@@ -20,17 +20,18 @@ def heldout_nll(
     adapter_dir: str | None = None,
     max_length: int = 2048,
     batch_size: int = 8,
+    chat_template: str | None = None,
 ) -> dict[str, Any]:
     """rows: {messages (list or JSON), response}. Returns {nll, tokens, rows}."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from tapir_ray.assets import resolve_model
-    from tapir_ray.chat import IGNORE_INDEX, sft_example
+    from tapir_ray.chat import IGNORE_INDEX, load_tokenizer, sft_example
     from tapir_ray.runtime import best_dtype
 
     path = resolve_model(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path, chat_template)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=best_dtype())
     if adapter_dir:
         from peft import PeftModel

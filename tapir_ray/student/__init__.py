@@ -79,7 +79,7 @@ def answer(
     limit = student.max_model_len - sampling["max_tokens"]
     prepared = ds.map_batches(
         PreparePrompts,
-        fn_constructor_args=(model_path, limit, student.over_length),
+        fn_constructor_args=(model_path, limit, student.over_length, student.chat_template),
         batch_size=64,
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0.25,

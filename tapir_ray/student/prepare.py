@@ -15,10 +15,12 @@ from tapir_ray.chat import fit_prompt, prompt_ids
 
 
 class PreparePrompts:
-    def __init__(self, model_path: str, limit: int, over_length: str):
-        from transformers import AutoTokenizer
+    def __init__(
+        self, model_path: str, limit: int, over_length: str, chat_template: str | None = None
+    ):
+        from tapir_ray.chat import load_tokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer = load_tokenizer(model_path, chat_template)
         self.limit = limit
         self.over_length = over_length
 

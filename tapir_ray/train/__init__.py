@@ -32,10 +32,10 @@ __all__ = ["TrainResult", "export_model", "train_round"]
 class Tokenize:
     """Ray Data UDF: (messages, response) → input_ids / labels with every prompt token masked."""
 
-    def __init__(self, tokenizer_path: str, max_length: int):
-        from transformers import AutoTokenizer
+    def __init__(self, tokenizer_path: str, max_length: int, chat_template: str | None = None):
+        from tapir_ray.chat import load_tokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.tokenizer = load_tokenizer(tokenizer_path, chat_template)
         self.max_length = max_length
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -90,8 +90,10 @@ def train_round(
     model_config: dict[str, Any] | None = None,
     seed: int = 0,
     peak_flops_per_device: float | None = None,
+    chat_template: str | None = None,
 ) -> TrainResult:
-    """Fine-tune on `ds` (messages JSON + response) and write `<out_dir>/adapter/`."""
+    """Fine-tune on `ds` (messages JSON + response) and write `<out_dir>/adapter/`; prompts are
+    rendered with `chat_template` (see tapir_ray.chat.load_tokenizer), as inference renders them."""
     from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchTrainer
     from transformers import AutoTokenizer
@@ -114,7 +116,7 @@ def train_round(
     # (a 2-CPU machine, or a GPU node whose CPUs go to workers), which would starve a tokenising
     # actor and hang the fit. The rows are never collected on the driver.
     tokenized = ds.map_batches(
-        Tokenize, fn_constructor_args=(model_path, train.max_length), batch_size=64,
+        Tokenize, fn_constructor_args=(model_path, train.max_length, chat_template), batch_size=64,
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25,
     ).materialize()  # fmt: skip
     target = train.lora.target_modules
