@@ -187,17 +187,20 @@ class OracleClient:
         deadline = time.monotonic() + ep.retry_deadline_s
         attempt = malformed = 0
         while True:
-            wait = await self.limiter.reserve.remote(estimate)
-            if wait > 0:
-                await asyncio.sleep(wait)
-            self.delta.add("requests")
-            started = time.monotonic()
             retry_after = None
             try:
+                # A slot first, then the endpoint's pacing: a reservation is made only when the
+                # request can leave at its reserved time (reserving early and queueing on the slot
+                # would send bunched bursts the endpoint answers with 429s).
                 async with self.sem:
+                    wait = await self.limiter.reserve.remote(estimate)
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                     # Checked again at the last moment: the budget stops everything not yet sent.
                     if not allowed():
                         raise BudgetExceeded("oracle.max_usd reached")
+                    self.delta.add("requests")
+                    started = time.monotonic()
                     resp = await self.client.chat.completions.create(
                         model=ep.model, messages=messages, **params
                     )
