@@ -68,6 +68,7 @@ def test_a_preference_verdict_is_read_from_text_or_from_the_a_b_probabilities():
     from tapir_ray.oracle import prompts as P
 
     assert P.parse_preference("A]]", prefilled=True) == (1.0, 0.0)
+    assert P.parse_preference(P.PREFER_PREFILL + "B]] because", prefilled=True) == (0.0, 1.0)
     assert P.parse_preference("Longer, but wrong.\nBetter: [[B]]") == (0.0, 1.0)
     assert P.parse_preference("tie]] both fine", prefilled=True) == (0.5, 0.5)
     with pytest.raises(P.ParseError):

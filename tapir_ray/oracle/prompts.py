@@ -326,8 +326,10 @@ def parse_preference(reply: str, *, prefilled: bool = False) -> tuple[float, flo
     """(a, b) = (1, 0) for A, (0, 1) for B, (½, ½) for a tie: read from the start of a prefilled
     reply, else from the judge's last line only (a verdict quoted earlier never counts)."""
     lines = [line.strip() for line in reply.strip().splitlines() if line.strip()]
-    if prefilled:
-        match = _BETTER.match(PREFER_PREFILL + reply)
+    if (
+        prefilled
+    ):  # the reply as the client returns it (prefill + continuation), or the continuation
+        match = _BETTER.match(reply if reply.startswith(PREFER_PREFILL) else PREFER_PREFILL + reply)
     else:
         match = _BETTER.fullmatch(lines[-1].strip("*`. ")) if lines else None
     if match is None:
