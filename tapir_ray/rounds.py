@@ -600,6 +600,7 @@ class TapirRun:
         from tapir_ray.oracle.limiter import limiter_for
         from tapir_ray.oracle.stage import (
             TooManyDeadLetters,
+            budget_left,
             check_dead_share,
             clear_dead_letters,
             oracle_map,
@@ -628,6 +629,7 @@ class TapirRun:
             ds.write_parquet(out_dir)
         seconds = time.perf_counter() - started
         rows_out = storage.parquet_rows(out_dir)
+        budget_left(self.ledger)  # the stage stays undone: --resume sends what the budget stopped
         share = self.cfg.oracle.max_dead_letter_share if max_dead_share is None else max_dead_share
         try:
             check_dead_share(self.run_dir, stage, total, rows_out, share)

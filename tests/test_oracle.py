@@ -337,15 +337,20 @@ def test_budget_stops_sending_and_resume_pays_nothing_twice(ray_cluster, tmp_pat
     ledger_path = str(tmp_path / "metrics" / "oracle-ledger.json")
     price = {"price_input_per_m": 10_000.0, "price_output_per_m": 10_000.0}  # ~1 USD per request
     with LocalOracle("--backend", "scripted") as server:
+        from tapir_ray.oracle.ledger import BudgetExceeded
+        from tapir_ray.oracle.stage import budget_left
+
         ledger = Ledger.remote(ledger_path, 5.0)
-        with pytest.raises(Exception) as info:
-            _run(
-                ray_cluster, server, _rows(60), tmp_path, ledger=ledger, max_concurrency=4, **price
-            )
-        assert "oracle.max_usd reached" in str(info.value)
+        out, _ = _run(
+            ray_cluster, server, _rows(60), tmp_path, ledger=ledger, max_concurrency=4, **price
+        )
+        with pytest.raises(BudgetExceeded, match="oracle.max_usd reached"):
+            budget_left(ledger)
         paid_first = server.stats()["ok"]
-        # The budget, plus at most what was in flight when it was reached (2 actors × 4).
-        assert 5 <= paid_first <= 5 + 2 * 4
+        assert len(out) == paid_first  # what the budget stopped is left out, not dead-lettered
+        # The budget, plus what was in flight when it was reached and what each of the 2 actors
+        # (4 in flight each) sent before its next report told it: at most 2 × (4 + 4).
+        assert 5 <= paid_first <= 5 + 2 * (4 + 4)
         ray.get(ledger.flush.remote())
 
         resumed = Ledger.remote(ledger_path, None)  # budget raised; the spent amount carries over

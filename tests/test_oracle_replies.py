@@ -256,18 +256,19 @@ def test_a_key_is_never_sent_in_clear_to_another_host():
 BUDGET_SCRIPT = """
 import json, sys, ray
 from tapir_ray.config import EndpointConfig
-from tapir_ray.oracle.ledger import Ledger
-from tapir_ray.oracle.stage import oracle_map
+from tapir_ray.oracle.ledger import BudgetExceeded, Ledger
+from tapir_ray.oracle.stage import budget_left, oracle_map
 url, run_dir = sys.argv[1], sys.argv[2]
 ray.init(address="auto", log_to_driver=False)
 rows = [{"id": f"r{i}", "messages": json.dumps([{"role": "user", "content": f"budget question {i}"}])} for i in range(200)]
 ep = EndpointConfig(base_url=url, model="local", api_key_env=None, max_concurrency=2,
                     price_input_per_m=0.0, price_output_per_m=1e6 / 40)  # ~1 USD a reply
 ledger = Ledger.remote(run_dir + "/ledger.json", 30.0, cache_root=run_dir + "/oracle-cache")
+oracle_map(ray.data.from_items(rows), role="teacher", endpoint=ep, base_url=url, run_dir=run_dir,
+           round_=1, params={"max_tokens": 64}, ledger=ledger, actors=1, batch_size=4).count()
 try:
-    oracle_map(ray.data.from_items(rows), role="teacher", endpoint=ep, base_url=url, run_dir=run_dir,
-               round_=1, params={"max_tokens": 64}, ledger=ledger, actors=1, batch_size=4).count()
-except Exception as exc:
+    budget_left(ledger)
+except BudgetExceeded as exc:
     print("STOPPED", "max_usd" in str(exc), flush=True)
 ray.get(ledger.flush.remote())
 """

@@ -80,7 +80,10 @@ class OracleStage:
             results = asyncio.run_coroutine_threadsafe(self._all(ids, messages), self.loop).result()
         finally:
             asyncio.run_coroutine_threadsafe(self._report(), self.loop).result()
-        budget = [r for r in results if isinstance(r, BudgetExceeded)]
+        # Rows the budget stopped before sending are left out, neither answered nor dead: the batch
+        # still ends normally, so every request already in flight on any actor is received and
+        # cached (raising here would tear down the other actors' in-flight requests, paid for and
+        # lost). The caller sees the ledger's verdict once the stage is over (`budget_left`).
         other = [
             r for r in results if isinstance(r, BaseException) and not isinstance(r, BudgetExceeded)
         ]
@@ -89,10 +92,6 @@ class OracleStage:
         dead = [r for r in results if isinstance(r, DeadLetter)]
         if dead:
             self._write_dead(dead)
-        if budget:
-            raise BudgetExceeded(
-                "oracle.max_usd reached: the run stops here; raise the budget and resume with --resume"
-            )
         keep = [k for k, r in enumerate(results) if isinstance(r, Answer)]
         out = {
             col: np.asarray(values)[keep] if len(keep) else np.asarray(values)[:0]
@@ -148,6 +147,18 @@ class OracleStage:
         ]
         name = f"{self.dead_prefix}{self.tag}-{next(self.batches):05d}.jsonl"
         storage.write_text_atomic(storage.join(self.dead_dir, name), "\n".join(lines) + "\n")
+
+
+BUDGET_REACHED = (
+    "oracle.max_usd reached: the run stops here; raise the budget and resume with --resume"
+)
+
+
+def budget_left(ledger) -> None:
+    """After an oracle stage: BudgetExceeded if the run's budget ran out during it (the rows it
+    stopped are not in the output; a resumed stage sends them, the rest comes from the cache)."""
+    if not ray.get(ledger.allowed.remote()):
+        raise BudgetExceeded(BUDGET_REACHED)
 
 
 def dead_letter_prefix(stage: str) -> str:
