@@ -161,20 +161,20 @@ def write_types_by_description(
     """types/by_description/: the curriculum questions the teacher named no type for (their
     assignment was dead-lettered, as with a very small teacher) get the type whose "name:
     definition" embeds closest to them (cosine). With `fallback: none` they stay untyped."""
-    import numpy as np
 
-    from tapir_ray.embed import encode, load_encoder
+    from tapir_ray.embed import as_matrix, encode, load_encoder
 
     teacher, types = _assigned(run_dir, teacher_only=True), merged_types(run_dir)
     missing = [i for i in ids if i not in teacher] if fallback == "description" and types else []
     rows = []
     if missing:
         emb = storage.read_table(storage.join(run_dir, "embeddings"), ["id", "embedding"])
-        vec = dict(zip(emb["id"].to_pylist(), emb["embedding"].to_pylist(), strict=True))
+        emb = emb.filter(pc.is_in(emb["id"], pa.array(missing, pa.string())))
+        row = {i: k for k, i in enumerate(emb["id"].to_pylist())}
         described = encode(
             load_encoder(model), [f"{t['name']}: {t.get('definition', '')}" for t in types]
         )
-        scores = np.asarray([vec[i] for i in missing], dtype=np.float32) @ described.T
+        scores = as_matrix(emb["embedding"])[[row[i] for i in missing]] @ described.T
         rows = [{"id": i, "parsed": json.dumps(types[int(k)]["name"])}
                 for i, k in zip(missing, scores.argmax(axis=1), strict=True)]  # fmt: skip
     schema = pa.schema([("id", pa.string()), ("parsed", pa.string())])
@@ -231,14 +231,14 @@ def load_book(run_dir: str) -> RubricBook:
 
 def write_retrieval(run_dir: str) -> dict[str, Any]:
     """types_by_id/: the teacher's type for typed curriculum questions, the centroid's for the rest."""
-    import numpy as np
+    from tapir_ray.embed import as_matrix
 
     book, assigned = load_book(run_dir), _assigned(run_dir)
     teacher = _assigned(run_dir, teacher_only=True)
     known = {t.name for t in book.types}
     emb = storage.read_table(storage.join(run_dir, "embeddings"), ["id", "embedding"])
     ids = emb["id"].to_pylist()
-    vectors = np.asarray(emb["embedding"].to_pylist(), dtype=np.float32)
+    vectors = as_matrix(emb["embedding"])
     members = [k for k, i in enumerate(ids) if assigned.get(i) in known]
     if not members:
         raise ValueError(

@@ -4,13 +4,15 @@
 - Centroid retrieval (CITING's rule, also TAPIR's cheap classifier at scale): the score of class c
   for a query q is the mean inner product with c's members, which equals <e(q), μ_c> with μ_c the
   mean member embedding; the argmax wins.
-- `max_similarity()`: for a few query embeddings, the highest cosine similarity to any row of a
-  (large) embedded dataset, computed block by block on the cluster (near-duplicate checks).
+- `max_similarity()`: for query embeddings, the highest cosine similarity to any row of a (large)
+  embedded dataset, computed block by block on the cluster (near-duplicate checks).
+- `greedy_distinct()`: which of a list of embeddings to keep so that no two kept ones (nor a kept
+  one and a given earlier set) are near-duplicates, in list order, by blockwise matrix products.
+- `as_matrix()`: an Arrow list<float32> column as an (n, d) float32 array without Python floats.
+Memory is bounded per block everywhere: matrix products over blocks, never a loop over pairs.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -50,9 +52,11 @@ class Embed:
 
 
 def embed(ds: ray.data.Dataset, model: str, text_column: str = "text") -> ray.data.Dataset:
+    from tapir_ray.runtime import cached_udf
+
     return ds.map_batches(
-        Embed, fn_constructor_args=(model, text_column), batch_size=256, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
+        cached_udf, fn_args=(Embed, (model, text_column)), batch_size=256, batch_format="pyarrow",
+        num_cpus=0.5,
     )  # fmt: skip
 
 
@@ -74,18 +78,80 @@ def nearest_centroid(embeddings: np.ndarray, cents: dict[str, np.ndarray]) -> li
     return [names[k] for k in scores.argmax(axis=1)]
 
 
+BLOCK = 4096  # rows per side of one similarity block: 4096² float32 = 64 MiB
+
+
+def as_matrix(column: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndarray:
+    """An embedding column (Arrow list<float> or fixed_size_list, or NumPy's object array of
+    vectors) as a 2-D float32 array, reading the flat values buffer instead of Python floats."""
+    if isinstance(column, np.ndarray):
+        if column.dtype != object:
+            return column.astype(np.float32, copy=False)
+        return np.stack(column).astype(np.float32) if len(column) else np.zeros((0, 0), np.float32)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    if len(column) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    if column.null_count:
+        raise ValueError(f"{column.null_count} rows have no embedding")
+    if isinstance(column.type, pa.ExtensionType):  # Ray's tensor column: a list per row underneath
+        column = column.storage
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return flat.reshape(len(column), -1)
+
+
+def _max_over(queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """max_j <q_i, r_j> for every query, over blocks of both sides (bounded memory)."""
+    best = np.full(len(queries), -np.inf, dtype=np.float32)
+    for i in range(0, len(queries), BLOCK):
+        q = queries[i : i + BLOCK]
+        for j in range(0, len(rows), BLOCK):
+            np.maximum(best[i : i + BLOCK], (q @ rows[j : j + BLOCK].T).max(axis=1),
+                       out=best[i : i + BLOCK])  # fmt: skip
+    return best
+
+
 def max_similarity(queries: np.ndarray, ds: ray.data.Dataset) -> np.ndarray:
-    """max over rows of `ds` (column `embedding`) of <query, row>, for each query."""
+    """max over rows of `ds` (column `embedding`) of <query, row>, for each query (−1 when `ds`
+    is empty). Each block of `ds` is compared on the cluster; only one vector per block comes back."""
     if len(queries) == 0:
         return np.zeros(0, dtype=np.float32)
-    q = ray.put(queries)
+    q = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
 
-    def block_max(batch: dict[str, Any]) -> dict[str, Any]:
-        rows = np.stack(list(batch["embedding"])).astype(np.float32)
-        sims = ray.get(q) @ rows.T
-        return {"best": [sims.max(axis=1)]}
+    def block_max(batch: pa.Table) -> pa.Table:
+        rows = as_matrix(batch["embedding"])
+        best = _max_over(ray.get(q), rows) if len(rows) else np.full(len(queries), -1.0, np.float32)
+        return pa.table({"best": pa.array([best], type=pa.list_(pa.float32()))})
 
     best = np.full(len(queries), -1.0, dtype=np.float32)
-    for part in ds.map_batches(block_max, batch_size=4096, batch_format="numpy").iter_rows():
-        best = np.maximum(best, np.asarray(part["best"], dtype=np.float32))
+    parts = ds.select_columns(["embedding"]).map_batches(
+        block_max, batch_size=BLOCK, batch_format="pyarrow"
+    )
+    for part in parts.iter_batches(batch_format="pyarrow", batch_size=None):
+        for vec in as_matrix(part["best"]):
+            np.maximum(best, vec, out=best)
     return best
+
+
+def greedy_distinct(vecs: np.ndarray, prior: np.ndarray | None, threshold: float) -> np.ndarray:
+    """Keep-mask over `vecs` (unit rows), in order: row i is kept when its similarity to every
+    row of `prior` and to every kept row before it is below `threshold`. Blockwise: a block is
+    compared with everything kept before it by one matrix product, then with itself; only the
+    within-block order is a loop, one vectorised row at a time."""
+    n = len(vecs)
+    keep = np.zeros(n, dtype=bool)
+    kept_blocks: list[np.ndarray] = [] if prior is None or not len(prior) else [prior]
+    for start in range(0, n, BLOCK):
+        block = vecs[start : start + BLOCK]
+        before = np.full(len(block), -np.inf, dtype=np.float32)
+        for k in kept_blocks:
+            np.maximum(before, _max_over(block, k), out=before)
+        inner = block @ block.T
+        mask = np.zeros(len(block), dtype=bool)
+        for i in range(len(block)):
+            if before[i] < threshold and not (inner[i, :i][mask[:i]] >= threshold).any():
+                mask[i] = True
+        keep[start : start + len(block)] = mask
+        if mask.any():
+            kept_blocks.append(block[mask])
+    return keep

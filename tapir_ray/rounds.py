@@ -355,7 +355,7 @@ def accept_expansions(
     duplicate of the pool, of an evaluation prompt, nor of another kept expansion."""
     import numpy as np
 
-    from tapir_ray.embed import encode, load_encoder, max_similarity
+    from tapir_ray.embed import encode, greedy_distinct, load_encoder, max_similarity
     from tapir_ray.ingest.canonical import normalize_text, row_id
     from tapir_ray.ingest.pipeline import load_eval_prompts
 
@@ -397,16 +397,16 @@ def accept_expansions(
         eval_vecs = encode(encoder, sorted(eval_prompts))
         best_eval = (vecs @ eval_vecs.T).max(axis=1) if len(eval_vecs) else np.full(len(vecs), -1.0)
         prior = encode(encoder, [r["instruction"] for r in kept_before])
-        kept_vecs: list = list(prior)
-        for c, v, bp, be in zip(checked, vecs, best_pool, best_eval, strict=True):
-            near_kept = max((float(v @ k) for k in kept_vecs), default=-1.0)
-            if be >= threshold:
-                reasons["near-duplicate of an evaluation prompt"] += 1
-            elif bp >= threshold or near_kept >= threshold:
-                reasons["near-duplicate of the pool or another expansion"] += 1
-            else:
-                kept.append(c)
-                kept_vecs.append(v)
+        near_eval = best_eval >= threshold
+        eligible = ~near_eval & (best_pool < threshold)
+        distinct = np.zeros(len(checked), dtype=bool)
+        distinct[eligible] = greedy_distinct(vecs[eligible], prior, threshold)
+        reasons["near-duplicate of an evaluation prompt"] += int(near_eval.sum())
+        reasons["near-duplicate of the pool or another expansion"] += int(
+            (~near_eval & ~distinct).sum()
+        )
+        kept = [c for c, ok in zip(checked, distinct, strict=True) if ok]
+        reasons = Counter({k: v for k, v in reasons.items() if v})
     schema = pa.schema([("id", pa.string()), ("instruction", pa.string()), ("input", pa.string()),
                         ("category", pa.string()), ("parent_id", pa.string())])  # fmt: skip
     storage.write_table(pa.Table.from_pylist(kept, schema=schema), storage.join(folder, "accepted"))
@@ -1006,9 +1006,8 @@ def _labels_from_parsed(answers_dir: str, out_dir: str) -> None:
 def _embedding_classifier(run_dir: str, holdout: float, seed: int) -> dict[str, Any]:
     """Centroids from the oracle-labelled sample; the held-out part measures agreement with the
     oracle; every other pool row gets its nearest centroid's label."""
-    import numpy as np
 
-    from tapir_ray.embed import centroids, nearest_centroid
+    from tapir_ray.embed import as_matrix, centroids, nearest_centroid
 
     oracle = storage.read_table(storage.join(run_dir, "labels_oracle"), ["id", "parsed"])
     labelled = {
@@ -1017,7 +1016,7 @@ def _embedding_classifier(run_dir: str, holdout: float, seed: int) -> dict[str, 
     }
     emb = storage.read_table(storage.join(run_dir, "embeddings"))
     ids = emb["id"].to_pylist()
-    vecs = np.stack([np.asarray(v, dtype=np.float32) for v in emb["embedding"].to_pylist()])
+    vecs = as_matrix(emb["embedding"])
     fit = [
         k
         for k, i in enumerate(ids)

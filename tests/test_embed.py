@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import ray
 
 from tapir_ray.embed import centroids, embed, max_similarity, nearest_centroid
@@ -41,3 +42,58 @@ def test_minilm_embeddings_classify_by_centroid_and_find_near_duplicates(ray_clu
     assert nearest_centroid(queries[:2], cents) == ["math", "cooking"]
     best = max_similarity(queries, ray.data.from_items([{"embedding": v} for v in vecs]))
     assert best[2] > 0.9 > best[0]  # a reworded pool row is a near-duplicate; a new question is not
+
+
+def _unit(rng: np.random.Generator, n: int, d: int = 8) -> np.ndarray:
+    v = rng.normal(size=(n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_embedding_columns_become_matrices_without_python_floats(ray_cluster):
+    import pyarrow as pa
+
+    from tapir_ray.embed import as_matrix
+
+    vecs = _unit(np.random.default_rng(0), 5)
+    lists = pa.array(list(vecs), type=pa.list_(pa.float32()))
+    chunked = pa.chunked_array([lists[:2], lists[2:]])
+    fixed = pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), 8)
+    tensor = ray.data.from_items([{"e": v} for v in vecs]).to_arrow_refs()
+    from_ray = pa.concat_tables(ray.get(tensor))["e"]  # Ray's tensor extension column
+    for column in (lists, chunked, fixed, from_ray, np.array(list(vecs) + [], dtype=object)):
+        assert np.array_equal(as_matrix(column), vecs), type(column)
+    assert as_matrix(pa.array([], type=pa.list_(pa.float32()))).shape[0] == 0
+    with pytest.raises(ValueError, match="1 rows have no embedding"):
+        as_matrix(pa.array([list(vecs[0]), None], type=pa.list_(pa.float32())))
+
+
+def test_near_duplicate_checks_over_blocks_equal_the_pair_by_pair_rule(ray_cluster, monkeypatch):
+    """Blocks of 7 rows (so every path crosses block edges) give what comparing every pair gives:
+    the best match in a dataset, and the greedy in-order keep rule against earlier kept rows."""
+    from tapir_ray import embed as E
+
+    monkeypatch.setattr(E, "BLOCK", 7)
+    rng = np.random.default_rng(3)
+    base = _unit(rng, 12, 4)
+    # Near-copies of earlier rows, so that some rows must be rejected.
+    noisy = base[rng.integers(0, 12, 30)] + rng.normal(scale=0.05, size=(30, 4)).astype(np.float32)
+    vecs = np.vstack([base, noisy / np.linalg.norm(noisy, axis=1, keepdims=True)])
+    prior = _unit(rng, 3, 4)
+    threshold = 0.95
+
+    def by_pairs(earlier: list[np.ndarray]) -> list[bool]:
+        kept, out = list(earlier), []
+        for v in vecs:
+            out.append(all(float(v @ k) < threshold for k in kept))
+            if out[-1]:
+                kept.append(v)
+        return out
+
+    expected = by_pairs(list(prior))
+    assert E.greedy_distinct(vecs, prior, threshold).tolist() == expected
+    assert 0 < sum(expected) < len(vecs)
+    assert E.greedy_distinct(vecs, None, threshold).tolist() == by_pairs([])
+
+    rows = _unit(rng, 40, 4)
+    ds = ray.data.from_items([{"embedding": v} for v in rows], override_num_blocks=3)
+    assert np.allclose(E.max_similarity(vecs, ds), (vecs @ rows.T).max(axis=1), atol=1e-6)

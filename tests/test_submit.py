@@ -49,8 +49,9 @@ def small_demo(base_url: str | None = None) -> dict:
         rounds=1, alpha=[0.5], round_sizes=[8], warmup=False, heldout_fraction=0.1, nll_max_rows=4
     )
     raw["train"].update(
-        num_workers=1, micro_batch_size=2, global_batch_size=4, max_length=160, lora={"r": 8}
-    )
+        num_workers=1, micro_batch_size=2, global_batch_size=4, max_length=128, lora={"r": 8},
+        max_steps=2, checkpoint_every_steps=2,
+    )  # fmt: skip
     return raw
 
 

@@ -23,6 +23,7 @@ import ray
 from tapir_ray import storage
 from tapir_ray.assets import resolve_model
 from tapir_ray.config import StudentConfig
+from tapir_ray.runtime import cached_udf
 from tapir_ray.student.adapter import Adapter, adapter_sha256
 from tapir_ray.student.prepare import PreparePrompts
 
@@ -78,10 +79,9 @@ def answer(
     sampling = student.sampling.model_dump()
     limit = student.max_model_len - sampling["max_tokens"]
     prepared = ds.map_batches(
-        PreparePrompts,
-        fn_constructor_args=(model_path, limit, student.over_length, student.chat_template),
+        cached_udf,
+        fn_args=(PreparePrompts, (model_path, limit, student.over_length, student.chat_template)),
         batch_size=64,
-        compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0.25,
     ).materialize()
     good, dead = _split_problems(prepared, storage.join(run_dir, "dead-letter"), round_)

@@ -24,6 +24,7 @@ import ray
 from tapir_ray import storage
 from tapir_ray.assets import resolve_model
 from tapir_ray.config import TrainConfig
+from tapir_ray.runtime import cached_udf
 from tapir_ray.student.adapter import adapter_sha256
 
 __all__ = ["TrainResult", "export_model", "train_round"]
@@ -116,8 +117,8 @@ def train_round(
     # (a 2-CPU machine, or a GPU node whose CPUs go to workers), which would starve a tokenising
     # actor and hang the fit. The rows are never collected on the driver.
     tokenized = ds.map_batches(
-        Tokenize, fn_constructor_args=(model_path, train.max_length, chat_template), batch_size=64,
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25,
+        cached_udf, fn_args=(Tokenize, (model_path, train.max_length, chat_template)),
+        batch_size=64, num_cpus=0.25,
     ).materialize()  # fmt: skip
     target = train.lora.target_modules
     cfg = {

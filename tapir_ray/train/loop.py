@@ -191,7 +191,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+            # LoRA checkpoints hold the trainable weights only (see _report_with_checkpoint).
+            engine.load_checkpoint(
+                folder, tag=CHECKPOINT_TAG, load_module_strict=cfg["full_finetune"]
+            )
             with open(os.path.join(folder, STATE_FILE)) as f:
                 state = json.load(f)
         step, epoch, skip_batches = state["step"], state["epoch"], state["micro_batches_in_epoch"]
@@ -254,6 +257,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                     metrics,
                     {"step": step, "epoch": epoch, "micro_batches_in_epoch": micro},
                     rank,
+                    cfg["full_finetune"],
                 )
             else:
                 ray.train.report(metrics)
@@ -268,11 +272,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     _save_adapter(engine, cfg, rank)
 
 
-def _report_with_checkpoint(engine, metrics: dict, state: dict, rank: int) -> None:
+def _report_with_checkpoint(
+    engine, metrics: dict, state: dict, rank: int, full_finetune: bool
+) -> None:
     with tempfile.TemporaryDirectory() as folder:
+        # A collective: every rank writes its shard. The frozen base weights are left out (they are
+        # the base model's; a 7B base would otherwise be copied into every LoRA checkpoint).
         engine.save_checkpoint(
-            folder, tag=CHECKPOINT_TAG
-        )  # a collective: every rank writes its shard
+            folder, tag=CHECKPOINT_TAG, exclude_frozen_parameters=not full_finetune
+        )
         if rank == 0:
             with open(os.path.join(folder, STATE_FILE), "w") as f:
                 json.dump(state, f)
