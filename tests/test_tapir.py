@@ -491,3 +491,42 @@ def test_a_run_killed_in_three_stages_resumes_without_loss(finished_run, smollm2
         m["step"] for m in json.loads((Path(run_dir) / "round-1" / "metrics.json").read_text())
     ]
     assert steps == list(range(1, len(steps) + 1))
+
+
+def test_selection_at_scale_takes_the_same_ids_with_exact_totals_from_a_dataset(ray_cluster):
+    """The plan taken block by block from a Ray Dataset (counts, rank histograms, boundary rows)
+    holds exactly the ids the in-memory rule picks, for the MFD selection and the random arm:
+    several blocks, a category short of hard items, a round larger than the pool can fill, and a
+    taxonomy category absent from the pool."""
+    import random
+
+    from tapir_ray.curriculum.plan import select_random, select_round
+    from tapir_ray.curriculum.sample import select_dataset
+
+    rng = random.Random(11)
+    n = 6000
+    category = [rng.choice(["Math", "Writing", "Coding"]) for _ in range(n)]
+    hard = [None if rng.random() < 0.05 else rng.random() < (0.02 if c == "Coding" else 0.4)
+            for c in category]  # fmt: skip
+    candidates = pa.table({
+        "id": [f"i{k}" for k in range(n)], "category": category,
+        "hard": pa.array(hard, pa.bool_()), "used": [rng.random() < 0.1 for _ in range(n)],
+    })  # fmt: skip
+    ds = ray.data.from_arrow(candidates).repartition(7)
+    ratios = {"Math": 0.5, "Writing": 0.3, "Coding": 0.2, "Absent": 0.1}
+
+    def taken(got: ray.data.Dataset) -> list[tuple[str, str]]:
+        table = pa.concat_tables(ray.get(got.to_arrow_refs()))
+        return sorted(zip(table["id"].to_pylist(), table["source"].to_pylist(), strict=True))
+
+    for size, alpha in ((1500, 0.6), (40, 0.5), (5900, 0.5)):
+        want = select_round(candidates, size=size, alpha=alpha, ratios=ratios, seed=3, round_=2)
+        got, info = select_dataset(ds, size=size, alpha=alpha, ratios=ratios, seed=3, round_=2)
+        assert taken(got) == sorted(zip(want.ids, want.source, strict=True))
+        assert info["targets"] == want.targets and info["shortfall"] == want.shortfall
+        assert len(want.ids) == size - sum(want.shortfall.values())
+    assert want.shortfall  # 5900 rows asked of a pool that cannot fill every quota
+    for quota in (ratios, None):
+        want = select_random(candidates, size=900, ratios=quota, seed=5, round_=1)
+        got, _ = select_dataset(ds, size=900, alpha=None, ratios=quota, seed=5, round_=1)
+        assert [i for i, _ in taken(got)] == sorted(want.ids) and len(want.ids) == 900
