@@ -67,6 +67,14 @@ def quotas(total: int, ratios: dict[str, float], present: set[str]) -> dict[str,
     return apportion(total, weights)
 
 
+def takes(want: int, hard_target: int, hard_rows: int, easy_rows: int) -> tuple[int, int]:
+    """How many hard and easy items a category of quota `want` takes: its hard share first, then
+    easy ones; too few easy items and more hard ones fill in."""
+    n_hard = min(hard_target, hard_rows, want)
+    n_easy = min(want - n_hard, easy_rows)
+    return min(want - n_easy, hard_rows), n_easy
+
+
 @dataclass
 class Selection:
     """One round's plan: chosen ids with their pool (hard | easy), and what each category lacks."""
@@ -117,9 +125,7 @@ def select_round(
         want = targets[cat]
         hard = hard_pool.get(cat, [])
         easy = easy_pool.get(cat, [])
-        n_hard = min(hard_targets[cat], len(hard), want)
-        n_easy = min(want - n_hard, len(easy))
-        n_hard = min(want - n_easy, len(hard))  # too few easy items: more hard ones fill in
+        n_hard, n_easy = takes(want, hard_targets[cat], len(hard), len(easy))
         chosen = [(i, "hard") for i in hard[:n_hard]] + [(i, "easy") for i in easy[:n_easy]]
         for item_id, source in chosen:
             sel.ids.append(item_id)

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from tapir_ray.curriculum.plan import apportion, quotas
+from tapir_ray.curriculum.plan import apportion, quotas, takes
 
 BITS = 12
 BUCKETS = 1 << BITS
@@ -179,10 +179,9 @@ def select_dataset(
         if mode == "random":
             got = want[(cat, "random")] = min(goal, counts.get((cat, "random"), 0))
         else:
-            n_hard_pool, n_easy_pool = counts.get((cat, "hard"), 0), counts.get((cat, "easy"), 0)
-            n_hard = min(hard_targets[cat], n_hard_pool, goal)
-            n_easy = min(goal - n_hard, n_easy_pool)
-            n_hard = min(goal - n_easy, n_hard_pool)  # too few easy items: more hard ones fill in
+            n_hard, n_easy = takes(
+                goal, hard_targets[cat], counts.get((cat, "hard"), 0), counts.get((cat, "easy"), 0)
+            )
             want[(cat, "hard")], want[(cat, "easy")] = n_hard, n_easy
             got = n_hard + n_easy
         if goal - got:
