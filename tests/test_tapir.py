@@ -1,6 +1,7 @@
-"""TAPIR end to end on a real local Ray cluster: the planning rules, the curriculum actor, a full
-two-round run (scripted oracle over real HTTP, the bundled SmolLM2 as student, LoRA under DeepSpeed
-ZeRO-2 on 2 workers), and a run whose driver is SIGKILLed in three stages and resumed."""
+"""TAPIR end to end on a real local Ray cluster: the planning rules, the curriculum actor, and a
+full two-round run (scripted oracle over real HTTP, the bundled SmolLM2 as student, LoRA under
+DeepSpeed ZeRO-3 on 2 workers) whose driver is SIGKILLed in three stages and resumed; its adapter
+exported and merged; the evaluation suites on it."""
 
 from __future__ import annotations
 
@@ -229,7 +230,7 @@ def tapir_config(run_dir: str, base_url: str, model: str, rounds: int = 2) -> di
                    "actors": 1, "teacher_max_tokens": 64},
         "curriculum": {"tapir": {"rounds": rounds, "alpha": [0.5, 0.7][:rounds], "round_sizes": [10, 16][:rounds],
                                  "warmup": False, "heldout_fraction": 0.1, "expansion_attempts": 1}},
-        "train": {"deepspeed_stage": 2, "num_workers": 2, "micro_batch_size": 2, "global_batch_size": 4, "epochs": 1,
+        "train": {"deepspeed_stage": 3, "num_workers": 2, "micro_batch_size": 2, "global_batch_size": 4, "epochs": 1,
                   "max_length": 160, "checkpoint_every_steps": 2, "lora": {"r": 8, "alpha": 16}, "lr": 2e-3},
     }  # fmt: skip
 
@@ -240,16 +241,78 @@ def scripted():
         yield server
 
 
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL a `tapir-ray run` driver and wait until its actors and workers have let go of the CPUs."""
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _wait(
+        lambda: ray.available_resources().get("CPU", 0) >= 2,
+        120,
+        "the killed run's workers to exit",
+    )
+
+
+def _stage(run_dir: str) -> str | None:
+    try:
+        return json.loads((Path(run_dir) / "state.json").read_text()).get("stage")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
 @pytest.fixture(scope="module")
 def finished_run(ray_cluster, smollm2, scripted, tmp_path_factory):
-    """One uninterrupted two-round run, in this process (the reference for the resume test)."""
-    from tapir_ray.rounds import run
-
-    run_dir = str(tmp_path_factory.mktemp("tapir") / "run")
+    """One two-round run, driven as a user drives it: `tapir-ray run` in a subprocess, SIGKILLed
+    mid-oracle twice (teacher answers, round-1 judge) and mid-training (after a checkpoint), each
+    time resumed with `--resume`, the last time to the end. Every end-to-end test here reads it."""
+    tmp = tmp_path_factory.mktemp("tapir")
+    run_dir = str(tmp / "run")
+    cfg_path = tmp / "tapir.yaml"
     raw = tapir_config(run_dir, scripted.base_url, smollm2)
+    raw["oracle"]["teacher"]["rpm"] = 600  # 10 requests/s: slow enough to be caught mid-stage
+    cfg_path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "tapir_ray.cli", "run", str(cfg_path)]
     scripted.reset_stats()
-    state = run(parse_config(raw))
-    return {"dir": run_dir, "raw": raw, "state": state, "stats": scripted.stats()}
+    checkpoints = Path(run_dir) / "round-1" / "checkpoints" / "fit"
+    seen: dict[str, int] = {}
+
+    def answered_since(stage: str, n: int) -> bool:
+        """True once the server answered n requests after `stage` was first seen running."""
+        if _stage(run_dir) != stage:
+            return False
+        ok = scripted.stats()["ok"]
+        return ok - seen.setdefault(stage, ok) >= n
+
+    kills = [
+        ("teacher", lambda: answered_since("teacher", 8)),
+        ("round-1/judge", lambda: answered_since("round-1/judge", 8)),
+        ("round-1/train", lambda: _stage(run_dir) == "round-1/train" and any(checkpoints.glob("checkpoint-*"))),
+    ]  # fmt: skip
+    for n, (name, ready) in enumerate(kills):
+        proc = subprocess.Popen([*cmd, *(["--resume"] if n else [])], cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        _wait(lambda p=proc, ready=ready: ready() or p.poll() is not None, 900, f"stage {name}")
+        _kill(proc)
+    final = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=1200)  # fmt: skip
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    state = json.loads((Path(run_dir) / "state.json").read_text())
+    return {
+        "dir": run_dir,
+        "raw": raw,
+        "state": state,
+        "stats": scripted.stats(),
+        "stdout": final.stdout,
+    }
 
 
 def _train_ids(run_dir: str, r: int) -> list[str]:
@@ -293,7 +356,6 @@ def test_two_tapir_rounds_end_to_end(finished_run):
     assert {s["adapter_sha256"] for s in student2} == {state["rounds"]["1"]["adapter_sha256"]}
     # The judge's verdicts on unchanged teacher answers came from the cache in round 2.
     assert state["ledger"]["rounds"]["2"]["judge"]["cache_hits"] > 0
-    assert finished_run["stats"]["repeats"] == 0
     # The held-out NLL of the teacher's answers falls as the student learns them.
     assert state["rounds"]["2"]["nll"] < state["rounds"]["0"]["nll_base"]
     report = (Path(run_dir) / "metrics/report.md").read_text()
@@ -302,6 +364,83 @@ def test_two_tapir_rounds_end_to_end(finished_run):
         (Path(run_dir) / "metrics" / p).exists()
         for p in ("mfd.png", "loss.png", "nll.png", "categories.png")
     )
+
+
+def test_the_killed_run_resumed_without_loss(finished_run):
+    """Each killed stage ran twice and finished once: every row answered and scored exactly once,
+    the plan is the selection rule applied to those scores, nothing that had returned was asked
+    again, and the training continued from its checkpoint."""
+    from tapir_ray.curriculum.plan import select_round
+
+    run_dir, state, stats = finished_run["dir"], finished_run["state"], finished_run["stats"]
+    assert all(
+        state["stages"][s]["attempts"] == 2 for s in ("teacher", "round-1/judge", "round-1/train")
+    )
+    items = storage.read_table(f"{run_dir}/items", ["id", "category", "heldout"])
+    pool = storage.read_table(f"{run_dir}/ingest/pool", ["id"])["id"].to_pylist()
+    teacher = storage.read_table(f"{run_dir}/teacher", ["id"])["id"].to_pylist()
+    assert sorted(teacher) == sorted(pool)  # every pool row answered once, none lost or doubled
+    candidates = items.filter(pa.compute.invert(items["heldout"]))
+    scores = storage.read_table(f"{run_dir}/round-1/scores", ["id", "hard"])
+    assert sorted(scores["id"].to_pylist()) == sorted(candidates["id"].to_pylist())
+    hard = dict(zip(scores["id"].to_pylist(), scores["hard"].to_pylist(), strict=True))
+    ids = candidates["id"].to_pylist()
+    table = pa.table({"id": ids, "category": candidates["category"],
+                      "hard": pa.array([hard[i] for i in ids], pa.bool_()), "used": [False] * len(ids)})  # fmt: skip
+    cfg = parse_config(finished_run["raw"])
+    tapir = cfg.curriculum.tapir
+    want = select_round(table, size=tapir.round_sizes[0], alpha=tapir.alpha[0], ratios=tapir.taxonomy,
+                        seed=cfg.run.seed, round_=1)  # fmt: skip
+    assert _train_ids(run_dir, 1) == sorted(want.ids)
+    # A request the server answered twice was one whose first answer never reached the cache (in
+    # flight at the kill), so its id is not cached.
+    cached = {
+        json.loads(p.read_text()).get("response_id")
+        for p in (Path(run_dir) / "oracle-cache").rglob("*.json")
+    }
+    for ids_ in stats["repeated_ids"]:
+        assert not set(ids_[:-1]) & cached
+    assert stats["repeats"] <= 2 * 4  # at most the requests in flight at the two oracle kills
+    # The training resumed from its checkpoint: steps continue, none repeated.
+    steps = [m["step"] for m in json.loads((Path(run_dir) / "round-1/metrics.json").read_text())]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 3
+
+
+def test_the_round_adapter_exports_merged_and_generates_as_the_adapter(finished_run, tmp_path):
+    """`tapir-ray export --merge`: LoRA gathered from ZeRO-3 shards, merged into the base, writes a
+    plain model folder that generates what base + adapter generate, and differs from the base."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tapir_ray.chat import prompt_ids
+
+    run_dir = finished_run["dir"]
+    adapter = Path(run_dir) / "round-2" / "adapter"
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert weights and all("lora_" in k and t.numel() > 0 for k, t in weights.items())
+    out = tmp_path / "merged"
+    done = run_cli("export", run_dir, "--round", "2", "--merge", "--out", str(out))
+    assert done.returncode == 0 and "merged model of round 2" in done.stdout, done.stderr[-2000:]
+    model = finished_run["raw"]["student"]["model"]
+    tok = AutoTokenizer.from_pretrained(model)
+    trained = storage.read_table(f"{run_dir}/round-2/train_set", ["messages"])[
+        "messages"
+    ].to_pylist()
+    prompts = [torch.tensor([prompt_ids(tok, json.loads(m))]) for m in trained[:4]]
+
+    def greedy(lm) -> list[str]:
+        with torch.inference_mode():
+            return [tok.decode(lm.generate(ids, max_new_tokens=8, do_sample=False,
+                                           pad_token_id=tok.eos_token_id)[0, ids.shape[1]:])
+                    for ids in prompts]  # fmt: skip
+
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    before = greedy(base)
+    after = greedy(PeftModel.from_pretrained(base, str(adapter)))
+    merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert greedy(merged) == after != before
 
 
 def test_status_and_report_commands(finished_run):
@@ -397,100 +536,6 @@ def test_eval_suites_on_the_finished_run(finished_run, scripted, tmp_path):
     bad.write_text(json.dumps({"instruction": "x"}))
     with pytest.raises(EvalError, match="row 1: field 'output'"):
         evaluate(run_dir, rounds="2", suites=["alpaca"], reference=str(bad))
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    """SIGKILL a `tapir-ray run` driver and wait until its actors and workers have let go of the CPUs."""
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    _wait(
-        lambda: ray.available_resources().get("CPU", 0) >= 2,
-        120,
-        "the killed run's workers to exit",
-    )
-
-
-def _stage(run_dir: str) -> str | None:
-    try:
-        return json.loads((Path(run_dir) / "state.json").read_text()).get("stage")
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def test_a_run_killed_in_three_stages_resumes_without_loss(finished_run, smollm2, tmp_path):
-    """SIGKILL the driver mid-oracle twice (teacher answers, judge) and mid-training (after a
-    checkpoint); each `--resume` picks up; the training set equals the uninterrupted run's."""
-    with LocalOracle("--backend", "scripted", "--latency-ms", "20-60") as server:
-        run_dir = str(tmp_path / "run")
-        cfg_path = tmp_path / "tapir.yaml"
-        raw = tapir_config(run_dir, server.base_url, smollm2, rounds=1)
-        raw["oracle"]["teacher"]["rpm"] = 600  # 10 requests/s: slow enough to be caught mid-stage
-        raw["train"].update(
-            num_workers=1, global_batch_size=2
-        )  # the compared ids do not depend on it
-        cfg_path.write_text(yaml.safe_dump(raw))
-        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-
-        def start(*extra: str) -> subprocess.Popen:
-            return subprocess.Popen(
-                [sys.executable, "-m", "tapir_ray.cli", "run", str(cfg_path), *extra], cwd=REPO, env=env,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
-
-        checkpoints = Path(run_dir) / "round-1" / "checkpoints" / "fit"
-        seen: dict[str, int] = {}
-
-        def answered_since(stage: str, n: int) -> bool:
-            """True once the server answered n requests after `stage` was first seen running."""
-            if _stage(run_dir) != stage:
-                return False
-            ok = server.stats()["ok"]
-            return ok - seen.setdefault(stage, ok) >= n
-
-        kills = [
-            ("teacher", lambda: answered_since("teacher", 8)),
-            ("round-1/judge", lambda: answered_since("round-1/judge", 8)),
-            ("round-1/train", lambda: _stage(run_dir) == "round-1/train" and any(checkpoints.glob("checkpoint-*"))),
-        ]  # fmt: skip
-        for n, (name, ready) in enumerate(kills):
-            proc = start("--resume") if n else start()
-            _wait(lambda p=proc, ready=ready: ready() or p.poll() is not None, 900, f"stage {name}")
-            _kill(proc)
-        final = subprocess.run(
-            [sys.executable, "-m", "tapir_ray.cli", "run", str(cfg_path), "--resume"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
-        assert final.returncode == 0, final.stderr[-3000:]
-        stats = server.stats()
-    state = json.loads((Path(run_dir) / "state.json").read_text())
-    assert state["status"] == "done"
-    assert all(
-        state["stages"][s]["attempts"] == 2 for s in ("teacher", "round-1/judge", "round-1/train")
-    )
-    assert _train_ids(run_dir, 1) == _train_ids(finished_run["dir"], 1)
-    # Nothing that had returned was asked again: a request the server answered twice was one whose
-    # first answer never reached the cache (in flight at the kill), so its id is not cached.
-    cached = {
-        json.loads(p.read_text()).get("response_id")
-        for p in (Path(run_dir) / "oracle-cache").rglob("*.json")
-    }
-    for ids in stats["repeated_ids"]:
-        assert not set(ids[:-1]) & cached
-    assert stats["repeats"] <= 2 * 4  # at most the requests in flight at the two oracle kills
-    # The training resumed from its checkpoint: steps continue, none repeated.
-    steps = [
-        m["step"] for m in json.loads((Path(run_dir) / "round-1" / "metrics.json").read_text())
-    ]
-    assert steps == list(range(1, len(steps) + 1))
 
 
 def test_selection_at_scale_takes_the_same_ids_with_exact_totals_from_a_dataset(ray_cluster):
