@@ -241,7 +241,7 @@ def citing_config(run_dir: str, base_url: str, model: str) -> dict:
     raw["curriculum"] = {"algorithm": "citing",
                          "citing": {"warmup_rows": 12, "max_types": 6, "induction_batch_size": 4, "revision_rounds": 1,
                                     "curriculum_questions": 8, "inference_revisions": 1, "max_self_revisions": 1, "eval_questions": 3}}  # fmt: skip
-    raw["train"].update(num_workers=1, max_length=256, deepspeed_stage=2)  # TAPIR's runs ZeRO-3
+    raw["train"].update(num_workers=1, max_length=256)
     return raw
 
 

@@ -1,7 +1,7 @@
 """TAPIR end to end on a real local Ray cluster: the planning rules, the curriculum actor, and a
 full two-round run (scripted oracle over real HTTP, the bundled SmolLM2 as student, LoRA under
-DeepSpeed ZeRO-3 on 2 workers) whose driver is SIGKILLed in three stages and resumed; its adapter
-exported and merged; the evaluation suites on it."""
+DeepSpeed ZeRO-2 on 2 workers) whose driver is SIGKILLed in three stages and resumed, its adapter
+exported, and the evaluation suites on it."""
 
 from __future__ import annotations
 
@@ -230,7 +230,7 @@ def tapir_config(run_dir: str, base_url: str, model: str, rounds: int = 2) -> di
                    "actors": 1, "teacher_max_tokens": 64},
         "curriculum": {"tapir": {"rounds": rounds, "alpha": [0.5, 0.7][:rounds], "round_sizes": [10, 16][:rounds],
                                  "warmup": False, "heldout_fraction": 0.1, "expansion_attempts": 1}},
-        "train": {"deepspeed_stage": 3, "num_workers": 2, "micro_batch_size": 2, "global_batch_size": 4, "epochs": 1,
+        "train": {"deepspeed_stage": 2, "num_workers": 2, "micro_batch_size": 2, "global_batch_size": 4, "epochs": 1,
                   "max_length": 160, "checkpoint_every_steps": 2, "lora": {"r": 8, "alpha": 16}, "lr": 2e-3},
     }  # fmt: skip
 
@@ -406,41 +406,20 @@ def test_the_killed_run_resumed_without_loss(finished_run):
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 3
 
 
-def test_the_round_adapter_exports_merged_and_generates_as_the_adapter(finished_run, tmp_path):
-    """`tapir-ray export --merge`: LoRA gathered from ZeRO-3 shards, merged into the base, writes a
-    plain model folder that generates what base + adapter generate, and differs from the base."""
-    import torch
-    from peft import PeftModel
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tapir_ray.chat import prompt_ids
-
+def test_export_writes_the_round_adapter(finished_run, tmp_path):
+    """`tapir-ray export RUN --round R --out DIR` copies the round's adapter (merging is checked in
+    tests/test_train.py); a round without one is refused in one line."""
     run_dir = finished_run["dir"]
-    adapter = Path(run_dir) / "round-2" / "adapter"
-    weights = load_file(str(adapter / "adapter_model.safetensors"))
-    assert weights and all("lora_" in k and t.numel() > 0 for k, t in weights.items())
-    out = tmp_path / "merged"
-    done = run_cli("export", run_dir, "--round", "2", "--merge", "--out", str(out))
-    assert done.returncode == 0 and "merged model of round 2" in done.stdout, done.stderr[-2000:]
-    model = finished_run["raw"]["student"]["model"]
-    tok = AutoTokenizer.from_pretrained(model)
-    trained = storage.read_table(f"{run_dir}/round-2/train_set", ["messages"])[
-        "messages"
-    ].to_pylist()
-    prompts = [torch.tensor([prompt_ids(tok, json.loads(m))]) for m in trained[:4]]
-
-    def greedy(lm) -> list[str]:
-        with torch.inference_mode():
-            return [tok.decode(lm.generate(ids, max_new_tokens=8, do_sample=False,
-                                           pad_token_id=tok.eos_token_id)[0, ids.shape[1]:])
-                    for ids in prompts]  # fmt: skip
-
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    before = greedy(base)
-    after = greedy(PeftModel.from_pretrained(base, str(adapter)))
-    merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
-    assert greedy(merged) == after != before
+    out = tmp_path / "adapter"
+    done = run_cli("export", run_dir, "--round", "2", "--out", str(out))
+    assert done.returncode == 0 and "adapter of round 2 written" in done.stdout, done.stderr[-2000:]
+    src = Path(run_dir) / "round-2" / "adapter"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
+    assert (out / "SHA256").read_text().strip() == finished_run["state"]["rounds"]["2"][
+        "adapter_sha256"
+    ]
+    missing = run_cli("export", run_dir, "--round", "5", "--out", str(tmp_path / "none"))
+    assert missing.returncode == 2 and "no adapter for round 5" in missing.stderr
 
 
 def test_status_and_report_commands(finished_run):
