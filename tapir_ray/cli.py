@@ -290,7 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tapir-ray",
         description="Distil a teacher LLM into a student with TAPIR or CITING on Ray.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging; Ray's own logs and every worker's output on the console too",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     config = sub.add_parser("config", help="validate or show a config file")
@@ -462,6 +467,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for name, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")):
         os.environ.setdefault(name, value)
+    from tapir_ray.runtime import set_verbose
+
+    set_verbose(args.verbose)
     try:
         return args.func(args)
     except ConfigError as exc:

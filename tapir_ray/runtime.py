@@ -22,14 +22,44 @@ def configure_data() -> None:
     (ListFiles → ReadFiles) took 10–18 s for `read_parquet(folder).take_all()` of 10 rows on a
     warm 2-CPU local cluster, against 0.4 s for V1; every stage reads its input from Parquet, so
     V2 made a 12-stage round wait minutes for nothing."""
+    from ray.util.debug import log_once
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")  # Ray Data's notice that we just did this
     ctx.use_datasource_v2 = False
+
+
+_CONSOLE = {"verbose": False}
+
+
+def set_verbose(verbose: bool) -> None:
+    """`tapir-ray -v`: Ray's own INFO lines and every worker's output reach this console too."""
+    _CONSOLE["verbose"] = verbose
+
+
+def quiet_ray_console() -> None:
+    """Ray's own INFO lines on this process's console (dataset plans, "Started a local Ray
+    instance", ...) are raised to warnings only; Ray Data still writes them to its log file in the
+    session folder. Ray offers a logging config file for Ray Data but no switch for its console.
+    Ray Data configures its logger when imported, which this module has done."""
+    if _CONSOLE["verbose"]:
+        return
+    for name in ("ray", "ray.data", "ray.train"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(
+                handler, logging.FileHandler
+            ):
+                handler.setLevel(logging.WARNING)
 
 
 def ensure_ray(resources: ResourcesConfig | None = None) -> None:
     """Initialise Ray once per process; a no-op when it already is (tests, Ray Jobs). Either way
-    this process's Ray Data settings are ours (`configure_data`)."""
+    this process's Ray Data settings are ours (`configure_data`).
+
+    Worker output (Ray Train's per-step reports, library warnings of every actor) stays in the
+    session's log folder unless `set_verbose(True)`: errors reach the driver as exceptions, and
+    the run prints its own progress."""
     configure_data()
     if ray.is_initialized():
         return
@@ -38,16 +68,23 @@ def ensure_ray(resources: ResourcesConfig | None = None) -> None:
         os.environ.setdefault(k, v)
     env_vars = {k: os.environ[k] for k in (*OFFLINE_ENV, "TAPIR_RAY_CACHE") if k in os.environ}
     address = resources.ray_address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
+    verbose = _CONSOLE["verbose"]
+    kwargs: dict = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": verbose}
+    quiet_ray_console()
     if address:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, **kwargs)
-        return
-    if resources.num_cpus:
-        kwargs["num_cpus"] = resources.num_cpus
-    if resources.object_store_gb:
-        kwargs["object_store_memory"] = int(resources.object_store_gb * 2**30)
-    ray.init(include_dashboard=False, **kwargs)
+    else:
+        if resources.num_cpus:
+            kwargs["num_cpus"] = resources.num_cpus
+        if resources.object_store_gb:
+            kwargs["object_store_memory"] = int(resources.object_store_gb * 2**30)
+        ray.init(include_dashboard=False, **kwargs)
+    quiet_ray_console()
+    if not verbose:
+        node = getattr(ray._private.worker, "_global_node", None)
+        where = node.get_logs_dir_path() if node is not None else "the head node's session folder"
+        log.info("Ray's own logs: %s (-v streams them here)", where)
 
 
 def cpu_supports_bf16() -> bool:

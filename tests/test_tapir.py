@@ -311,7 +311,7 @@ def finished_run(ray_cluster, smollm2, scripted, tmp_path_factory):
         "raw": raw,
         "state": state,
         "stats": scripted.stats(),
-        "stdout": final.stdout,
+        "console": final.stdout + final.stderr,
     }
 
 
@@ -360,6 +360,11 @@ def test_two_tapir_rounds_end_to_end(finished_run):
     assert state["rounds"]["2"]["nll"] < state["rounds"]["0"]["nll_base"]
     report = (Path(run_dir) / "metrics/report.md").read_text()
     assert "## Round 2" in report and "held-out NLL" in report
+    # A healthy run's console: our progress lines, no traceback, no error line, no worker chatter.
+    console = finished_run["console"]
+    assert "round-2/train: done in" in console and "Traceback" not in console, console[-3000:]
+    assert not [line for line in console.splitlines() if " ERROR " in line or " E " in line[:40]
+                or "Reporting training result" in line or "Starting execution of Dataset" in line]  # fmt: skip
     assert all(
         (Path(run_dir) / "metrics" / p).exists()
         for p in ("mfd.png", "loss.png", "nll.png", "categories.png")
