@@ -250,6 +250,10 @@ def oracle_map(
             max_concurrent_calls_per_actor=w, enable_true_multi_threading=True,
         ),
         num_cpus=cpus_per_actor,
+        # No endless restarts (Ray Data's default, which makes Ray's core worker print an error
+        # line in healthy runs): a lost actor fails the stage, and `--resume` answers every
+        # request that had returned from the cache.
+        max_restarts=0,
     )  # fmt: skip
 
 

@@ -108,6 +108,10 @@ def answer(
             fn_constructor_kwargs=dict(model_path=model_path, sampling=sampling, adapter_path=adapter.path if adapter else None, dtype=student.dtype),
             batch_size=student.batch_size,
             compute=ray.data.ActorPoolStrategy(size=student.replicas),
+            # Ray Data restarts pool actors forever by default, and Ray's core worker then prints
+            # an error line for this actor (its constructor arguments live in the object store) in
+            # every healthy run. A lost actor fails the stage instead; `--resume` reruns it.
+            max_restarts=0,
             num_cpus=student.cpus_per_replica,
             num_gpus=student.gpus_per_replica if use_gpu else 0,
         )  # fmt: skip
