@@ -10,6 +10,9 @@ from typing import Any
 
 from tapir_ray import storage
 from tapir_ray.curriculum.actor import read_state
+from tapir_ray.tables import num as _num
+from tapir_ray.tables import save_figure as _save
+from tapir_ray.tables import table as _table
 
 STAGE_ORDER = ("student", "judge", "scores", "plan", "expand", "plan_final", "refine", "train_set", "train", "nll")  # fmt: skip
 
@@ -75,23 +78,6 @@ def write_round_metrics(run_dir: str, r: int) -> dict[str, Any]:
     m = round_metrics(run_dir, r)
     storage.write_json_atomic(storage.join(run_dir, "metrics", f"round-{r}.json"), m)
     return m
-
-
-def _num(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    def cell(v: Any) -> str:
-        if v is None:
-            return "–"
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def citing_table(state: dict[str, Any]) -> str:
@@ -251,18 +237,6 @@ def _delta(run_dir: str) -> float | None:
     if not storage.exists(path):
         return None
     return yaml.safe_load(storage.read_text(path))["curriculum"]["tapir"]["delta"]
-
-
-def _save(fig, out_dir: str, name: str) -> str:
-    import matplotlib.pyplot as plt
-
-    fs, path = storage.fs_and_path(out_dir)
-    fs.makedirs(path, exist_ok=True)
-    fig.tight_layout()
-    with fs.open(f"{path}/{name}", "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
-    return name
 
 
 def write_report(run_dir: str) -> str:

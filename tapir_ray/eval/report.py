@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from tapir_ray import storage
-from tapir_ray.report import _num, _save, _table
+from tapir_ray.tables import num as _num
+from tapir_ray.tables import save_figure as _save
+from tapir_ray.tables import table as _table
 
 
 def _order(targets: dict[str, Any]) -> list[str]:
