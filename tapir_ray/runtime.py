@@ -80,7 +80,6 @@ def ensure_ray(resources: ResourcesConfig | None = None) -> None:
         if resources.object_store_gb:
             kwargs["object_store_memory"] = int(resources.object_store_gb * 2**30)
         ray.init(include_dashboard=False, **kwargs)
-    quiet_ray_console()
     if not verbose:
         node = getattr(ray._private.worker, "_global_node", None)
         where = node.get_logs_dir_path() if node is not None else "the head node's session folder"
