@@ -115,6 +115,8 @@ def cmd_oracle_serve(args: argparse.Namespace) -> int:
         ),
         max_batch=args.max_batch,
         api_key=_server_key(args.api_key_env),
+        batch_processing_s=args.batch_seconds,
+        batch_window_s=args.batch_window_s,
     )  # fmt: skip
     serve(
         server,
@@ -387,6 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the fault draws")
     p.add_argument(
         "--api-key-env", help="require the key in this environment variable (401 without it)"
+    )
+    p.add_argument(
+        "--batch-seconds",
+        type=float,
+        default=0.0,
+        help="Batch API: how long a batch's processing takes (its lines are spread over it)",
+    )
+    p.add_argument(
+        "--batch-window-s",
+        type=float,
+        default=86_400.0,
+        help="Batch API: the completion window in seconds; lines not done by then expire",
     )
     p.set_defaults(func=cmd_oracle_serve)
 

@@ -186,6 +186,31 @@ class StudentConfig(_Strict):
 # --- oracle --------------------------------------------------------------------------------------
 
 
+class BatchSettings(_Strict):
+    """How an endpoint takes batches (OpenAI's Batch API; vLLM's `run-batch` reads the same files)."""
+
+    price_factor: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.5, description="The batch price as a share of the online price (OpenAI: half)."
+    )
+    completion_window: str = "24h"
+    max_requests: PositiveInt = Field(
+        50_000, description="Requests per batch file (OpenAI: 50,000)."
+    )
+    max_bytes: PositiveInt = Field(
+        200 * 2**20, description="Bytes per batch file (OpenAI: 200 MB)."
+    )
+    poll_s: Annotated[float, Field(gt=0)] = Field(
+        15.0,
+        description="First wait between two status checks of a batch; it doubles up to poll_max_s.",
+    )
+    poll_max_s: Annotated[float, Field(gt=0)] = 300.0
+    max_attempts: PositiveInt = Field(
+        3,
+        description="Submissions of one request (after an expired or cancelled batch, or a retryable "
+        "status on its line) before it is a dead letter.",
+    )
+
+
 class EndpointConfig(_Strict):
     base_url: str | None = Field(
         None,
@@ -225,6 +250,7 @@ class EndpointConfig(_Strict):
     )
     price_input_per_m: Annotated[float, Field(ge=0)] = 0.0
     price_output_per_m: Annotated[float, Field(ge=0)] = 0.0
+    batch: BatchSettings = Field(default_factory=BatchSettings)
 
     @field_validator("api_key_env")
     @classmethod
@@ -272,7 +298,20 @@ class EndpointConfig(_Strict):
         return "EMPTY"
 
 
+OracleMode = Literal["online", "batch"]
+# The roles a mode can be set for: `eval` is `tapir-ray eval`'s judge, `types` and `rubric` build
+# CITING's rubrics; `default` covers every role not named.
+MODE_ROLES = ("default", "teacher", "judge", "refine", "expand", "classify", "types", "rubric",
+              "revise", "eval")  # fmt: skip
+
+
 class OracleConfig(_Strict):
+    mode: OracleMode | dict[str, OracleMode] = Field(
+        "online",
+        description="online: chat requests, many in flight. batch: the provider's Batch API (half "
+        "the price, answers within its completion window). One value, or one per role, e.g. "
+        "{default: online, teacher: batch, judge: batch}.",
+    )
     local: bool = Field(
         False,
         description="Start `tapir-ray oracle serve` for this run and point every role without a base_url at it.",
@@ -300,10 +339,24 @@ class OracleConfig(_Strict):
     )
     teacher_temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
 
+    @field_validator("mode")
+    @classmethod
+    def _mode_roles(cls, v: Any) -> Any:
+        if isinstance(v, dict) and (unknown := sorted(set(v) - set(MODE_ROLES))):
+            raise ValueError(f"unknown role {unknown[0]!r}; roles: {', '.join(MODE_ROLES)}")
+        return v
+
     def endpoint(self, role: str) -> EndpointConfig:
         if role == "judge" and self.judge is not None:
             return self.judge
         return self.teacher
+
+    def mode_for(self, role: str) -> OracleMode:
+        """The mode of a stage's role (`eval-judge` is the `eval` role)."""
+        if isinstance(self.mode, str):
+            return self.mode
+        name = "eval" if role.startswith("eval") else role
+        return self.mode.get(name, self.mode.get("default", "online"))
 
 
 # --- curriculum ----------------------------------------------------------------------------------

@@ -311,6 +311,12 @@ def write_report(run_dir: str) -> str:
                              [[role, e.get("sent"), e.get("requests"), e.get("cache_hits"), e.get("retries"), e.get("rate_limited"),
                                e.get("dead_lettered"), e.get("prompt_tokens"), e.get("completion_tokens"), e.get("usd"), e.get("latency_p50_s")]
                               for role, e in sorted(m["oracle"].items())]), ""]  # fmt: skip
+            if any(e.get("batch_requests") for e in m["oracle"].values()):
+                parts += ["Online and through the provider's Batch API (`oracle.mode`):", "",
+                          _table(["role", "online requests", "online USD", "batch requests", "batch USD", "saved by batching USD"],
+                                 [[role, e.get("requests", 0) - e.get("batch_requests", 0), round(e.get("usd", 0.0) - e.get("batch_usd", 0.0), 6),
+                                   e.get("batch_requests", 0), e.get("batch_usd", 0.0), e.get("batch_saved_usd", 0.0)]
+                                  for role, e in sorted(m["oracle"].items())]), ""]  # fmt: skip
         cats = [
             [c, v["target"], v["trained"]]
             for c, v in m["categories"].items()

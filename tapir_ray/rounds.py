@@ -621,10 +621,10 @@ class TapirRun:
             ray.data.read_parquet(in_dir), role=role, endpoint=ep, base_url=url, identity=identity, stage=stage,
             run_dir=self.run_dir, round_=round_, params=params, ledger=self.ledger, parse=parse,
             limiter=self.limiters[key], actors=self.cfg.oracle.actors, cpus_per_actor=self.cfg.oracle.cpus_per_actor,
-            batch_size=max(8, min(64, math.ceil(total / self.cfg.oracle.actors))),
+            batch_size=max(8, min(64, math.ceil(total / self.cfg.oracle.actors))), mode=self.cfg.oracle.mode_for(role),
         )  # fmt: skip
         started = time.perf_counter()
-        done = lambda: ray.get(self.ledger.done.remote(round_, role)) - before  # noqa: E731
+        done = lambda: min(total, ray.get(self.ledger.done.remote(round_, role)) - before)  # noqa: E731
         with Progress(label, total, done, log=self.log):
             ds.write_parquet(out_dir)
         seconds = time.perf_counter() - started

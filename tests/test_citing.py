@@ -238,6 +238,9 @@ def citing_config(run_dir: str, base_url: str, model: str) -> dict:
     raw["student"]["max_model_len"] = 512  # the revision prompt carries the rubric and an answer
     raw["oracle"]["teacher"]["rpm"] = 600  # 10 requests/s: slow enough to be caught mid-stage
     raw["oracle"]["teacher_max_tokens"] = 48
+    # Rubrics and revisions go through the server's Batch API; everything else online.
+    raw["oracle"]["mode"] = {"default": "online", "rubric": "batch", "revise": "batch"}
+    raw["oracle"]["teacher"]["batch"] = {"poll_s": 0.2, "poll_max_s": 1.0}
     raw["curriculum"] = {"algorithm": "citing",
                          "citing": {"warmup_rows": 12, "max_types": 6, "induction_batch_size": 4, "revision_rounds": 1,
                                     "curriculum_questions": 8, "inference_revisions": 1, "max_self_revisions": 1, "eval_questions": 3}}  # fmt: skip
@@ -335,6 +338,12 @@ def test_one_citing_round_end_to_end_killed_and_resumed(ray_cluster, smollm2, tm
         assert v["prompts"] > 0 and v["wins"] + v["ties"] + v["losses"] == 2 * v["prompts"]
     report = (Path(run_dir) / "metrics/report.md").read_text()
     assert "Question types and rubrics" in report and "articulate vs SFT" in report
+    # oracle.mode: the batch roles went through batches, at the batch price; the others online.
+    spend = state["ledger"]["rounds"]
+    assert spend["0"]["rubric"]["batch_requests"] == spend["0"]["rubric"]["requests"] > 0
+    assert spend["1"]["revise"]["batch_requests"] == spend["1"]["revise"]["requests"] > 0
+    assert spend["1"]["eval-judge"]["batch_requests"] == 0 < spend["1"]["eval-judge"]["requests"]
+    assert stats["batches"] >= 2 and "Batch API" in report
     # Self-revising inference on new questions.
     questions = tmp_path / "questions.jsonl"
     questions.write_text(

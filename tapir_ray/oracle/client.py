@@ -35,6 +35,7 @@ from typing import Any
 import openai
 
 from tapir_ray.config import EndpointConfig, redact
+from tapir_ray.oracle import batch
 from tapir_ray.oracle.cache import ResponseCache, cache_key
 from tapir_ray.oracle.ledger import BudgetExceeded, empty_entry
 from tapir_ray.oracle.prompts import ParseError
@@ -287,6 +288,9 @@ class OracleClient:
             return hit, True
         if not allowed():
             raise BudgetExceeded("oracle.max_usd reached")
+        collector = batch.CURRENT.get()
+        if collector is not None:  # batch mode: the submitter caches the reply and counts its cost
+            return await collector.request(key, convo, params), False
         reply, shared = await self._send_once(key, convo, params, allowed)
         entry = {"text": reply.text, "usage": reply.usage, "logprobs": reply.logprobs,
                  "response_id": reply.response_id, "usd": self._cost(reply.usage),
@@ -325,7 +329,7 @@ class OracleClient:
             key = cache_key(self.identity, self.endpoint.model, convo, params)
             try:
                 entry, cached = await self._fetch(key, convo, params, allowed)
-            except _Final as final:
+            except (_Final, batch.Failed) as final:
                 self.delta.add("dead_lettered")
                 return DeadLetter(row_id, role, final.status, final.reason, 0)
             if entry.get("refusal"):

@@ -18,8 +18,11 @@ import ray
 
 from tapir_ray import storage
 
+# batch_*: the part sent through the provider's Batch API (requests, what it cost, and what the
+# same requests would have cost online).
 COUNTERS = ("sent", "requests", "cache_hits", "retries", "rate_limited", "succeeded", "dead_lettered",
-            "prompt_tokens", "completion_tokens", "usd")  # fmt: skip
+            "prompt_tokens", "completion_tokens", "usd", "batch_requests", "batch_usd",
+            "batch_saved_usd")  # fmt: skip
 
 
 class BudgetExceeded(RuntimeError):
@@ -27,13 +30,15 @@ class BudgetExceeded(RuntimeError):
 
 
 def empty_entry() -> dict[str, Any]:
-    return {**dict.fromkeys(COUNTERS, 0), "usd": 0.0, "latencies": []}
+    return {**dict.fromkeys(COUNTERS, 0), "usd": 0.0, "batch_usd": 0.0, "batch_saved_usd": 0.0,
+            "latencies": []}  # fmt: skip
 
 
 def summarize(entry: dict[str, Any]) -> dict[str, Any]:
     lat = sorted(entry.get("latencies", []))
     out = {k: entry.get(k, 0) for k in COUNTERS}
-    out["usd"] = round(out["usd"], 6)
+    for k in ("usd", "batch_usd", "batch_saved_usd"):
+        out[k] = round(out[k], 6)
     out["latency_p50_s"] = round(statistics.median(lat), 4) if lat else None
     out["latency_p95_s"] = round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 4) if lat else None
     return out
@@ -55,6 +60,11 @@ class Ledger:
         self.lock = threading.Lock()
         self.written = 0.0
         self.entries: dict[str, dict[str, dict]] = defaultdict(lambda: defaultdict(empty_entry))
+        # Batches submitted and not yet collected: their estimated cost counts against the budget
+        # (committed spend), and their finished lines count as the stage's progress.
+        self.committed: dict[str, float] = {}
+        self.batch_done: dict[str, tuple[str, int]] = {}
+        self.claimed: set[str] = set()
         if path and storage.exists(path):
             for rnd, roles in storage.read_json(path).get("raw", {}).items():
                 for role, entry in roles.items():
@@ -80,9 +90,52 @@ class Ledger:
         return self.allowed()
 
     def done(self, round_: int, role: str) -> int:
-        """Rows of a role finished (answered or dead-lettered) in a round: the stage's progress."""
+        """Rows of a role finished (answered or dead-lettered) in a round, and lines of its batches
+        in flight that the provider has finished: the stage's progress."""
         entry = self.entries[str(round_)][role]
-        return entry["succeeded"] + entry["dead_lettered"]
+        where = f"{round_}|{role}"
+        in_batches = sum(n for w, n in self.batch_done.values() if w == where)
+        return entry["succeeded"] + entry["dead_lettered"] + in_batches
+
+    def commit(self, batch: str, usd: float, force: bool = False) -> bool:
+        """Reserves a batch's estimated cost before it is submitted; False (nothing reserved) when
+        spent + committed + usd would pass oracle.max_usd. `force`: a batch already submitted
+        (re-attached by a resumed run) is committed whatever is left."""
+        with self.lock:
+            others = sum(v for k, v in self.committed.items() if k != batch)
+            if (
+                not force
+                and self.max_usd is not None
+                and self.spent() + others + usd > self.max_usd
+            ):
+                return False
+            self.committed[batch] = usd
+            return True
+
+    def headroom(self) -> float:
+        """What may still be committed: max_usd - spent - committed (infinite without a budget)."""
+        if self.max_usd is None:
+            return float("inf")
+        return self.max_usd - self.spent() - sum(self.committed.values())
+
+    def batch_progress(self, batch: str, round_: int, role: str, done: int | None) -> None:
+        """Lines of a batch in flight the provider has finished; None once it is collected (its
+        rows then count as answered or dead-lettered) and its committed cost is released."""
+        with self.lock:
+            if done is None:
+                self.batch_done.pop(batch, None)
+                self.committed.pop(batch, None)
+            else:
+                self.batch_done[batch] = (f"{round_}|{role}", done)
+
+    def claim(self, batch: str) -> bool:
+        """True for the first caller only: that actor downloads the batch's results and counts
+        their cost; the others read them from the cache."""
+        with self.lock:
+            if batch in self.claimed:
+                return False
+            self.claimed.add(batch)
+            return True
 
     def has_budget(self) -> bool:
         return self.max_usd is not None
@@ -91,7 +144,7 @@ class Ledger:
         return sum(e["usd"] for roles in self.entries.values() for e in roles.values())
 
     def allowed(self) -> bool:
-        return self.max_usd is None or self.spent() < self.max_usd
+        return self.max_usd is None or self.spent() + sum(self.committed.values()) < self.max_usd
 
     def snapshot(self) -> dict[str, Any]:
         return {

@@ -1,4 +1,5 @@
-"""`tapir-ray oracle serve`: an OpenAI-compatible server on 127.0.0.1 (`/v1/models`, `/v1/chat/completions`).
+"""`tapir-ray oracle serve`: an OpenAI-compatible server on 127.0.0.1 (`/v1/models`,
+`/v1/chat/completions`, and the Files and Batches endpoints of the Batch API: server_batch.py).
 
 Two backends behind one HTTP front:
 - `hf`: a real local model (transformers), the offline teacher and judge of the demo. Requests that
@@ -258,7 +259,11 @@ class OracleServer:
         faults: Faults | None = None,
         max_batch: int = 8,
         api_key: str | None = None,
+        batch_processing_s: float = 0.0,
+        batch_window_s: float = 86_400.0,
     ):
+        from tapir_ray.oracle.server_batch import BatchFront
+
         self.backend = backend
         self.api_key = api_key  # when set, requests must carry it as a bearer token
         self.model_name = model_name
@@ -280,15 +285,17 @@ class OracleServer:
         self.response_ids: dict[str, list[str]] = collections.defaultdict(list)
         self.rng = random.Random(0)
         self.generator = HFGenerator(model_path, max_batch=max_batch) if backend == "hf" else None
+        self.batch = BatchFront(self, processing_s=batch_processing_s, window_s=batch_window_s)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 2**20)
+        app = web.Application(client_max_size=256 * 2**20)  # a batch input file is up to 200 MB
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/stats", self.get_stats)
         app.router.add_post("/stats/reset", self.reset_stats)
         app.router.add_post("/outage", self.outage)
         app.router.add_get("/health", lambda r: web.json_response({"ok": True}))
+        self.batch.routes(app)
         if self.generator is not None:
             app.on_startup.append(lambda _: self.generator.start())
         return app
@@ -312,6 +319,7 @@ class OracleServer:
                 # The response ids of each request answered more than once (a client that cached
                 # an answer never asks again, so none of these ids may be in a client's cache).
                 "repeated_ids": [ids for ids in self.response_ids.values() if len(ids) > 1][:100],
+                **self.batch.stats,
             }
         )
 
@@ -343,19 +351,31 @@ class OracleServer:
             headers=headers,
         )
 
+    def _authorized(self, request: web.Request) -> bool:
+        return not self.api_key or request.headers.get("Authorization") == f"Bearer {self.api_key}"
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self.stats["requests"] += 1
-        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+        if not self._authorized(request):
             return self._error(401, "invalid API key")
         try:
             body = await request.json()
         except json.JSONDecodeError:
             return self._error(400, "request body is not JSON")
+        return await self._complete(body, request.headers.get("Authorization", ""), request)
+
+    async def _complete(
+        self, body: dict[str, Any], authorization: str, request: web.Request | None = None
+    ) -> web.StreamResponse:
+        """One chat completion, over HTTP (`request`) or as a line of a batch (None: the
+        transport's faults — drops, hangs, broken bodies — and the rate limit do not apply)."""
+        if not isinstance(body, dict):
+            return self._error(400, "request body must be a JSON object")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return self._error(400, "messages must be a non-empty list")
         prompt_tokens, max_tokens = request_tokens(body)
-        wait = self.limits.admit(prompt_tokens + max_tokens, time.monotonic())
+        wait = self.limits.admit(prompt_tokens + max_tokens, time.monotonic()) if request else 0.0
         if wait > 0:
             self.stats["rate_limited"] += 1
             return self._error(429, "rate limit exceeded", headers={"Retry-After": f"{wait:.3f}"})
@@ -376,12 +396,12 @@ class OracleServer:
         if time.monotonic() < self.outage_until:
             return self._error(503, "service unavailable (outage)")
         marked = request_faults(messages)
-        early = self._marked_error(marked, self.attempts[key], request)
+        early = self._marked_error(marked, self.attempts[key], authorization)
         if early is not None:
             return early
-        fault = self.faults.draw()
+        fault = self.faults.draw() if request is not None else None
         low, high = self.latency_ms
-        if high > 0:
+        if high > 0 and request is not None:
             await asyncio.sleep(self.rng.uniform(low, high) / 1000)
         if fault == "fail":
             return self._error(500, "injected server error")
@@ -457,14 +477,12 @@ class OracleServer:
         )
 
     def _marked_error(
-        self, marked: dict[str, str], attempt: int, request: web.Request
+        self, marked: dict[str, str], attempt: int, authorization: str
     ) -> web.Response | None:
         if "status" in marked:
             code = int(marked["status"])
             if code == 401:  # as some providers do: the rejected credential is echoed back
-                return self._error(
-                    401, f"Incorrect API key provided: {request.headers.get('Authorization', '')}"
-                )
+                return self._error(401, f"Incorrect API key provided: {authorization}")
             return self._error(code, f"scripted status {code}")
         if "fail_times" in marked and attempt <= int(float(marked["fail_times"])):
             return self._error(503, f"scripted failure {attempt} of {marked['fail_times']}")

@@ -27,6 +27,7 @@ import ray
 
 from tapir_ray import storage
 from tapir_ray.config import EndpointConfig
+from tapir_ray.oracle.batch import CURRENT, BatchSubmitter, Collector
 from tapir_ray.oracle.cache import ResponseCache
 from tapir_ray.oracle.client import Answer, DeadLetter, OracleClient
 from tapir_ray.oracle.ledger import COUNTERS, BudgetExceeded, empty_entry
@@ -51,6 +52,7 @@ class OracleStage:
         ledger,
         identity: str | None = None,
         stage: str | None = None,
+        mode: str = "online",
     ):
         self.endpoint = EndpointConfig.model_validate(endpoint)
         self.role, self.round, self.params, self.parse = role, round_, params, parse
@@ -71,6 +73,12 @@ class OracleStage:
         self.budget_ok = ray.get(ledger.allowed.remote())  # a resumed run may have spent it all
         if ray.get(ledger.has_budget.remote()):
             self.client.on_paid = self._report
+        self.submitter = None
+        if mode == "batch":
+            self.submitter = BatchSubmitter(
+                self.client, identity=identity or base_url, stage=stage or f"round-{round_}-{role}",
+                round_=round_, role=role, run_dir=run_dir, ledger=ledger, allowed=lambda: self.budget_ok,
+            )  # fmt: skip
         asyncio.run_coroutine_threadsafe(self._report_every(1.0), self.loop)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -110,6 +118,8 @@ class OracleStage:
         return out
 
     async def _all(self, ids: list[str], messages: list[list[dict]]) -> list:
+        if self.submitter is not None:
+            return await self._batched(ids, messages)
         calls = (
             self.client.call(
                 i, self.role, m, self.params, self.parse, allowed=lambda: self.budget_ok
@@ -117,6 +127,32 @@ class OracleStage:
             for i, m in zip(ids, messages, strict=True)
         )
         return await asyncio.gather(*calls, return_exceptions=True)
+
+    async def _batched(self, ids: list[str], messages: list[list[dict]]) -> list:
+        """Batch mode: every row runs through the client as online; the requests that miss the
+        cache wait in a Collector until all rows wait, and then go out as provider batches (again
+        for the repair requests of replies that did not parse)."""
+        collector = Collector()
+        token = CURRENT.set(
+            collector
+        )  # each task created here sees this Ray Data batch's collector
+        try:
+            tasks = [
+                asyncio.ensure_future(self.client.call(i, self.role, m, self.params, self.parse,
+                                                       allowed=lambda: self.budget_ok))
+                for i, m in zip(ids, messages, strict=True)
+            ]  # fmt: skip
+        finally:
+            CURRENT.reset(token)
+        while unfinished := [t for t in tasks if not t.done()]:
+            if collector.pending and collector.waiting >= len(unfinished):
+                await self.submitter.run(collector.take())
+                continue
+            collector.changed.clear()
+            changed = asyncio.ensure_future(collector.changed.wait())
+            await asyncio.wait([*unfinished, changed], return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+        return [t.exception() or t.result() for t in tasks]
 
     async def _report(self) -> None:
         """Hands the ledger what was spent since the last report; learns whether budget is left."""
@@ -224,9 +260,13 @@ def oracle_map(
     identity: str | None = None,
     limiter=None,
     stage: str | None = None,
+    mode: str = "online",
 ) -> ray.data.Dataset:
     """Send every row of `ds` (id, messages JSON) to the endpoint as `role`; see OracleStage.
-    `stage` names the dead-letter files (default: round and role)."""
+    `stage` names the dead-letter files (default: round and role). `mode="batch"` sends the
+    requests through the provider's Batch API (batch.py): each Ray Data batch of up to
+    `endpoint.batch.max_requests` rows is one provider batch, and every actor keeps several in
+    flight."""
     from tapir_ray.oracle.limiter import limiter_for
 
     # A caller running several stages passes its limiter and keeps it alive between them (a named
@@ -235,19 +275,23 @@ def oracle_map(
         limiter = limiter_for(
             f"{identity or base_url}|{endpoint.model}", endpoint.rpm, endpoint.tpm
         )
+    in_flight = batches_in_flight(endpoint, batch_size)
+    if mode == "batch":  # a provider batch per Ray Data batch, several waiting at once per actor
+        batch_size, in_flight = endpoint.batch.max_requests, 4
     return ds.map_batches(
         OracleStage,
         fn_constructor_kwargs=dict(
             endpoint=endpoint.model_dump(), base_url=base_url, role=role, run_dir=run_dir, round_=round_,
             params=params, parse=parse, limiter=limiter, ledger=ledger, identity=identity, stage=stage,
+            mode=mode,
         ),
         batch_size=batch_size,
         batch_format="numpy",
         # Fractional CPUs: an actor pool holding every CPU starves Ray Data's own read tasks.
         # Enough batches at once per actor that their rows keep max_concurrency requests busy.
         compute=ray.data.ActorPoolStrategy(
-            size=actors, max_tasks_in_flight_per_actor=(w := batches_in_flight(endpoint, batch_size)),
-            max_concurrent_calls_per_actor=w, enable_true_multi_threading=True,
+            size=actors, max_tasks_in_flight_per_actor=in_flight,
+            max_concurrent_calls_per_actor=in_flight, enable_true_multi_threading=True,
         ),
         num_cpus=cpus_per_actor,
         # No endless restarts (Ray Data's default, which makes Ray's core worker print an error
