@@ -167,6 +167,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     device = (
         torch.device(f"cuda:{torch.cuda.current_device()}") if use_cuda else torch.device("cpu")
     )
+    if not use_cuda:
+        # On CPU DeepSpeed compiles a C++ shared-memory op at its first init (g++, ~40 s on 2 cores,
+        # again for every new environment) that only its inference all-reduce calls; training's
+        # collectives go through gloo. DeepSpeed has no switch for it: marked unavailable here.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     # Ray Train already set up torch.distributed; DeepSpeed adopts that group. It must know the world
     # size before HfDeepSpeedConfig (ZeRO-3) reads the batch sizes.
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
