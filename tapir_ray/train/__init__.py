@@ -1,8 +1,8 @@
 """Training: one round's LoRA (or full) fine-tune on Ray Train with DeepSpeed ZeRO-2/3.
 
-    rows (messages JSON, response) → Tokenize (Ray Data, tapir_ray.chat.sft_example: prompt masked)
-        → TorchTrainer(train_loop_per_worker, ScalingConfig from `train:`) → workers stream their
-          shard (ray.train.get_dataset_shard) → checkpoints via ray.train.report
+    rows (messages JSON, response) → TorchTrainer(train_loop_per_worker, ScalingConfig from
+        `train:`) → workers stream their shard (ray.train.get_dataset_shard), tokenised as they go
+        (Tokenize: tapir_ray.chat.sft_example, prompt masked) → checkpoints via ray.train.report
         → <out>/adapter/ (PEFT format) + sha256, <out>/metrics.json (per step)
 
 A round killed mid-training resumes from its newest checkpoint when called again: Ray Train keeps
@@ -24,7 +24,6 @@ import ray
 from tapir_ray import storage
 from tapir_ray.assets import resolve_model
 from tapir_ray.config import TrainConfig
-from tapir_ray.runtime import cached_udf
 from tapir_ray.student.adapter import adapter_sha256
 
 __all__ = ["TrainResult", "export_model", "train_round"]
@@ -97,15 +96,19 @@ def train_round(
     rendered with `chat_template` (see tapir_ray.chat.load_tokenizer), as inference renders them."""
     from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchTrainer
-    from transformers import AutoTokenizer
 
     from tapir_ray.train.loop import train_loop_per_worker
 
     started = time.perf_counter()
     out_dir = storage.absolute(out_dir)  # the workers write into it from their own directories
     model_path = resolve_model(model)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    rows = ds.count()
+    # Read into the object store before the fit: while it runs the workers may hold every CPU (a
+    # 2-CPU machine, or a GPU node whose CPUs go to workers), which would starve any read task and
+    # hang the fit. Each worker tokenises its own shard as it iterates (loop.TokenizeCollate, in
+    # Ray Data's prefetch threads), so no tokenising process starts and no pass over the data runs
+    # before the fit. The rows are never collected on the driver.
+    rows_in = ds.select_columns(["messages", "response"]).materialize()
+    rows = rows_in.count()
     if rows == 0:
         raise ValueError("the training set is empty")
     world = train.num_workers
@@ -113,13 +116,6 @@ def train_round(
     total_steps = train.max_steps or max(
         1, math.floor(micro_per_epoch * train.epochs / train.grad_accum)
     )
-    # Tokenised into the object store before the fit: while it runs the workers may hold every CPU
-    # (a 2-CPU machine, or a GPU node whose CPUs go to workers), which would starve a tokenising
-    # actor and hang the fit. The rows are never collected on the driver.
-    tokenized = ds.map_batches(
-        cached_udf, fn_args=(Tokenize, (model_path, train.max_length, chat_template)),
-        batch_size=64, num_cpus=0.25,
-    ).materialize()  # fmt: skip
     target = train.lora.target_modules
     cfg = {
         "model_path": model_path,
@@ -141,9 +137,8 @@ def train_round(
         "checkpoint_every_steps": train.checkpoint_every_steps,
         "gradient_checkpointing": False,
         "use_gpu": train.use_gpu,
-        "pad_id": tokenizer.pad_token_id
-        if tokenizer.pad_token_id is not None
-        else tokenizer.eos_token_id,
+        "max_length": train.max_length,
+        "chat_template": chat_template,
         "adapter_dir": storage.join(out_dir, "adapter"),
         "metrics_path": storage.join(out_dir, "metrics.json"),
         "logger": train.logger,
@@ -160,7 +155,7 @@ def train_round(
             name="fit", storage_path=storage.absolute(storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": tokenized},
+        datasets={"train": rows_in},
         # Resume: Ray Train restores a run from its own checkpoint history when a fit is started
         # again with the same name and storage path (a killed round picks up where it stopped).
     )  # fmt: skip

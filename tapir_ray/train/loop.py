@@ -14,11 +14,13 @@ import json
 import math
 import os
 import tempfile
+import threading
 import time
 from typing import Any
 
 import ray.train
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from tapir_ray import storage
 from tapir_ray.chat import IGNORE_INDEX
@@ -76,6 +78,25 @@ def collate(rows: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
         "labels": torch.tensor([y + [IGNORE_INDEX] * (width - len(y)) for y in labels]),
         "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
     }
+
+
+class TokenizeCollate(NumpyBatchCollateFn):
+    """Ray Data collate function of a worker's micro-batches: (messages, response) rows are
+    tokenised (prompt masked, tapir_ray.chat.sft_example) and padded in Ray Data's prefetch threads,
+    so tokenisation overlaps the previous step and needs no process or pass of its own."""
+
+    def __init__(self, model_path: str, max_length: int, chat_template: str | None):
+        from tapir_ray.train import Tokenize
+
+        self.tokenize = Tokenize(model_path, max_length, chat_template)
+        tok = self.tokenize.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.lock = threading.Lock()  # a fast tokenizer is not safe to share between threads
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        with self.lock:
+            tokens = self.tokenize(batch)
+        return collate(tokens, self.pad_id)
 
 
 def build_model(cfg: dict[str, Any], ds_config: dict[str, Any], dtype: torch.dtype):
@@ -210,21 +231,21 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     fpt = flops_per_token(engine.module)
     peak = cfg.get("peak_flops_per_device")
-    pad_id = cfg["pad_id"]
+    collate_fn = TokenizeCollate(cfg["model_path"], cfg["max_length"], cfg["chat_template"])
     window_tokens = window_response_tokens = window_samples = 0
     window_start = time.perf_counter()
     losses: list[float] = []
     while step < cfg["total_steps"]:
         micro = 0
-        for batch in shard.iter_batches(
-            batch_size=cfg["micro_batch_size"], batch_format="numpy", prefetch_batches=2
+        for batch in shard.iter_torch_batches(
+            batch_size=cfg["micro_batch_size"], prefetch_batches=2, collate_fn=collate_fn
         ):
             micro += 1
             if (
                 micro <= skip_batches
             ):  # resumed mid-epoch: these micro-batches were already trained on
                 continue
-            tensors = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+            tensors = {k: v.to(device) for k, v in batch.items()}
             out = engine(**tensors)
             engine.backward(out.loss)
             engine.step()
