@@ -459,6 +459,10 @@ class CitingRun(TapirRun):
     def embedding_model(self) -> str:
         return self.citing.embedding_model
 
+    def fit_heldout(self) -> None:
+        """CITING's rounds are measured by its judge on the test split, not by a held-out NLL."""
+        return None
+
     def questions(self, round_: int) -> list[str]:
         train = _task(train_ids, self.run_dir)
         return curriculum_ids(

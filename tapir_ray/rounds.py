@@ -785,12 +785,13 @@ class TapirRun:
             ds, self.cfg.train, self.path(f"round-{round_}"), model=student["model"],
             init_adapter=None if full else student["adapter"], seed=self.seed + round_,
             chat_template=self.cfg.student.chat_template,
+            heldout=self.fit_heldout(),
         )  # fmt: skip
         losses = [m["loss"] for m in result.metrics if m.get("loss") is not None]
         tps = [m["tokens_per_s"] for m in result.metrics if m.get("tokens_per_s")]
         return {"steps": result.steps, "first_loss": losses[0] if losses else None, "final_loss": result.final_loss,
                 "tokens_per_s": round(sum(tps) / len(tps), 1) if tps else None,
-                "adapter": result.adapter_dir, "adapter_sha256": result.adapter_sha256,
+                "adapter": result.adapter_dir, "adapter_sha256": result.adapter_sha256, "heldout": result.heldout,
                 "rows": storage.parquet_rows(self.path(f"round-{round_}", "train_set"))}  # fmt: skip
 
     def student_after(self, round_: int) -> dict:
@@ -840,7 +841,7 @@ class TapirRun:
                     0, {"adapter": trained["adapter"], "adapter_sha256": trained["adapter_sha256"]}
                 )
             )
-            nll = self.step("round-0/nll", 0, lambda: self.nll(0, *self._nll_args(0)))
+            nll = self.step("round-0/nll", 0, lambda: self.round_nll(0, trained))
             ray.get(self.actor.update_round.remote(0, {"nll": nll.get("nll"), "train": trained}))
         sizes = round_sizes(tapir, items["candidates"])
         for r in range(1, tapir.rounds + 1):
@@ -848,6 +849,15 @@ class TapirRun:
         ray.get(self.actor.finish.remote("done"))
         ray.get(self.actor.set_ledger.remote(ray.get(self.ledger.flush.remote())))
         return ray.get(self.actor.get.remote())
+
+    def fit_heldout(self) -> list[dict[str, Any]] | None:
+        """Rows whose NLL each fit computes after training: the per-round held-out NLL."""
+        return _task(heldout_rows, self.run_dir, self.seed, self.tapir.nll_max_rows)
+
+    def round_nll(self, round_: int, trained: dict) -> dict:
+        """The held-out NLL after a round: the fit computed it (its model was loaded), else (a
+        round trained before it did) a task loads the round's student."""
+        return trained.get("heldout") or self.nll(round_, *self._nll_args(round_))
 
     def _nll_args(self, round_: int) -> tuple[str | None, str]:
         s = self.student_after(round_)
@@ -939,7 +949,7 @@ class TapirRun:
                 r, {"adapter": trained["adapter"], "adapter_sha256": trained["adapter_sha256"]}
             )
         )
-        nll = self.step(f"{rd}/nll", r, lambda: self.nll(r, *self._nll_args(r)))
+        nll = self.step(f"{rd}/nll", r, lambda: self.round_nll(r, trained))
         ray.get(self.actor.update_round.remote(r, {
             "scores": scored, "plan": plan, "final": final, "refine": refined, "train_set": train_set,
             "train": trained, "nll": nll.get("nll"),

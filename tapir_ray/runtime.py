@@ -51,6 +51,14 @@ def quiet_ray_console() -> None:
                 handler, logging.FileHandler
             ):
                 handler.setLevel(logging.WARNING)
+                if _notice_filter not in handler.filters:
+                    handler.addFilter(_notice_filter)
+
+
+def _notice_filter(record: logging.LogRecord) -> bool:
+    """Ray's notice, at every start of a local cluster, that it turned token authentication on
+    by default: the cluster is this run's own, on this machine, and stays so."""
+    return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
 
 
 def ensure_ray(resources: ResourcesConfig | None = None) -> None:

@@ -140,3 +140,30 @@ def test_placement_on_a_gpu_cluster_comes_from_the_config():
     train = scaling_config(cfg.train)
     assert train.num_workers == 16 and train.use_gpu and train.accelerator_type == "H100"
     assert train.resources_per_worker == {"CPU": 8.0, "GPU": 1.0}
+
+
+LOCAL_START = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+from tapir_ray.runtime import ensure_ray
+ensure_ray()
+import ray
+print("cpus", ray.cluster_resources().get("CPU"))
+"""
+
+
+def test_a_local_cluster_starts_with_our_lines_only(tmp_path):
+    """What `tapir-ray run` prints when it starts its own cluster: where Ray's logs are, not Ray's
+    INFO lines or its token-authentication notice."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["HOME"] = str(tmp_path)  # no token yet: Ray makes one and says so, at warning level
+    done = subprocess.run([sys.executable, "-c", LOCAL_START], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "cpus" in out, out[-3000:]
+    assert "Ray's own logs:" in out and "Token authentication" not in out, out
+    assert "Started a local Ray instance" not in out, out

@@ -508,6 +508,12 @@ def test_eval_suites_on_the_finished_run(finished_run, scripted, tmp_path):
     nll = evaluate(run_dir, rounds="all", suites=["nll"])["nll"]["targets"]
     assert set(nll) == {"base", "round-1", "round-2"}
     assert nll["round-2"]["nll"] < nll["round-1"]["nll"] < nll["base"]["nll"]
+    # The run's per-round figure came from the fit, where the model was loaded: the same number
+    # a task that loads the round's adapter computes.
+    for r in ("1", "2"):
+        info = finished_run["state"]["rounds"][r]
+        assert info["train"]["heldout"]["nll"] == info["nll"]
+        assert info["nll"] == pytest.approx(nll[f"round-{r}"]["nll"], rel=1e-3)
     report = (Path(run_dir) / "eval/report.md").read_text()
     assert "Pairwise win rate" in report and "MT-Bench" in report and "Held-out NLL" in report
     assert all(

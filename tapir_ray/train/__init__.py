@@ -63,6 +63,7 @@ class TrainResult:
     final_loss: float | None
     seconds: float
     metrics: list[dict[str, Any]]
+    heldout: dict[str, Any] | None = None  # {nll, tokens, rows} when held-out rows were given
 
 
 def scaling_config(train: TrainConfig):
@@ -91,9 +92,11 @@ def train_round(
     seed: int = 0,
     peak_flops_per_device: float | None = None,
     chat_template: str | None = None,
+    heldout: list[dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Fine-tune on `ds` (messages JSON + response) and write `<out_dir>/adapter/`; prompts are
-    rendered with `chat_template` (see tapir_ray.chat.load_tokenizer), as inference renders them."""
+    rendered with `chat_template` (see tapir_ray.chat.load_tokenizer), as inference renders them.
+    `heldout` rows (messages, response): the trained model's held-out NLL, computed in the fit."""
     from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -144,7 +147,10 @@ def train_round(
         "logger": train.logger,
         "tensorboard_dir": storage.absolute(storage.join(out_dir, "tensorboard")),
         "peak_flops_per_device": peak_flops_per_device,
+        "heldout": heldout or [],
+        "heldout_path": storage.join(out_dir, "heldout_nll.json"),
     }
+    storage.remove(cfg["heldout_path"])  # a figure of an earlier fit of this round is not this one
     storage_path = storage.join(out_dir, "checkpoints")
     storage.makedirs(storage_path)
     trainer = TorchTrainer(
@@ -161,6 +167,11 @@ def train_round(
     )  # fmt: skip
     trainer.fit()
     metrics = storage.read_json(cfg["metrics_path"]) if storage.exists(cfg["metrics_path"]) else []
+    nll = (
+        storage.read_json(cfg["heldout_path"])
+        if heldout and storage.exists(cfg["heldout_path"])
+        else None
+    )
     sha = adapter_sha256(cfg["adapter_dir"]) if not train.full_finetune else ""
     if sha:
         storage.write_text_atomic(storage.join(cfg["adapter_dir"], "SHA256"), sha + "\n")
@@ -171,6 +182,7 @@ def train_round(
         final_loss=metrics[-1]["loss"] if metrics else None,
         seconds=time.perf_counter() - started,
         metrics=metrics,
+        heldout=nll,
     )
 
 

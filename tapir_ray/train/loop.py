@@ -296,6 +296,25 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 raise RuntimeError("the training shard is empty")
 
     _save_adapter(engine, cfg, rank)
+    if cfg.get("heldout"):
+        _heldout_nll(engine, cfg, collate_fn, rank)
+
+
+def _heldout_nll(engine, cfg: dict[str, Any], collate_fn: TokenizeCollate, rank: int) -> None:
+    """The held-out NLL of the model just trained, computed where it is already loaded (rather
+    than by a task that loads it again). Every rank runs the same forwards, as ZeRO-3 gathers each
+    layer's weights collectively; rank 0 writes the figure (as eval.nll.heldout_nll computes it)."""
+    from tapir_ray.eval.nll import sft_examples, token_nll
+
+    examples = sft_examples(collate_fn.tokenize.tokenizer, cfg["heldout"], cfg["max_length"])
+    engine.module.eval()
+    with torch.no_grad():
+        total, count = token_nll(engine.module, examples, collate_fn.pad_id)
+    if rank == 0:
+        nll = round(total / count, 5) if count else None
+        storage.write_json_atomic(
+            cfg["heldout_path"], {"nll": nll, "tokens": count, "rows": len(cfg["heldout"])}
+        )
 
 
 def _report_with_checkpoint(
