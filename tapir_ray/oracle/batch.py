@@ -38,6 +38,7 @@ from openai.types.chat import ChatCompletion
 from tapir_ray import storage
 from tapir_ray.config import EndpointConfig
 from tapir_ray.oracle.ledger import BudgetExceeded
+from tapir_ray.oracle.reply import RETRY_STATUSES, _Malformed, _reply
 from tapir_ray.oracle.server import estimate_tokens
 
 log = logging.getLogger(__name__)
@@ -339,8 +340,6 @@ class BatchSubmitter:
     async def _line(self, line: dict) -> tuple[str, Any]:
         """One line of an output or error file: the cache entry (stored and counted here), Failed,
         or None (submit again)."""
-        from tapir_ray.oracle.client import RETRY_STATUSES, _Malformed, _reply
-
         key = line.get("custom_id")
         response = line.get("response") or {}
         status = response.get("status_code")

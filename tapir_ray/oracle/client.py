@@ -39,11 +39,11 @@ from tapir_ray.oracle import batch
 from tapir_ray.oracle.cache import ResponseCache, cache_key
 from tapir_ray.oracle.ledger import BudgetExceeded, empty_entry
 from tapir_ray.oracle.prompts import ParseError
+from tapir_ray.oracle.reply import RETRY_STATUSES, Reply, _Malformed, _reply
 from tapir_ray.oracle.server import estimate_tokens
 
 log = logging.getLogger(__name__)
 
-RETRY_STATUSES = {408, 409, 429}  # and every 5xx
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 30.0
 MALFORMED_ATTEMPTS = 3  # a 200 whose body is not a completion: asked again this many times at most
 
@@ -76,17 +76,6 @@ class Delta:
         self.counts[key] += n
 
 
-@dataclass
-class Reply:
-    """What a 200 carried: the text, usage (estimated where the body had none), logprobs."""
-
-    text: str
-    usage: dict[str, int]
-    logprobs: list[dict[str, float]] | None
-    finish_reason: str | None
-    response_id: str | None
-
-
 def _retry_after(exc: openai.APIStatusError) -> float | None:
     value = exc.response.headers.get("retry-after") if exc.response is not None else None
     try:
@@ -98,33 +87,6 @@ def _retry_after(exc: openai.APIStatusError) -> float | None:
 def _is_refusal(exc: openai.APIStatusError) -> bool:
     text = json.dumps(exc.body) if exc.body is not None else str(exc)
     return "content_policy" in text or "content_filter" in text
-
-
-def _reply(resp: Any, prompt_estimate: int) -> Reply:
-    """Read a completion, tolerating what providers leave out; a body with no message is malformed."""
-    choices = getattr(resp, "choices", None)
-    if not choices:
-        raise _Malformed("a 200 reply with no choices")
-    choice = choices[0]
-    message = getattr(choice, "message", None)
-    if message is None:
-        raise _Malformed("a 200 reply whose choice has no message")
-    text = message.content or ""
-    usage = getattr(resp, "usage", None)
-    prompt_tokens = getattr(usage, "prompt_tokens", None)
-    completion_tokens = getattr(usage, "completion_tokens", None)
-    usage_dict = {
-        # Missing usage is estimated (≈4 characters a token) so the cost is never counted as zero.
-        "prompt_tokens": int(prompt_tokens) if prompt_tokens is not None else prompt_estimate,
-        "completion_tokens": int(completion_tokens)
-        if completion_tokens is not None
-        else estimate_tokens(text),
-    }
-    logprobs = None
-    content = getattr(getattr(choice, "logprobs", None), "content", None)
-    if content:
-        logprobs = [{a.token: a.logprob for a in (t.top_logprobs or [])} for t in content]
-    return Reply(text, usage_dict, logprobs, choice.finish_reason, getattr(resp, "id", None))
 
 
 class OracleClient:
@@ -373,10 +335,6 @@ class _Final(Exception):
     def __init__(self, status: str, reason: str):
         super().__init__(reason)
         self.status, self.reason = status, reason
-
-
-class _Malformed(Exception):
-    """A 200 whose body is not a usable completion."""
 
 
 def _message(exc: openai.APIStatusError) -> str:

@@ -19,12 +19,9 @@ import asyncio
 import json
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
-
-if TYPE_CHECKING:
-    from tapir_ray.oracle.server import OracleServer
 
 ENDPOINT = "/v1/chat/completions"
 CHUNK = 64  # lines answered together (a local model batches them)
@@ -35,9 +32,10 @@ def _now() -> int:
 
 
 class BatchFront:
-    def __init__(
-        self, server: OracleServer, *, processing_s: float = 0.0, window_s: float = 86_400.0
-    ):
+    """`server` is the OracleServer whose backend answers the lines (its `_complete`, `_error` and
+    `_authorized`); not imported here, so that this module stays below server.py."""
+
+    def __init__(self, server: Any, *, processing_s: float = 0.0, window_s: float = 86_400.0):
         self.server = server
         self.processing_s = processing_s
         self.window_s = window_s
