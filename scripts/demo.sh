@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The offline demo (`make demo`): 2 TAPIR rounds on 200 bundled Alpaca instructions, end to end,
+# The offline demo (`make demo`): 2 TAPIR rounds on 120 bundled Alpaca instructions, end to end,
 # with a local teacher/judge, ending with the report table. An interrupted demo resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."

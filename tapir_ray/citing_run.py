@@ -543,7 +543,7 @@ class CitingRun(TapirRun):
         )
         names = [t["name"] for t in _task(merged_types, self.run_dir)]
         self.step("types/assign", 0, lambda: self.ask("type per question", self.path("types", "assign_in"), self.path("types", "assigned"),
-                  role="classify", endpoint="teacher", params={"max_tokens": 24, "temperature": 0.0}, parse=_type_parser(names), round_=0, max_dead_share=1.0))  # fmt: skip
+                  role="classify", endpoint="teacher", params=self.label_params(names, 24), parse=_type_parser(names), round_=0, max_dead_share=1.0))  # fmt: skip
         self.step("embeddings", 0, self.embeddings)
         typed = self.step("types/by_description", 0, lambda: _task(
             write_types_by_description, self.run_dir, ids, self.embedding_model, c.type_fallback))  # fmt: skip

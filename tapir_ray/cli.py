@@ -474,11 +474,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Our INFO lines reach the console; the libraries' only from warnings up (all with -v).
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("tapir_ray").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:  # vLLM's notices about the CPU build (Triton, ...) are not the user's
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     for name, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")):
         os.environ.setdefault(name, value)
     from tapir_ray.runtime import set_verbose

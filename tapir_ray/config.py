@@ -149,7 +149,11 @@ class StudentConfig(_Strict):
         description="A local HF folder, a hub id on a cluster with hub access, or bundled:NAME.",
     )
     engine: Literal["auto", "vllm", "transformers"] = "auto"
-    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
+        "auto",
+        description="auto: bfloat16 on GPUs and on CPUs that compute it natively (AVX512-BF16, "
+        "AMX), float32 on other CPUs.",
+    )
     max_model_len: PositiveInt = 2048
     over_length: Literal["truncate", "dead-letter"] = Field(
         "truncate", description="What happens to a prompt longer than max_model_len - max_tokens."
@@ -248,6 +252,11 @@ class EndpointConfig(_Strict):
         description="The endpoint continues a final assistant turn (vLLM, tapir-ray's server): judge and "
         "classifier replies are prefilled with the verdict's opening. Not for OpenAI's API.",
     )
+    structured_choice: bool = Field(
+        False,
+        description="The endpoint takes vLLM's `structured_outputs: {choice: [...]}` (vLLM, SGLang): "
+        "classification replies are constrained to the taxonomy's labels. Not for OpenAI's API.",
+    )
     price_input_per_m: Annotated[float, Field(ge=0)] = 0.0
     price_output_per_m: Annotated[float, Field(ge=0)] = 0.0
     batch: BatchSettings = Field(default_factory=BatchSettings)
@@ -316,10 +325,20 @@ class OracleConfig(_Strict):
         False,
         description="Start `tapir-ray oracle serve` for this run and point every role without a base_url at it.",
     )
-    local_backend: Literal["hf", "scripted"] = "hf"
+    local_backend: Literal["auto", "vllm", "hf", "scripted"] = Field(
+        "auto",
+        description="The local server: vllm (vLLM's OpenAI-compatible server), hf (transformers "
+        "`generate` behind `tapir-ray oracle serve`), scripted (rule-based replies, for tests); "
+        "auto = vllm when it is installed, else hf.",
+    )
     local_model: str = "bundled:smollm2-135m"
     local_port: int = Field(0, ge=0, le=65535, description="0 = pick a free port.")
-    local_max_batch: PositiveInt = Field(8, description="hf backend: requests generated together.")
+    local_max_batch: PositiveInt = Field(
+        8, description="Requests the local model generates together."
+    )
+    local_max_model_len: PositiveInt = Field(
+        4096, description="vllm backend: the longest prompt + reply, in tokens."
+    )
     teacher: EndpointConfig = Field(default_factory=EndpointConfig)
     judge: EndpointConfig | None = Field(None, description="Defaults to the teacher's endpoint.")
     max_usd: Annotated[float, Field(gt=0)] | None = Field(
@@ -350,6 +369,14 @@ class OracleConfig(_Strict):
         if role == "judge" and self.judge is not None:
             return self.judge
         return self.teacher
+
+    def local_server(self) -> str:
+        """The local backend a run starts: `auto` is vllm where it is installed, else hf."""
+        if self.local_backend != "auto":
+            return self.local_backend
+        import importlib.util
+
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
     def mode_for(self, role: str) -> OracleMode:
         """The mode of a stage's role (`eval-judge` is the `eval` role)."""

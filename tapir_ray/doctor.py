@@ -109,7 +109,7 @@ def check_endpoint(cfg: Config, role: str) -> tuple[str, str]:
     ep = cfg.oracle.endpoint(role)
     if ep.base_url is None:
         if cfg.oracle.local:
-            return OK, f"local server (started by the run, backend {cfg.oracle.local_backend})"
+            return OK, f"local server (started by the run, backend {cfg.oracle.local_server()})"
         return WARN, "no base_url and oracle.local is false"
     from openai import OpenAI
 

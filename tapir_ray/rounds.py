@@ -69,11 +69,12 @@ def _task(fn: Callable, *args: Any, **kwargs: Any) -> Any:
 @contextlib.contextmanager
 def oracle_endpoints(cfg: Config, run_dir: str, log: Callable[[str], None]) -> Iterator[dict]:
     """role → (EndpointConfig, base_url, cache identity); starts the local server when asked."""
-    from tapir_ray.oracle.local import LocalOracle
+    from tapir_ray.oracle.local import LocalOracle, VLLMOracle
 
     roles = {"teacher": cfg.oracle.endpoint("teacher"), "judge": cfg.oracle.endpoint("judge")}
     missing = [r for r, ep in roles.items() if ep.base_url is None]
     server = None
+    backend = cfg.oracle.local_server()
     if missing and not cfg.oracle.local:
         raise RunError(
             f"oracle.{missing[0]}.base_url is not set; set it, or set oracle.local: true to serve a local model"
@@ -81,31 +82,35 @@ def oracle_endpoints(cfg: Config, run_dir: str, log: Callable[[str], None]) -> I
     try:
         if missing:
             storage.makedirs(storage.join(run_dir, "logs"))
-            log(
-                f"starting the local oracle ({cfg.oracle.local_backend}, {cfg.oracle.local_model}) ..."
-            )
-            args = [
-                "--backend",
-                cfg.oracle.local_backend,
-                "--max-batch",
-                str(cfg.oracle.local_max_batch),
-            ]
-            if cfg.oracle.local_port:
-                args += ["--port", str(cfg.oracle.local_port)]
-            if cfg.oracle.local_backend == "hf":
-                args += ["--model", cfg.oracle.local_model]
-            server = LocalOracle(
-                *args, startup_timeout=600, log_path=storage.join(run_dir, "logs", "oracle.log")
-            ).__enter__()
+            log(f"starting the local oracle ({backend}, {cfg.oracle.local_model}) ...")
+            log_path = storage.join(run_dir, "logs", "oracle.log")
+            if backend == "vllm":
+                from tapir_ray.assets import resolve_model
+
+                server = VLLMOracle(
+                    resolve_model(cfg.oracle.local_model), max_num_seqs=cfg.oracle.local_max_batch,
+                    max_model_len=cfg.oracle.local_max_model_len, port=cfg.oracle.local_port,
+                    log_path=log_path,
+                )  # fmt: skip
+            else:
+                args = ["--backend", backend, "--max-batch", str(cfg.oracle.local_max_batch)]
+                if cfg.oracle.local_port:
+                    args += ["--port", str(cfg.oracle.local_port)]
+                if backend == "hf":
+                    args += ["--model", cfg.oracle.local_model]
+                server = LocalOracle(*args, startup_timeout=600, log_path=log_path)
+            server.__enter__()
             log(f"local oracle listening at {server.base_url}")
         out = {}
         for role, ep in roles.items():
             if ep.base_url is None:
-                # Our server continues a prefilled assistant turn; its port changes between runs,
+                # Both local servers continue a prefilled assistant turn (vLLM also constrains a
+                # classification to its labels); the port changes between runs,
                 # so the cache keys on a stable name instead of the URL.
                 # It takes no key: none is sent to it.
-                ep = ep.model_copy(update={"continue_final_message": True, "api_key_env": None})
-                identity = f"local://{cfg.oracle.local_backend}/{cfg.oracle.local_model}"
+                ep = ep.model_copy(update={"continue_final_message": True, "api_key_env": None,
+                                           "structured_choice": backend == "vllm"})  # fmt: skip
+                identity = f"local://{backend}/{cfg.oracle.local_model}"
                 out[role] = (ep, server.base_url, identity)
             else:
                 out[role] = (ep, ep.base_url, ep.base_url)
@@ -642,6 +647,9 @@ class TapirRun:
     def prefill(self, endpoint: str) -> bool:
         return self.endpoints[endpoint][0].continue_final_message
 
+    def label_params(self, labels: list[str], max_tokens: int = 16) -> dict[str, Any]:
+        return P.label_params(labels, max_tokens, self.endpoints["teacher"][0].structured_choice)
+
     def teacher_params(self) -> dict[str, Any]:
         return {
             "max_tokens": self.cfg.oracle.teacher_max_tokens,
@@ -735,7 +743,7 @@ class TapirRun:
         pool.map_batches(to_request, batch_format="pyarrow").write_parquet(self.path("labels_in"))
         out_dir = self.path("labels") if settings.method == "oracle" else self.path("labels_oracle")
         info = self.ask("task labels", self.path("labels_in"), out_dir, role="classify", endpoint="teacher",
-                        params={"max_tokens": 16, "temperature": 0.0}, parse=_label_parser(labels), round_=0)  # fmt: skip
+                        params=self.label_params(labels), parse=_label_parser(labels), round_=0)  # fmt: skip
         if settings.method == "oracle":
             _task(_labels_from_parsed, out_dir, out_dir)
             return {**info, "method": "oracle"}
@@ -965,8 +973,6 @@ class TapirRun:
             "temperature": j.temperature,
             "max_tokens": min(j.max_tokens, 8) if prefill else j.max_tokens,
         }
-        if prefill:
-            params.update(P.CONTINUE_PARAMS)
         if j.logprob_scoring:
             params.update(logprobs=True, top_logprobs=20)
             if prefill and j.mode == "single":  # the score is read at the first two positions:
@@ -989,7 +995,7 @@ class TapirRun:
         prefill = self.prefill("teacher")
         _task(write_expansion_labels_in, self.run_dir, r, attempt, self.labels, prefill)
         self.ask(f"{rd} · expansion labels", storage.join(folder, "label_requests"), storage.join(folder, "labels"),
-                 role="classify", endpoint="teacher", params={"max_tokens": 16, "temperature": 0.0},
+                 role="classify", endpoint="teacher", params=self.label_params(self.labels),
                  parse=_label_parser(self.labels), round_=r, max_dead_share=1.0)  # fmt: skip
         got = _task(accept_expansions, self.run_dir, r, attempt, self.tapir.near_duplicate_threshold,
                     self.tapir.classifier.embedding_model, list(self.cfg.pool.decontaminate_against))  # fmt: skip

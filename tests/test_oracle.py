@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
 import math
+import os
 import time
 
 import pytest
@@ -219,11 +221,13 @@ def test_a_prefilled_verdict_is_continued_and_parsed_with_its_prefill(ray_cluste
                 "a", "judge", prompt.messages, {"max_tokens": 64}, P.parse_rating
             )
             pre = await client.call("b", "judge", P.prefilled(prompt, P.VERDICT_PREFILL),
-                                    {"max_tokens": 8, **P.CONTINUE_PARAMS},
+                                    {"max_tokens": 8},
                                     functools.partial(P.parse_rating, prefilled=True))  # fmt: skip
             return full, pre
 
         full, pre = asyncio.run(both())
+    # The client asked for the continuation (without continue_final_message a server opens a
+    # new assistant turn, and the reply repeats the verdict's opening).
     assert (
         pre.text.startswith(P.VERDICT_PREFILL) and pre.text.endswith("]]") and "\n" not in pre.text
     )
@@ -449,7 +453,6 @@ def test_judge_calls_against_the_hf_backend_with_the_bundled_model(
 
 def test_a_local_server_stops_when_the_run_that_started_it_is_killed():
     """SIGKILL leaves no cleanup to do: the server watches its parent and exits on its own."""
-    import os
     import subprocess
     import sys
 
@@ -486,3 +489,87 @@ def test_a_limiter_outlives_the_runner_that_created_it(ray_cluster):
     gc.collect()
     time.sleep(2)
     assert ray.get(second.get_stats.remote(), timeout=30)["scale"] > 0
+
+
+VLLM_PARENT = """
+import sys, time
+from tapir_ray.oracle.local import VLLMOracle
+oracle = VLLMOracle(sys.argv[2], max_num_seqs=8, max_model_len=2048, log_path=sys.argv[1]).__enter__()
+print("port", oracle.port, flush=True)
+time.sleep(3600)
+"""
+
+
+@pytest.mark.skipif(
+    not importlib.util.find_spec("vllm"), reason="the vllm backend needs vllm installed"
+)
+def test_the_local_oracle_on_vllm_continues_prefills_and_dies_with_its_driver(smollm2, tmp_path):
+    """`oracle.local_backend: vllm` (auto where vllm is installed): vLLM's own OpenAI-compatible
+    server continues a prefilled judge turn (the client sends continue_final_message) with the
+    log-probabilities G-Eval reads, constrains a classification to its labels, and goes when the
+    process that started it is SIGKILLed."""
+    import asyncio
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tapir_ray.oracle.client import OracleClient
+    from tapir_ray.oracle.limiter import limiter_for
+    from tests.conftest import REPO
+
+    log = tmp_path / "vllm.log"
+    parent = subprocess.Popen([sys.executable, "-c", VLLM_PARENT, str(log), smollm2], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=log.open("ab"), text=True,
+                              start_new_session=True)  # fmt: skip
+    try:
+        lines = iter(parent.stdout.readline, "")
+        port = next((line.split()[1] for line in lines if line.startswith("port ")), None)
+        assert port, log.read_text()[-3000:]
+        url = f"http://127.0.0.1:{port}/v1"
+        ep = EndpointConfig(
+            base_url=url, model="local", api_key_env=None, continue_final_message=True
+        )
+        client = OracleClient(ep, url, limiter=limiter_for(f"{url}|vllm", 6000, 10**7), cache=None)
+        judge = P.JudgeParser("single", logprob_scoring=True, prefilled=True, min_valid_mass=0.0)
+        prompt = P.judge_single("What is 2 + 2?", "2 + 2 is 4.")
+        params = {"max_tokens": 2, "temperature": 0.0, "logprobs": True, "top_logprobs": 20}
+        # A classification prefill is continued too: the prompt ends inside the assistant turn,
+        # so it is shorter than the same messages with that turn closed and a new one opened.
+        # With structured outputs the label is one of the taxonomy's (the local vLLM server's setting).
+        msgs = P.prefilled(P.classify("Add 2 and 2.", ["Math", "Others"]), P.LABEL_PREFILL)
+
+        async def both():
+            verdict = await client.call(
+                "a", "judge", P.prefilled(prompt, P.VERDICT_PREFILL), params, judge
+            )
+            label = await client.call(
+                "b",
+                "classify",
+                msgs,
+                P.label_params(["Math"], 4, True),
+                lambda text: P.parse_label(text, ["Math"]),
+            )
+            return verdict, label  # fmt: skip
+
+        out, label = asyncio.run(both())
+        assert out.text.startswith(P.VERDICT_PREFILL) and out.usage["completion_tokens"] <= 2
+        assert 1.0 <= out.parsed <= 10.0 and len(out.logprobs[0]) == 20
+        from openai import OpenAI
+
+        closed = OpenAI(base_url=url, api_key="EMPTY").chat.completions.create(
+            model="local", messages=msgs, max_tokens=4, temperature=0.0
+        )
+        assert label.text in ("<answer>Math", "<answer>Others") and label.parsed == label.text[8:]
+        assert 0 < label.usage["prompt_tokens"] < closed.usage.prompt_tokens
+    finally:
+        parent.send_signal(signal.SIGKILL)  # the parent only: its server must notice by itself
+        parent.wait()
+    deadline = time.monotonic() + 60
+    while True:  # the server saw its parent die (PR_SET_PDEATHSIG) and shut down
+        try:
+            urllib.request.urlopen(url.replace("/v1", "/health"), timeout=2).close()
+        except OSError:
+            break
+        assert time.monotonic() < deadline, "the vLLM server outlived the process that started it"
+        time.sleep(1)

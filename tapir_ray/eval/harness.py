@@ -340,7 +340,6 @@ def preference_request(judge, prefill: bool) -> tuple[dict[str, Any], Callable]:
     params: dict[str, Any] = {
         "temperature": judge.temperature,
         "max_tokens": 1 if read_probs else (4 if prefill else judge.max_tokens),
-        **(P.CONTINUE_PARAMS if prefill else {}),
         **({"logprobs": True, "top_logprobs": 20} if read_probs else {}),
     }
     return params, P.PreferenceParser(prefill, read_probs, judge.min_valid_mass)

@@ -33,6 +33,9 @@ def cache_key(base_url: str, model: str, messages: list[dict], params: dict[str,
         "messages": messages,
         "params": {k: params[k] for k in CACHED_PARAMS if params.get(k) is not None},
     }
+    constrained = (params.get("extra_body") or {}).get("structured_outputs")
+    if constrained:  # a constrained reply differs from a free one
+        material["structured_outputs"] = constrained
     return hashlib.sha256(
         json.dumps(material, sort_keys=True, ensure_ascii=False).encode()
     ).hexdigest()

@@ -38,7 +38,7 @@ from tapir_ray.config import EndpointConfig, redact
 from tapir_ray.oracle import batch
 from tapir_ray.oracle.cache import ResponseCache, cache_key
 from tapir_ray.oracle.ledger import BudgetExceeded, empty_entry
-from tapir_ray.oracle.prompts import ParseError
+from tapir_ray.oracle.prompts import CONTINUE_PARAMS, ParseError
 from tapir_ray.oracle.reply import RETRY_STATUSES, Reply, _Malformed, _reply
 from tapir_ray.oracle.server import estimate_tokens
 
@@ -287,6 +287,9 @@ class OracleClient:
         prefill = (
             messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
         )
+        if prefill:  # without these options vLLM closes the turn and opens a new one
+            extra = {**params.get("extra_body", {}), **CONTINUE_PARAMS["extra_body"]}
+            params = {**params, "extra_body": extra}
         for repair in (False, True):
             key = cache_key(self.identity, self.endpoint.model, convo, params)
             try:

@@ -37,7 +37,8 @@ class Prompt:
 
 # Prefills for endpoints that continue a final assistant turn (vLLM's and our server's
 # `continue_final_message`; OpenAI's API has no such option): the reply starts inside the verdict,
-# so even a small local judge answers in the format. Parsers see prefill + continuation.
+# so even a small local judge answers in the format. Parsers see prefill + continuation. The
+# client sends CONTINUE_PARAMS with every request whose last turn is the assistant's.
 VERDICT_PREFILL = "Rating: [["
 PAIR_PREFILL = "Scores: [["
 LABEL_PREFILL = "<answer>"
@@ -411,6 +412,17 @@ def classify(instruction: str, labels: list[str]) -> Prompt:
     return Prompt(
         "classify", [{"role": "system", "content": system}, {"role": "user", "content": user}]
     )
+
+
+def label_params(labels: list[str], max_tokens: int, structured: bool) -> dict:
+    """Request parameters of a classification: greedy, short; on an endpoint with structured
+    outputs (vLLM's `structured_outputs.choice`) the reply is one of the labels (or Others), which a
+    small local model otherwise often is not."""
+    params: dict = {"max_tokens": max_tokens, "temperature": 0.0}
+    if structured:
+        choice = list(labels) + ([] if "Others" in labels else ["Others"])
+        params["extra_body"] = {"structured_outputs": {"choice": choice}}
+    return params
 
 
 _ANSWER = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.S | re.I)

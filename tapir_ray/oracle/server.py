@@ -417,6 +417,10 @@ class OracleServer:
 
         want_logprobs = bool(body.get("logprobs"))
         top_n = int(body.get("top_logprobs") or 0)
+        # vLLM's semantics: a final assistant turn is continued only when the request says so.
+        continue_final = messages[-1].get("role") == "assistant" and bool(
+            body.get("continue_final_message")
+        )
         if self.generator is not None:
             (
                 text,
@@ -429,13 +433,15 @@ class OracleServer:
                 max_tokens=max_tokens,
                 temperature=float(body.get("temperature") or 0.0),
                 top_n=top_n if want_logprobs else 0,
+                continue_final=continue_final,
             )
         else:
             text = scripted_reply(messages)
-            if messages[-1].get("role") == "assistant":  # continue_final_message: the continuation
-                prefill = str(messages[-1].get("content", ""))
+            if messages[-1].get("role") == "assistant":
                 text = scripted_reply(messages[:-1])
-                text = text.split(prefill, 1)[1] if prefill and prefill in text else text
+                prefill = str(messages[-1].get("content", ""))
+                if continue_final and prefill and prefill in text:  # the continuation
+                    text = text.split(prefill, 1)[1]
             completion_tokens, finish = estimate_tokens(text), "stop"
             logprobs = scripted_logprobs(text, top_n) if want_logprobs else None
         if "filler_logprobs" in marked and logprobs is not None:
@@ -516,9 +522,10 @@ class HFGenerator:
     async def start(self) -> None:
         asyncio.get_running_loop().create_task(self._worker())
 
-    async def generate(self, messages, *, max_tokens: int, temperature: float, top_n: int):
+    async def generate(self, messages, *, max_tokens: int, temperature: float, top_n: int,
+                       continue_final: bool = False):  # fmt: skip
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((messages, max_tokens, temperature, top_n, future))
+        await self.queue.put((messages, continue_final, max_tokens, temperature, top_n, future))
         return await future
 
     async def _worker(self) -> None:
@@ -542,20 +549,21 @@ class HFGenerator:
 
         torch = self.torch
         prompts = [
-            # A conversation ending in an assistant turn is continued (vLLM's continue_final_message).
+            # A final assistant turn is continued when the request asks (vLLM's
+            # continue_final_message), else closed and a new one opened, as vLLM does.
             # Special-token strings inside the texts stay text (never role markers).
             self.tokenizer.apply_chat_template(
                 neutral_messages(self.tokenizer, m),
                 tokenize=False,
-                add_generation_prompt=m[-1]["role"] != "assistant",
-                continue_final_message=m[-1]["role"] == "assistant",
+                add_generation_prompt=not cont,
+                continue_final_message=cont,
             )  # fmt: skip
-            for m, *_ in batch
+            for m, cont, *_ in batch
         ]
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        max_new = max(b[1] for b in batch)
-        temperature = batch[0][2]
-        top_n = max(b[3] for b in batch)
+        max_new = max(b[2] for b in batch)
+        temperature = batch[0][3]
+        top_n = max(b[4] for b in batch)
         with torch.inference_mode():
             out = self.model.generate(
                 **enc,
@@ -571,7 +579,7 @@ class HFGenerator:
         results = []
         width = enc["input_ids"].shape[1]
         eos = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
-        for i, (_, limit, _, n, _) in enumerate(batch):
+        for i, (_, _, limit, _, n, _) in enumerate(batch):
             ids = out.sequences[i, width:].tolist()[:limit]
             stop = next((j for j, t in enumerate(ids) if t in eos), None)
             finish = "stop" if stop is not None else "length"

@@ -31,6 +31,7 @@ from tapir_ray.oracle.batch import CURRENT, BatchSubmitter, Collector
 from tapir_ray.oracle.cache import ResponseCache
 from tapir_ray.oracle.client import Answer, DeadLetter, OracleClient
 from tapir_ray.oracle.ledger import COUNTERS, BudgetExceeded, empty_entry
+from tapir_ray.runtime import map_batches_once
 
 
 class OracleStage:
@@ -278,7 +279,8 @@ def oracle_map(
     in_flight = batches_in_flight(endpoint, batch_size)
     if mode == "batch":  # a provider batch per Ray Data batch, several waiting at once per actor
         batch_size, in_flight = endpoint.batch.max_requests, 4
-    return ds.map_batches(
+    return map_batches_once(
+        ds,
         OracleStage,
         fn_constructor_kwargs=dict(
             endpoint=endpoint.model_dump(), base_url=base_url, role=role, run_dir=run_dir, round_=round_,
@@ -294,10 +296,6 @@ def oracle_map(
             max_concurrent_calls_per_actor=in_flight, enable_true_multi_threading=True,
         ),
         num_cpus=cpus_per_actor,
-        # No endless restarts (Ray Data's default, which makes Ray's core worker print an error
-        # line in healthy runs): a lost actor fails the stage, and `--resume` answers every
-        # request that had returned from the cache.
-        max_restarts=0,
     )  # fmt: skip
 
 

@@ -11,9 +11,11 @@ Dataset) and `run_student()` (writes `<dir>/` Parquet + metrics and returns them
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +25,7 @@ import ray
 from tapir_ray import storage
 from tapir_ray.assets import resolve_model
 from tapir_ray.config import StudentConfig
-from tapir_ray.runtime import cached_udf
+from tapir_ray.runtime import cached_udf, map_batches_once
 from tapir_ray.student.adapter import Adapter, adapter_sha256
 from tapir_ray.student.prepare import PreparePrompts
 
@@ -43,7 +45,8 @@ def _split_problems(
     prepared: ray.data.Dataset, dead_dir: str, round_: int
 ) -> tuple[ray.data.Dataset, int]:
     """Rows flagged by PreparePrompts go to the dead-letter; the rest go on."""
-    bad = prepared.filter(lambda r: bool(r["problem"])).materialize()
+    with _fn_filters():
+        bad = prepared.filter(lambda r: bool(r["problem"])).materialize()
     n_bad = bad.count()
     if n_bad:
         lines = [
@@ -62,7 +65,18 @@ def _split_problems(
             storage.join(dead_dir, f"round-{round_}-student-{time.time_ns()}.jsonl"),
             "\n".join(lines) + "\n",
         )
-    return prepared.filter(lambda r: not r["problem"]), n_bad
+    with _fn_filters():
+        return prepared.filter(lambda r: not r["problem"]), n_bad
+
+
+@contextlib.contextmanager
+def _fn_filters():
+    """Ray Data suggests expression filters (`expr=`) for speed, but one runs as a task of its own
+    holding a whole CPU, not fused with the prompt stage: on 2 CPUs that starved the engine actor.
+    The function filters stay, without the suggestion on the console."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Use 'expr' instead of 'fn'")
+        yield
 
 
 def answer(
@@ -103,15 +117,12 @@ def answer(
     else:
         from tapir_ray.student.hf_engine import HFStudent
 
-        out = good.map_batches(
+        out = map_batches_once(
+            good,
             HFStudent,
             fn_constructor_kwargs=dict(model_path=model_path, sampling=sampling, adapter_path=adapter.path if adapter else None, dtype=student.dtype),
             batch_size=student.batch_size,
             compute=ray.data.ActorPoolStrategy(size=student.replicas),
-            # Ray Data restarts pool actors forever by default, and Ray's core worker then prints
-            # an error line for this actor (its constructor arguments live in the object store) in
-            # every healthy run. A lost actor fails the stage instead; `--resume` reruns it.
-            max_restarts=0,
             num_cpus=student.cpus_per_replica,
             num_gpus=student.gpus_per_replica if use_gpu else 0,
         )  # fmt: skip

