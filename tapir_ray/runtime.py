@@ -46,10 +46,17 @@ def quiet_ray_console() -> None:
     Ray Data configures its logger when imported, which this module has done."""
     if _CONSOLE["verbose"]:
         return
+    # ray.llm gives each module's logger a console handler of its own unless "ray.llm" has one;
+    # vLLM's import notices about the CPU build (Triton, ...) are not the user's either.
+    llm = logging.getLogger("ray.llm")
+    if not llm.handlers:
+        llm.addHandler(logging.NullHandler())
+    llm.setLevel(logging.WARNING)
+    logging.getLogger("vllm").setLevel(logging.ERROR)
     names = [
         n for n in list(logging.Logger.manager.loggerDict) if n == "ray" or n.startswith("ray.")
     ]
-    for name in names:  # ray.llm gives every module's logger a handler of its own
+    for name in names:
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(
                 handler, logging.FileHandler
