@@ -702,9 +702,7 @@ class CitingRun(TapirRun):
                 )
             },
         )
-        from tapir_ray.eval.harness import preference_request
-
-        params, parse = preference_request(self.tapir.judge, prefill)
+        params, parse = P.preference_request(self.tapir.judge, prefill)
         self.step(f"{rd}/eval/judge", k, lambda: self.ask(f"{rd} · judge per criterion", self.path(rd, "eval", "judge_in"), self.path(rd, "eval", "judge"),
                   role="eval-judge", endpoint="judge", params=params, parse=parse, round_=k))  # fmt: skip
         return self.step(

@@ -150,7 +150,7 @@ class Evaluation:
             parse: Callable = P.JudgeParser("single", j.logprob_scoring, prefill, j.min_valid_mass)
             prefix = P.VERDICT_PREFILL
         else:
-            params, parse = preference_request(j, prefill)
+            params, parse = P.preference_request(j, prefill)
             prefix = P.PREFER_PREFILL
         for r in rows:
             prompt = r.pop("prompt")
@@ -331,18 +331,6 @@ class Evaluation:
             results[target[0]] = {**out, "seconds": round(time.perf_counter() - started, 1)}
             self.log(f"eval nll · {target[0]}: {out.get('nll')}")
         return {"targets": results}
-
-
-def preference_request(judge, prefill: bool) -> tuple[dict[str, Any], Callable]:
-    """Params and parser for an A/B verdict: one token read from its probabilities when the
-    judge's turn is prefilled and logprob scoring is on, else the written verdict."""
-    read_probs = prefill and judge.logprob_scoring
-    params: dict[str, Any] = {
-        "temperature": judge.temperature,
-        "max_tokens": 1 if read_probs else (4 if prefill else judge.max_tokens),
-        **({"logprobs": True, "top_logprobs": 20} if read_probs else {}),
-    }
-    return params, P.PreferenceParser(prefill, read_probs, judge.min_valid_mass)
 
 
 def mtbench_scores(questions: list[dict], verdicts: dict[str, Any]) -> dict[str, Any]:

@@ -384,6 +384,19 @@ class JudgeParser:
         return logprob_score(logprobs, min_valid_mass=self.min_valid_mass) if by_probs else score
 
 
+def preference_request(judge: Any, prefill: bool) -> tuple[dict[str, Any], PreferenceParser]:
+    """Params and parser for an A/B verdict (`judge`: JudgeSettings): one token read from its
+    probabilities when the judge's turn is prefilled and logprob scoring is on, else the written
+    verdict."""
+    read_probs = prefill and judge.logprob_scoring
+    params: dict[str, Any] = {
+        "temperature": judge.temperature,
+        "max_tokens": 1 if read_probs else (4 if prefill else judge.max_tokens),
+        **({"logprobs": True, "top_logprobs": 20} if read_probs else {}),
+    }
+    return params, PreferenceParser(prefill, read_probs, judge.min_valid_mass)
+
+
 class PreferenceParser:
     """An A/B verdict: [P(A), P(B)] from the verdict token's probabilities when asked, else the
     written verdict."""
