@@ -17,8 +17,9 @@ TAPIR (ALGORITHMS.md), one row's path through the run directory:
 Every stage writes Parquet under `<run>/` and is recorded done in `state.json` by the
 CurriculumActor, so `--resume` skips what is done. Inside an unfinished oracle stage the response
 cache answers every request that had returned (nothing is paid twice); an unfinished training
-resumes from its last checkpoint. Joins of stage outputs run as Ray tasks on small columns, never
-on the driver.
+resumes from its last checkpoint. The glue between stages (joins of answers to items by id,
+requests, scores, the plan, the training set) is Ray Data over blocks (tapir_ray/frames.py); the
+driver sees per-block summaries (counts, sums, histograms), never the rows.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from tapir_ray import storage
+from tapir_ray import frames, storage
 from tapir_ray.config import Config
 from tapir_ray.curriculum.actor import curriculum_actor, read_state
 from tapir_ray.curriculum.plan import (
@@ -46,9 +48,8 @@ from tapir_ray.curriculum.plan import (
     mfd_histogram,
     rank_key,
     round_sizes,
-    select_random,
-    select_round,
 )
+from tapir_ray.embed import as_matrix
 from tapir_ray.lease import LeaseHeld, RunLease
 from tapir_ray.oracle import prompts as P
 from tapir_ray.progress import Progress
@@ -127,184 +128,286 @@ def _messages(instruction: str, input_text: str) -> str:
     return json.dumps([{"role": "user", "content": P.user_content(instruction, input_text)}])
 
 
+ITEMS = pa.schema([("id", pa.string()), ("instruction", pa.string()), ("input", pa.string()),
+                   ("teacher", pa.string()), ("category", pa.string()), ("heldout", pa.bool_())])  # fmt: skip
+REQUESTS = pa.schema([("id", pa.string()), ("messages", pa.string())])
+SCORES = pa.schema([("id", pa.string()), ("category", pa.string()), ("score_teacher", pa.float64()),
+                    ("score_student", pa.float64()), ("mfd", pa.float64()), ("hard", pa.bool_()),
+                    ("consistent", pa.bool_())])  # fmt: skip
+
+
+def _flag_heldout(batch: pa.Table, seed: int, fraction: float) -> pa.Table:
+    held = [in_fraction(seed, "heldout", i, fraction) for i in batch["id"].to_pylist()]
+    batch = batch.append_column("heldout", pa.array(held, pa.bool_()))
+    # A candidate needs a category; held-out rows only need their teacher answer.
+    return batch.filter(pc.or_(batch["heldout"], pc.is_valid(batch["category"]))).select(
+        ITEMS.names
+    )
+
+
+def _count_items(batch: pa.Table) -> Counter:
+    held = int(pc.sum(batch["heldout"]).as_py() or 0)
+    return Counter(items=batch.num_rows, heldout=held)
+
+
 def build_items(run_dir: str, seed: int, heldout_fraction: float) -> dict[str, Any]:
     """items/ = pool rows with their teacher answer and category, flagged held-out or candidate."""
-    pool = storage.read_table(
-        storage.join(run_dir, "ingest", "pool"), ["id", "instruction", "input"]
+    pool_dir, teacher_dir = (
+        storage.join(run_dir, "ingest", "pool"),
+        storage.join(run_dir, "teacher"),
     )
-    teacher = storage.read_table(storage.join(run_dir, "teacher"), ["id", "response"])
-    teacher = teacher.rename_columns(["id", "teacher"])
-    labels = storage.read_table(storage.join(run_dir, "labels"), ["id", "category"])
-    items = pool.join(teacher, "id", join_type="inner").join(labels, "id", join_type="left outer")
-    held = [in_fraction(seed, "heldout", i, heldout_fraction) for i in items["id"].to_pylist()]
-    items = items.append_column("heldout", pa.array(held))
-    # A candidate needs a category; held-out rows only need their teacher answer.
-    keep = pc.or_(items["heldout"], pc.is_valid(items["category"]))
-    items = items.filter(keep).sort_by("id")
-    storage.write_table(items, storage.join(run_dir, "items"))
-    return {
-        "pool": pool.num_rows,
-        "no_teacher_answer": pool.num_rows - teacher.num_rows,
-        "items": items.num_rows,
-        "heldout": int(pc.sum(items["heldout"]).as_py() or 0),
-        "candidates": items.num_rows - int(pc.sum(items["heldout"]).as_py() or 0),
-    }
+    n_pool, n_teacher = frames.rows(pool_dir), frames.rows(teacher_dir)
+    teacher = frames.read(teacher_dir, ["id", "response"]).rename_columns({"response": "teacher"})
+    labels = frames.read(storage.join(run_dir, "labels"), ["id", "category"])
+    items = frames.join(
+        frames.read(pool_dir, ["id", "instruction", "input"]), teacher, "inner", size=n_pool
+    )
+    items = frames.join(items, labels, "left_outer", size=n_pool)
+    items = items.map_batches(
+        _flag_heldout, fn_args=(seed, heldout_fraction), batch_format="pyarrow"
+    )
+    frames.write(items, storage.join(run_dir, "items"), ITEMS)
+    counts = sum(
+        frames.fold(
+            frames.read(storage.join(run_dir, "items"), ["heldout"], {"heldout": pa.bool_()}),
+            _count_items,
+        ),
+        Counter(),
+    )
+    return {"pool": n_pool, "no_teacher_answer": n_pool - n_teacher, "items": counts["items"],
+            "heldout": counts["heldout"], "candidates": counts["items"] - counts["heldout"]}  # fmt: skip
 
 
-def used_ids(run_dir: str, before_round: int) -> set[str]:
-    ids: set[str] = set()
-    for r in range(before_round):
-        folder = storage.join(run_dir, f"round-{r}", "train_set")
-        if storage.exists(folder):
-            ids.update(storage.read_table(folder, ["id"])["id"].to_pylist())
-    return ids
+def _used(run_dir: str, before_round: int) -> ray.data.Dataset | None:
+    """Ids trained in rounds before `before_round` (repeats included), or None before any."""
+    folders = [storage.join(run_dir, f"round-{r}", "train_set") for r in range(before_round)]
+    folders = [f for f in folders if frames.rows(f)]
+    return frames.read(folders, ["id"]) if folders else None
 
 
-def _write_requests(rows: list[dict], folder: str) -> None:
-    """An oracle or student stage's input: id and messages (JSON), even when there are no rows."""
-    schema = pa.schema([("id", pa.string()), ("messages", pa.string())])
-    storage.write_table(pa.Table.from_pylist(rows, schema=schema), folder)
+def _candidates(run_dir: str, columns: list[str]) -> ray.data.Dataset:
+    """items/ without its held-out rows."""
+    return frames.read(storage.join(run_dir, "items"), [*columns, "heldout"], {"heldout": pa.bool_()}).map_batches(
+        lambda b: b.filter(pc.invert(b["heldout"])).select(columns), batch_format="pyarrow")  # fmt: skip
+
+
+def _student_requests(batch: pa.Table) -> pa.Table:
+    msgs = [_messages(i, x) for i, x in zip(batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True)]  # fmt: skip
+    return pa.table({"id": batch["id"], "messages": pa.array(msgs, pa.string())})
 
 
 def write_student_inputs(run_dir: str, round_: int) -> int:
-    items = storage.read_table(storage.join(run_dir, "items"))
-    used = used_ids(run_dir, round_)
-    rows = [
-        {"id": i, "messages": _messages(ins, inp)}
-        for i, ins, inp, h in zip(
-            items["id"].to_pylist(), items["instruction"].to_pylist(),
-            items["input"].to_pylist(), items["heldout"].to_pylist(), strict=True,
-        )
-        if not h and i not in used
-    ]  # fmt: skip
-    _write_requests(rows, storage.join(run_dir, f"round-{round_}", "student_in"))
-    return len(rows)
+    """student_in/: the unused candidates, as chat requests."""
+    ds = _candidates(run_dir, ["id", "instruction", "input"])
+    used = _used(run_dir, round_)
+    if used is not None:
+        ds = frames.join(ds, used, "left_anti", size=frames.rows(storage.join(run_dir, "items")))
+    ds = ds.map_batches(_student_requests, batch_format="pyarrow")
+    return frames.write(ds, storage.join(run_dir, f"round-{round_}", "student_in"), REQUESTS)
 
 
-def write_judge_inputs(run_dir: str, round_: int, mode: str, prefill: bool) -> int:
-    items = storage.read_table(storage.join(run_dir, "items"))
-    student = storage.read_table(
-        storage.join(run_dir, f"round-{round_}", "student"), ["id", "response"]
-    )
-    joined = items.join(student.rename_columns(["id", "student"]), "id", join_type="inner")
-    rows = []
-    for r in joined.to_pylist():
+def _judge_requests(batch: pa.Table, mode: str, prefill: bool) -> pa.Table:
+    ids, msgs = [], []
+    for r in batch.to_pylist():  # one block of the round's answered candidates
         text = P.user_content(r["instruction"], r["input"])
         if mode == "single":
             for tag, answer in (("T", r["teacher"]), ("S", r["student"])):
                 prompt = P.judge_single(text, answer)
-                msgs = P.prefilled(prompt, P.VERDICT_PREFILL) if prefill else prompt.messages
-                rows.append({"id": f"{r['id']}|{tag}", "messages": json.dumps(msgs)})
+                ids.append(f"{r['id']}|{tag}")
+                msgs.append(
+                    json.dumps(
+                        P.prefilled(prompt, P.VERDICT_PREFILL) if prefill else prompt.messages
+                    )
+                )
         else:
             for tag, a, b in (
                 ("TS", r["teacher"], r["student"]),
                 ("ST", r["student"], r["teacher"]),
             ):
                 prompt = P.judge_pairwise(text, a, b)
-                msgs = P.prefilled(prompt, P.PAIR_PREFILL) if prefill else prompt.messages
-                rows.append({"id": f"{r['id']}|{tag}", "messages": json.dumps(msgs)})
-    _write_requests(rows, storage.join(run_dir, f"round-{round_}", "judge_in"))
-    return len(rows)
+                ids.append(f"{r['id']}|{tag}")
+                msgs.append(
+                    json.dumps(P.prefilled(prompt, P.PAIR_PREFILL) if prefill else prompt.messages)
+                )
+    return pa.table({"id": pa.array(ids, pa.string()), "messages": pa.array(msgs, pa.string())})
+
+
+def write_judge_inputs(run_dir: str, round_: int, mode: str, prefill: bool) -> int:
+    """judge_in/: for each answered candidate, its teacher and student answers to be judged
+    (single: one request each; pairwise: both orders)."""
+    student_dir = storage.join(run_dir, f"round-{round_}", "student")
+    items = frames.read(storage.join(run_dir, "items"), ["id", "instruction", "input", "teacher"])
+    student = frames.read(student_dir, ["id", "response"]).rename_columns({"response": "student"})
+    ds = frames.join(items, student, "inner", size=frames.rows(student_dir))
+    ds = ds.map_batches(_judge_requests, fn_args=(mode, prefill), batch_format="pyarrow")
+    return frames.write(ds, storage.join(run_dir, f"round-{round_}", "judge_in"), REQUESTS)
+
+
+def _verdicts(batch: pa.Table, tag: str, columns: tuple[str, ...]) -> pa.Table:
+    """The judge's verdicts of one tag (T, S, TS, ST) as item id and score columns."""
+    ids, values = [], []
+    for row_id, parsed in zip(batch["id"].to_pylist(), batch["parsed"].to_pylist(), strict=True):
+        item, t = row_id.rsplit("|", 1)
+        if t == tag:
+            v = json.loads(parsed)
+            ids.append(item)
+            values.append(v if isinstance(v, list) else [v])
+    out = {"id": pa.array(ids, pa.string())}
+    for k, c in enumerate(columns):
+        out[c] = pa.array([float(v[k]) for v in values], pa.float64())
+    return pa.table(out)
+
+
+def _score_rows(batch: pa.Table, mode: str, delta: float) -> pa.Table:
+    if mode == "single":
+        teacher, student = batch["t"], batch["s"]
+        consistent = pa.nulls(batch.num_rows, pa.bool_())
+    else:  # position bias cancels over both orders; consistent = both orders name one winner
+        ts_a, ts_b, st_a, st_b = (batch[c].to_numpy() for c in ("ts_a", "ts_b", "st_a", "st_b"))
+        teacher, student = (ts_a + st_b) / 2, (ts_b + st_a) / 2
+        consistent = pa.array(np.sign(ts_a - ts_b) == np.sign(st_b - st_a), pa.bool_())
+    mfd = pc.subtract(teacher, student)
+    return pa.table({"id": batch["id"], "category": batch["category"], "score_teacher": teacher,
+                     "score_student": student, "mfd": mfd, "hard": pc.greater_equal(mfd, delta),
+                     "consistent": consistent}, schema=SCORES)  # fmt: skip
+
+
+def _score_moments(batch: pa.Table) -> dict[str, Any]:
+    """One block's share of the round's score statistics (sums add up across blocks)."""
+    out: dict[str, Any] = {"n": batch.num_rows, "hard": int(pc.sum(batch["hard"]).as_py() or 0),
+                           "consistent": int(pc.sum(batch["consistent"]).as_py() or 0),
+                           "pairs": batch.num_rows - batch["consistent"].null_count,
+                           "hist": Counter(mfd_histogram(batch["mfd"].to_pylist()))}  # fmt: skip
+    for c in ("score_teacher", "score_student", "mfd"):
+        x = batch[c].to_numpy()
+        out[c] = np.array([x.sum(), (x * x).sum()])
+    return out
 
 
 def write_scores(run_dir: str, round_: int, mode: str, delta: float) -> dict[str, Any]:
-    """scores/ per candidate: f_J of teacher and student answers, MFD and the hard flag."""
-    judged = storage.read_table(storage.join(run_dir, f"round-{round_}", "judge"), ["id", "parsed"])
-    verdicts: dict[str, dict[str, Any]] = {}
-    for row_id, parsed in zip(judged["id"].to_pylist(), judged["parsed"].to_pylist(), strict=True):
-        item, tag = row_id.rsplit("|", 1)
-        verdicts.setdefault(item, {})[tag] = json.loads(parsed)
-    asked = storage.read_table(storage.join(run_dir, f"round-{round_}", "student"), ["id"])
-    items = storage.read_table(storage.join(run_dir, "items"), ["id", "category"])
-    category = dict(zip(items["id"].to_pylist(), items["category"].to_pylist(), strict=True))
-    rows, unscored = [], 0
-    for item in asked["id"].to_pylist():
-        v = verdicts.get(item, {})
-        if mode == "single" and {"T", "S"} <= set(v):
-            teacher, student = float(v["T"]), float(v["S"])
-        elif mode == "pairwise" and {"TS", "ST"} <= set(v):
-            teacher, student = P.average_both_orders(tuple(v["TS"]), tuple(v["ST"]))
-        else:
-            unscored += 1  # a verdict was dead-lettered: this item sits this round out
-            continue
-        mfd = teacher - student
-        rows.append({"id": item, "category": category[item], "score_teacher": teacher,
-                     "score_student": student, "mfd": mfd, "hard": mfd >= delta})  # fmt: skip
-    schema = pa.schema([("id", pa.string()), ("category", pa.string()), ("score_teacher", pa.float64()),
-                        ("score_student", pa.float64()), ("mfd", pa.float64()), ("hard", pa.bool_())])  # fmt: skip
-    storage.write_table(
-        pa.Table.from_pylist(rows, schema=schema),
-        storage.join(run_dir, f"round-{round_}", "scores"),
-    )
-    mfds = [r["mfd"] for r in rows]
-    from tapir_ray.eval.judge_health import judge_health, order_consistency
+    """scores/ per candidate: f_J of teacher and student answers, MFD and the hard flag; the
+    round's judge diagnostics from per-block sums."""
+    from tapir_ray.eval.judge_health import judge_health, spread_of
 
-    consistency = None
-    if mode == "pairwise":
-        consistency = order_consistency(
-            (v["TS"], v["ST"]) for v in verdicts.values() if {"TS", "ST"} <= set(v)
-        )
+    rd = storage.join(run_dir, f"round-{round_}")
+    judge_dir = storage.join(rd, "judge")
+    asked, answered = frames.rows(storage.join(rd, "student")), frames.rows(judge_dir)
+    judged = frames.read(judge_dir, ["id", "parsed"])
+    if mode == "single":
+        sides = [("T", ("t",)), ("S", ("s",))]
+    else:
+        sides = [("TS", ("ts_a", "ts_b")), ("ST", ("st_a", "st_b"))]
+    first, second = (
+        judged.map_batches(_verdicts, fn_args=(tag, cols), batch_format="pyarrow")
+        for tag, cols in sides
+    )
+    both = frames.join(
+        first, second, "inner", size=asked
+    )  # an item missing a verdict sits this round out
+    category = frames.read(storage.join(run_dir, "items"), ["id", "category"])
+    scores = frames.join(both, category, "inner", size=asked).map_batches(
+        _score_rows, fn_args=(mode, delta), batch_format="pyarrow")  # fmt: skip
+    frames.write(scores, storage.join(rd, "scores"), SCORES)
+    total: dict[str, Any] = {"n": 0, "hard": 0, "consistent": 0, "pairs": 0, "hist": Counter()}
+    for part in frames.fold(
+        frames.read(
+            storage.join(rd, "scores"),
+            SCORES.names,
+            dict(zip(SCORES.names, SCORES.types, strict=True)),
+        ),
+        _score_moments,
+    ):
+        for k, v in part.items():
+            total[k] = total[k] + v if k in total else v
+    n = total["n"]
+
+    def mean(column: str, digits: int = 4) -> float | None:
+        return round(float(total[column][0]) / n, digits) if n else None
+
     health = judge_health(
-        asked=2 * asked.num_rows, answered=sum(len(v) for v in verdicts.values()), consistency=consistency,
-        scores_by_source={"teacher": [r["score_teacher"] for r in rows], "student": [r["score_student"] for r in rows]},
+        asked=2 * asked, answered=answered,
+        consistency=round(total["consistent"] / total["pairs"], 4) if mode == "pairwise" and total["pairs"] else None,
+        spreads={s: spread_of(n, *total[f"score_{s}"]) if n else None for s in ("teacher", "student")},
     )  # fmt: skip
     return {
-        "judge": health,
-        "scored": len(rows),
-        "unscored": unscored,
-        "hard": sum(r["hard"] for r in rows),
-        "hard_share": round(sum(r["hard"] for r in rows) / len(rows), 4) if rows else None,
-        "mean_mfd": round(sum(mfds) / len(mfds), 4) if mfds else None,
-        "mean_score_teacher": round(sum(r["score_teacher"] for r in rows) / len(rows), 3) if rows else None,
-        "mean_score_student": round(sum(r["score_student"] for r in rows) / len(rows), 3) if rows else None,
-        "mfd_histogram": mfd_histogram(mfds),
+        "judge": health, "scored": n, "unscored": asked - n, "hard": total["hard"],
+        "hard_share": round(total["hard"] / n, 4) if n else None, "mean_mfd": mean("mfd"),
+        "mean_score_teacher": mean("score_teacher", 3), "mean_score_student": mean("score_student", 3),
+        "mfd_histogram": {k: total["hist"].get(k, 0) for k in mfd_histogram([])},
     }  # fmt: skip
+
+
+PLAN = pa.schema(
+    [("id", pa.string()), ("category", pa.string()), ("source", pa.string()), ("rank", pa.uint64())]
+)
+
+
+def _plan_counts(batch: pa.Table) -> Counter:
+    return Counter(("source", s) for s in batch["source"].to_pylist()) + Counter(
+        ("category", c) for c in batch["category"].to_pylist()
+    )
 
 
 def write_plan(
     run_dir: str, round_: int, scores_dir: str | None, size: int, alpha: float, ratios: dict, seed: int,
     random_quotas: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
-    """plan/: the round's selection; with no scores (selection: random) the control arm's."""
-    items = storage.read_table(storage.join(run_dir, "items"), ["id", "category", "heldout"])
-    items = items.filter(pc.invert(items["heldout"]))
-    if scores_dir is None:
-        used = used_ids(run_dir, round_)
-        ids = items["id"].to_pylist()
-        candidates = pa.table(
-            {"id": ids, "category": items["category"], "used": [i in used for i in ids]}
-        )
-        sel = select_random(
-            candidates,
-            size=size,
-            ratios=ratios if random_quotas else None,
-            seed=seed,
-            round_=round_,
-        )
-        storage.write_table(sel.table(), storage.join(run_dir, f"round-{round_}", "plan"))
-        return {"size": size, "alpha": None, "selection": "random", "targets": sel.targets, "hard_targets": {},
-                "shortfall": sel.shortfall, "selected": dict(Counter(sel.source))}  # fmt: skip
-    scores = storage.read_table(scores_dir, ["id", "hard"])
-    hard = dict(zip(scores["id"].to_pylist(), scores["hard"].to_pylist(), strict=True))
-    used = used_ids(run_dir, round_)
-    ids = items["id"].to_pylist()
-    candidates = pa.table({
-        "id": ids, "category": items["category"],
-        "hard": pa.array([hard.get(i) for i in ids], pa.bool_()),
-        "used": [i in used for i in ids],
-    })  # fmt: skip
-    sel = select_round(candidates, size=size, alpha=alpha, ratios=ratios, seed=seed, round_=round_)
-    storage.write_table(sel.table(), storage.join(run_dir, f"round-{round_}", "plan"))
+    """plan/: the round's selection (curriculum/sample.py: exact quotas, seeded ranks, nothing
+    collected); with no scores (selection: random) the control arm's."""
+    from tapir_ray.curriculum.sample import select_dataset
+
+    n_items = frames.rows(storage.join(run_dir, "items"))
+    candidates = _candidates(run_dir, ["id", "category"])
+    if scores_dir is not None:
+        hard = frames.read(scores_dir, ["id", "hard"], {"hard": pa.bool_()})
+        candidates = frames.join(candidates, hard, "left_outer", size=n_items)
+    used = _used(run_dir, round_)
+    if used is None:
+        candidates = candidates.map_batches(
+            lambda b: b.append_column("used", pa.array([False] * b.num_rows, pa.bool_())), batch_format="pyarrow")  # fmt: skip
+    else:
+        candidates = frames.mark(candidates, used, "used", size=n_items)
+    random = scores_dir is None
+    plan, info = select_dataset(
+        candidates, size=size, alpha=None if random else alpha,
+        ratios=ratios if (random_quotas or not random) else None, seed=seed, round_=round_,
+    )  # fmt: skip
+    folder = storage.join(run_dir, f"round-{round_}", "plan")
+    frames.write(plan, folder, PLAN)
+    counts = sum(frames.fold(frames.read(folder, ["source", "category"]), _plan_counts), Counter())
+    selected = {k: n for (kind, k), n in sorted(counts.items()) if kind == "source"}
+    if random:
+        targets = info["targets"] or {
+            k: n for (kind, k), n in sorted(counts.items()) if kind == "category"
+        }
+        return {"size": size, "alpha": None, "selection": "random", "targets": targets, "hard_targets": {},
+                "shortfall": info["shortfall"], "selected": selected}  # fmt: skip
+    pools = Counter()
+    for key, n in info["pool_rows"].items():
+        pools[key.rsplit("/", 1)[1]] += n
     return {
-        "size": size,
-        "alpha": alpha,
-        "targets": sel.targets,
-        "hard_targets": sel.hard_targets,
-        "shortfall": sel.shortfall,
-        "selected": dict(Counter(sel.source)),
-        "hard_pool": {"path": scores_dir, "filter": "hard and not used", "rows": sum(1 for i in ids if hard.get(i) and i not in used)},
-        "easy_pool": {"path": scores_dir, "filter": "not hard, or used (replay)", "rows": sum(1 for i in ids if (hard.get(i) is False) or i in used)},
+        "size": size, "alpha": alpha, "targets": info["targets"], "hard_targets": info["hard_targets"],
+        "shortfall": info["shortfall"], "selected": selected,
+        "hard_pool": {"path": scores_dir, "filter": "hard and not used", "rows": pools["hard"]},
+        "easy_pool": {"path": scores_dir, "filter": "not hard, or used (replay)", "rows": pools["easy"]},
     }  # fmt: skip
+
+
+def _write_requests(rows: list[dict], folder: str) -> None:
+    """An oracle or student stage's input: id and messages (JSON), even when there are no rows."""
+    storage.write_table(pa.Table.from_pylist(rows, schema=REQUESTS), folder)
+
+
+def _exemplars(batch: pa.Table, want: dict[str, int]) -> dict[str, list]:
+    """Per short category, this block's first exemplars: hard ones first, then by rank."""
+    out: dict[str, list] = {}
+    for r in batch.to_pylist():
+        if want.get(r["category"]):
+            key = (r["source"] != "hard", r["rank"])
+            out.setdefault(r["category"], []).append(
+                (key, r["id"], P.user_content(r["instruction"], r["input"]))
+            )
+    return {c: sorted(v)[: want[c]] for c, v in out.items()}
 
 
 def write_expansion_requests(
@@ -312,22 +415,28 @@ def write_expansion_requests(
 ) -> int:
     """One teacher request per missing item, each inspired by a different exemplar of its category
     (hard exemplars first), so a retry never repeats an earlier request."""
-    plan = storage.read_table(storage.join(run_dir, f"round-{round_}", "plan")).to_pylist()
-    text = {
-        i: P.user_content(*t)
-        for i, t in _item_texts(run_dir, round_, {r["id"] for r in plan}).items()
-    }
+    rd = storage.join(run_dir, f"round-{round_}")
+    plan = frames.read(
+        storage.join(rd, "plan"), ["id", "category", "source", "rank"], {"rank": pa.uint64()}
+    )
+    texts = frames.read(storage.join(run_dir, "items"), ["id", "instruction", "input"])
+    joined = frames.join(plan, texts, "inner", size=frames.rows(storage.join(rd, "plan")))
+    # Attempt a uses exemplars up to (a + 1)·n in exemplar order: each block sends back its first.
+    want = {c: n * (attempt + 1) for c, n in missing.items()}
+    best: dict[str, list] = {}
+    for part in frames.fold(joined, _exemplars, want=want):
+        for cat, found in part.items():
+            best[cat] = sorted(best.get(cat, []) + found)[: want[cat]]
     rows = []
     for cat, n in sorted(missing.items()):
-        chosen = [r for r in plan if r["category"] == cat]
-        exemplars = [r["id"] for r in chosen if r["source"] == "hard"] + [
-            r["id"] for r in chosen if r["source"] != "hard"
-        ]
+        exemplars = [(i, text) for _, i, text in best.get(cat, [])]
+        if not exemplars:
+            continue
         for j in range(n):
-            parent = exemplars[(j + attempt * n) % len(exemplars)]
+            parent, text = exemplars[(j + attempt * n) % len(exemplars)]
             # The attempt number makes retries distinct requests even with a single exemplar.
             prompt = P.expand(
-                text[parent] + ("" if attempt == 0 else f"\n\n(Variation {attempt + 1}.)"), cat
+                text + ("" if attempt == 0 else f"\n\n(Variation {attempt + 1}.)"), cat
             )
             rows.append({"id": f"x{round_}.{attempt}.{cat}.{j}", "messages": json.dumps(prompt.messages),
                          "category": cat, "parent_id": parent})  # fmt: skip
@@ -428,6 +537,7 @@ def write_final_plan(run_dir: str, round_: int, attempts: int, seed: int) -> dic
     """plan_final/ = the selection + accepted expansions (up to each category's shortfall) +
     duplicates for whatever is still missing; totals are exact."""
     base = storage.read_table(storage.join(run_dir, f"round-{round_}", "plan")).to_pylist()
+    base.sort(key=lambda r: (r["category"], r["source"], r["rank"]))
     info = storage.read_json(storage.join(run_dir, f"round-{round_}", "plan", "_PLAN.json"))
     missing = dict(info["shortfall"])
     sel = Selection(ids=[r["id"] for r in base], category=[r["category"] for r in base],
@@ -453,71 +563,76 @@ def write_final_plan(run_dir: str, round_: int, attempts: int, seed: int) -> dic
             "counts": dict(Counter(sel.category)), "duplicated": dict(missing)}  # fmt: skip
 
 
-def _item_texts(run_dir: str, round_: int, ids: set[str]) -> dict[str, tuple[str, str]]:
-    """(instruction, input) of the given ids: pool items, or this round's expansions."""
-    items = storage.read_table(storage.join(run_dir, "items"), ["id", "instruction", "input"])
-    items = items.filter(pc.is_in(items["id"], pa.array(sorted(ids), pa.string())))
-    texts = {i: (a, b) for i, a, b in zip(items["id"].to_pylist(), items["instruction"].to_pylist(), items["input"].to_pylist(), strict=True)}  # fmt: skip
+def _texts(
+    run_dir: str, round_: int, cols: tuple[str, ...] = ("id", "instruction", "input")
+) -> ray.data.Dataset:
+    """Columns of the pool's items and of this round's expansions (both have a category)."""
     expanded = storage.join(run_dir, f"round-{round_}", "expanded")
-    if storage.exists(expanded):
-        for r in storage.read_table(expanded).to_pylist():
-            texts[r["id"]] = (r["instruction"], r["input"])
-    return texts
+    return frames.read([storage.join(run_dir, "items"), expanded], list(cols))
+
+
+def _refine_requests(batch: pa.Table, styles: dict[str, str]) -> pa.Table:
+    rows = batch.to_pylist()
+    style = [styles.get(r["category"], "general") for r in rows]
+    msgs = [json.dumps(P.answer(r["instruction"], r["input"], style=s).messages) for r, s in zip(rows, style, strict=True)]  # fmt: skip
+    return pa.table({"id": batch["id"], "messages": pa.array(msgs, pa.string()), "style": pa.array(style, pa.string())})  # fmt: skip
 
 
 def write_refine_inputs(run_dir: str, round_: int, styles: dict[str, str]) -> int:
-    plan = storage.read_table(storage.join(run_dir, f"round-{round_}", "plan_final")).to_pylist()
-    texts = _item_texts(run_dir, round_, {r["id"] for r in plan})
-    rows, seen = [], set()
-    for r in plan:
-        if r["id"] in seen:
-            continue
-        seen.add(r["id"])
-        style = styles.get(r["category"], "general")
-        prompt = P.answer(*texts[r["id"]], style=style)
-        rows.append({"id": r["id"], "messages": json.dumps(prompt.messages), "style": style})
-    storage.write_table(
-        pa.Table.from_pylist(rows), storage.join(run_dir, f"round-{round_}", "refine_in")
-    )
-    return len(rows)
+    """refine_in/: one task-styled teacher request per planned item (a duplicated item once)."""
+    rd = storage.join(run_dir, f"round-{round_}")
+    plan = frames.read(storage.join(rd, "plan_final"), ["id"])
+    texts = _texts(run_dir, round_, ("id", "instruction", "input", "category"))
+    ds = frames.join(texts, plan, "left_semi", size=frames.rows(storage.join(rd, "plan_final")))
+    ds = ds.map_batches(_refine_requests, fn_args=(styles,), batch_format="pyarrow")
+    schema = pa.schema([*REQUESTS, ("style", pa.string())])
+    return frames.write(ds, storage.join(rd, "refine_in"), schema)
+
+
+def _train_rows(batch: pa.Table, answer_column: str, styles: dict[str, str]) -> pa.Table:
+    msgs = [_messages(i, x) for i, x in zip(batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True)]  # fmt: skip
+    style = [styles.get(c, "general") for c in batch["category"].to_pylist()]
+    return pa.table({"id": batch["id"], "category": batch["category"], "source": batch["source"],
+                     "style": pa.array(style, pa.string()), "messages": pa.array(msgs, pa.string()),
+                     "response": batch[answer_column]})  # fmt: skip
+
+
+def _category_counts(batch: pa.Table) -> Counter:
+    return Counter(batch["category"].to_pylist())
 
 
 def write_train_set(
     run_dir: str, round_: int, answers_dir: str, answer_column: str, styles: dict
 ) -> dict[str, Any]:
     """train_set/: one row per planned item (duplicates kept) whose answer exists."""
-    plan = storage.read_table(storage.join(run_dir, f"round-{round_}", "plan_final")).to_pylist()
-    answers = storage.read_table(answers_dir, ["id", answer_column])
-    answer = dict(zip(answers["id"].to_pylist(), answers[answer_column].to_pylist(), strict=True))
-    texts = _item_texts(run_dir, round_, {r["id"] for r in plan})
-    rows, dropped = [], 0
-    for r in plan:
-        if r["id"] not in answer:
-            dropped += 1  # its refinement was dead-lettered
-            continue
-        rows.append({"id": r["id"], "category": r["category"], "source": r["source"],
-                     "style": styles.get(r["category"], "general"),
-                     "messages": _messages(*texts[r["id"]]), "response": answer[r["id"]]})  # fmt: skip
-    storage.write_table(
-        pa.Table.from_pylist(rows), storage.join(run_dir, f"round-{round_}", "train_set")
+    rd = storage.join(run_dir, f"round-{round_}")
+    n = frames.rows(storage.join(rd, "plan_final"))
+    plan = frames.read(storage.join(rd, "plan_final"), ["id", "category", "source"])
+    answers = frames.read(answers_dir, ["id", answer_column])
+    ds = frames.join(
+        frames.join(plan, answers, "inner", size=n), _texts(run_dir, round_), "inner", size=n
     )
-    return {
-        "rows": len(rows),
-        "dropped_no_answer": dropped,
-        "counts": dict(Counter(r["category"] for r in rows)),
-    }
+    ds = ds.map_batches(_train_rows, fn_args=(answer_column, styles), batch_format="pyarrow")
+    schema = pa.schema([("id", pa.string()), ("category", pa.string()), ("source", pa.string()), ("style", pa.string()),
+                        ("messages", pa.string()), ("response", pa.string())])  # fmt: skip
+    rows = frames.write(ds, storage.join(rd, "train_set"), schema)
+    counts = sum(
+        frames.fold(frames.read(storage.join(rd, "train_set"), ["category"]), _category_counts),
+        Counter(),
+    )
+    return {"rows": rows, "dropped_no_answer": n - rows, "counts": dict(counts)}
 
 
 def write_warmup_plan(run_dir: str, rows: int, seed: int) -> int:
-    items = storage.read_table(storage.join(run_dir, "items"), ["id", "category", "heldout"])
-    items = items.filter(pc.invert(items["heldout"]))
-    chosen = sorted(zip(items["id"].to_pylist(), items["category"].to_pylist(), strict=True),
-                    key=lambda x: rank_key(seed, 0, x[0]))[:rows]  # fmt: skip
-    storage.write_table(
-        pa.table({"id": [c[0] for c in chosen], "category": [c[1] for c in chosen], "source": ["warmup"] * len(chosen)}),
-        storage.join(run_dir, "round-0", "plan_final"),
-    )  # fmt: skip
-    return len(chosen)
+    """round-0/plan_final: the first `rows` candidates in seeded random order."""
+    from tapir_ray.curriculum.sample import select_dataset
+
+    candidates = _candidates(run_dir, ["id", "category"]).map_batches(
+        lambda b: b.append_column("used", pa.array([False] * b.num_rows, pa.bool_())), batch_format="pyarrow")  # fmt: skip
+    plan, _ = select_dataset(candidates, size=rows, alpha=None, ratios=None, seed=seed, round_=0)
+    plan = plan.map_batches(lambda b: b.set_column(2, "source", pa.array(["warmup"] * b.num_rows, pa.string())),
+                            batch_format="pyarrow")  # fmt: skip
+    return frames.write(plan, storage.join(run_dir, "round-0", "plan_final"), PLAN)
 
 
 def heldout(items: pa.Table) -> pa.Table:
@@ -527,14 +642,29 @@ def heldout(items: pa.Table) -> pa.Table:
     return items.filter(pc.and_(mask, pc.is_valid(items["teacher"])))
 
 
+def _lowest_heldout(batch: pa.Table, seed: int, limit: int) -> list[tuple[str, dict[str, str]]]:
+    held = heldout(batch)
+    ranked = sorted((rank_key(seed, -1, r["id"]), r) for r in held.to_pylist())[:limit]
+    return [(k, {"messages": _messages(r["instruction"], r["input"]), "response": r["teacher"]})
+            for k, r in ranked]  # fmt: skip
+
+
 def heldout_rows(run_dir: str, seed: int, limit: int) -> list[dict[str, Any]]:
-    items = storage.read_table(storage.join(run_dir, "items"))
-    rows = heldout(items).to_pylist()  # only the held-out rows leave Arrow
-    rows.sort(key=lambda r: rank_key(seed, -1, r["id"]))
-    return [
-        {"messages": _messages(r["instruction"], r["input"]), "response": r["teacher"]}
-        for r in rows[:limit]
-    ]
+    """The first `limit` held-out rows in seeded order (each block sends back at most `limit`)."""
+    folder = storage.join(run_dir, "items")
+    files = frames._files(folder)
+    if not files:
+        return []
+    import pyarrow.parquet as pq
+
+    fs, _ = storage.fs_and_path(folder)
+    with fs.open(files[0], "rb") as fh:
+        split = "heldout" if "heldout" in pq.ParquetFile(fh).schema_arrow.names else "split"
+    ds = frames.read(folder, ["id", "instruction", "input", "teacher", split])
+    best = sorted(
+        x for part in frames.fold(ds, _lowest_heldout, seed=seed, limit=limit) for x in part
+    )
+    return [row for _, row in best[:limit]]
 
 
 # --- the TAPIR run ------------------------------------------------------------------------------
@@ -741,14 +871,14 @@ class TapirRun:
 
         storage.remove(self.path("labels_in"))
         pool.map_batches(to_request, batch_format="pyarrow").write_parquet(self.path("labels_in"))
-        out_dir = self.path("labels") if settings.method == "oracle" else self.path("labels_oracle")
+        out_dir = self.path("labels_oracle")
         info = self.ask("task labels", self.path("labels_in"), out_dir, role="classify", endpoint="teacher",
                         params=self.label_params(labels), parse=_label_parser(labels), round_=0)  # fmt: skip
         if settings.method == "oracle":
-            _task(_labels_from_parsed, out_dir, out_dir)
+            _labels_from_parsed(out_dir, self.path("labels"))
             return {**info, "method": "oracle"}
         self.embeddings()
-        agreement = _task(_embedding_classifier, self.run_dir, settings.holdout_fraction, seed)
+        agreement = _embedding_classifier(self.run_dir, settings.holdout_fraction, seed)
         return {**info, "method": "embedding", **agreement}
 
     def embeddings(self) -> dict:
@@ -772,7 +902,7 @@ class TapirRun:
     def nll(self, round_: int, adapter_dir: str | None, model: str) -> dict:
         from tapir_ray.eval.nll import heldout_nll_task
 
-        rows = _task(heldout_rows, self.run_dir, self.seed, self.tapir.nll_max_rows)
+        rows = heldout_rows(self.run_dir, self.seed, self.tapir.nll_max_rows)
         if not rows:
             return {"nll": None, "rows": 0}
         return ray.get(
@@ -825,7 +955,7 @@ class TapirRun:
         self.step("teacher", 0, self.teacher)
         self.step("labels", 0, self.classify)
         items = self.step(
-            "items", 0, lambda: _task(build_items, self.run_dir, self.seed, tapir.heldout_fraction)
+            "items", 0, lambda: build_items(self.run_dir, self.seed, tapir.heldout_fraction)
         )
         base = self.student_after(-1)
         nll0 = self.step("round-0/nll-base", 0, lambda: self.nll(0, None, base["model"]))
@@ -834,14 +964,12 @@ class TapirRun:
             self.step(
                 "round-0/plan",
                 0,
-                lambda: {
-                    "rows": _task(write_warmup_plan, self.run_dir, tapir.warmup_rows, self.seed)
-                },
+                lambda: {"rows": write_warmup_plan(self.run_dir, tapir.warmup_rows, self.seed)},
             )
             self.step(
                 "round-0/train_set",
                 0,
-                lambda: _task(write_train_set, self.run_dir, 0, self.path("items"), "teacher", {}),
+                lambda: write_train_set(self.run_dir, 0, self.path("items"), "teacher", {}),
             )
             trained = self.step("round-0/train", 0, lambda: self.train(0, base))
             ray.get(
@@ -860,7 +988,7 @@ class TapirRun:
 
     def fit_heldout(self) -> list[dict[str, Any]] | None:
         """Rows whose NLL each fit computes after training: the per-round held-out NLL."""
-        return _task(heldout_rows, self.run_dir, self.seed, self.tapir.nll_max_rows)
+        return heldout_rows(self.run_dir, self.seed, self.tapir.nll_max_rows)
 
     def round_nll(self, round_: int, trained: dict) -> dict:
         """The held-out NLL after a round: the fit computed it (its model was loaded), else (a
@@ -888,7 +1016,7 @@ class TapirRun:
             n = self.step(
                 f"{rd}/student_in",
                 r,
-                lambda: {"rows": _task(write_student_inputs, self.run_dir, r)},
+                lambda: {"rows": write_student_inputs(self.run_dir, r)},
             )["rows"]
 
             def answer() -> dict:
@@ -907,13 +1035,13 @@ class TapirRun:
             self.step(
                 f"{rd}/judge_in",
                 r,
-                lambda: {"rows": _task(write_judge_inputs, self.run_dir, r, mode, prefill)},
+                lambda: {"rows": write_judge_inputs(self.run_dir, r, mode, prefill)},
             )
             self.step(f"{rd}/judge", r, lambda: self.ask(
                 f"{rd} · judge", self.path(rd, "judge_in"), self.path(rd, "judge"), role="judge", endpoint="judge",
                 params=self._judge_params(prefill), parse=P.JudgeParser(mode, tapir.judge.logprob_scoring, prefill, tapir.judge.min_valid_mass), round_=r))  # fmt: skip
             scored = self.step(
-                f"{rd}/scores", r, lambda: _task(write_scores, self.run_dir, r, mode, tapir.delta)
+                f"{rd}/scores", r, lambda: write_scores(self.run_dir, r, mode, tapir.delta)
             )
             for warning in scored.get("judge", {}).get("warnings", []):
                 self.log(f"warning: {rd}: the judge looks degenerate: {warning}")
@@ -939,7 +1067,7 @@ class TapirRun:
         self.step(
             f"{rd}/refine_in",
             r,
-            lambda: {"rows": _task(write_refine_inputs, self.run_dir, r, tapir.styles)},
+            lambda: {"rows": write_refine_inputs(self.run_dir, r, tapir.styles)},
         )
         refined = self.step(f"{rd}/refine", r, lambda: self.ask(
             f"{rd} · refine", self.path(rd, "refine_in"), self.path(rd, "refine"), role="refine", endpoint="teacher",
@@ -947,8 +1075,8 @@ class TapirRun:
         train_set = self.step(
             f"{rd}/train_set",
             r,
-            lambda: _task(
-                write_train_set, self.run_dir, r, self.path(rd, "refine"), "response", tapir.styles
+            lambda: write_train_set(
+                self.run_dir, r, self.path(rd, "refine"), "response", tapir.styles
             ),
         )
         trained = self.step(f"{rd}/train", r, lambda: self.train(r, student))
@@ -980,7 +1108,7 @@ class TapirRun:
         return params
 
     def _plan(self, r: int, scores_dir: str | None, size: int, alpha: float) -> dict:
-        info = _task(write_plan, self.run_dir, r, scores_dir, size, alpha, self.tapir.taxonomy,
+        info = write_plan(self.run_dir, r, scores_dir, size, alpha, self.tapir.taxonomy,
                      self.seed, self.tapir.random_quotas)  # fmt: skip
         storage.write_json_atomic(self.path(f"round-{r}", "plan", "_PLAN.json"), info)
         return info
@@ -988,7 +1116,7 @@ class TapirRun:
     def expand(self, r: int, attempt: int, missing: dict[str, int]) -> dict:
         rd, folder = f"round-{r}", self.path(f"round-{r}", f"expand-{attempt}")
         self.embeddings()
-        _task(write_expansion_requests, self.run_dir, r, attempt, missing)
+        write_expansion_requests(self.run_dir, r, attempt, missing)
         asked = self.ask(f"{rd} · expansion {attempt + 1}", storage.join(folder, "requests"), storage.join(folder, "answers"),
                          role="expand", endpoint="teacher", params={"max_tokens": 256, "temperature": 0.0},
                          parse=P.parse_instruction, round_=r, max_dead_share=1.0)  # fmt: skip
@@ -1013,43 +1141,86 @@ class _label_parser:
         return P.parse_label(text, self.labels)
 
 
+def _oracle_labels(batch: pa.Table) -> pa.Table:
+    labels = [json.loads(p) for p in batch["parsed"].to_pylist()]
+    return pa.table({"id": batch["id"], "label": pa.array(labels, pa.string())})
+
+
 def _labels_from_parsed(answers_dir: str, out_dir: str) -> None:
-    t = storage.read_table(answers_dir, ["id", "parsed"])
-    cats = [json.loads(x) for x in t["parsed"].to_pylist()]
-    storage.write_table(pa.table({"id": t["id"], "category": pa.array(cats, pa.string())}), out_dir)
+    ds = frames.read(answers_dir, ["id", "parsed"]).map_batches(
+        _oracle_labels, batch_format="pyarrow"
+    )
+    frames.write(ds.rename_columns({"label": "category"}), out_dir,
+                 pa.schema([("id", pa.string()), ("category", pa.string())]))  # fmt: skip
+
+
+def _fit_holdout(batch: pa.Table, seed: int, holdout: float) -> tuple[np.ndarray, np.ndarray]:
+    """Which labelled rows fit the centroids and which measure them."""
+    test = np.array([in_fraction(seed, "classifier-holdout", i, holdout) for i in batch["id"].to_pylist()], bool)  # fmt: skip
+    labelled = pc.is_valid(batch["label"]).to_numpy(zero_copy_only=False)
+    return labelled & ~test, labelled & test
+
+
+def _class_sums(batch: pa.Table, seed: int, holdout: float) -> dict[str, Any]:
+    fit, test = _fit_holdout(batch, seed, holdout)
+    vecs, labels = as_matrix(batch["embedding"]), batch["label"].to_pylist()
+    sums: dict[str, list] = {}
+    for k in np.flatnonzero(fit):
+        s = sums.setdefault(labels[k], [np.zeros(vecs.shape[1], np.float64), 0])
+        s[0] += vecs[k]
+        s[1] += 1
+    return {"sums": sums, "fit": int(fit.sum()), "test": int(test.sum())}
+
+
+def _nearest(
+    batch: pa.Table, names: list[str], matrix: np.ndarray, seed: int, holdout: float
+) -> pa.Table:
+    """Each row's category: its oracle label where it has one, else the nearest centroid's."""
+    _, test = _fit_holdout(batch, seed, holdout)
+    vecs, labels = as_matrix(batch["embedding"]), batch["label"].to_pylist()
+    predicted = [names[k] for k in (vecs @ matrix.T).argmax(axis=1)] if len(vecs) else []
+    return pa.table({
+        "id": batch["id"],
+        "category": pa.array([lab if lab is not None else p for lab, p in zip(labels, predicted, strict=True)], pa.string()),
+        "agree": pa.array([bool(t) and p == lab for t, p, lab in zip(test, predicted, labels, strict=True)], pa.bool_()),
+    })  # fmt: skip
 
 
 def _embedding_classifier(run_dir: str, holdout: float, seed: int) -> dict[str, Any]:
-    """Centroids from the oracle-labelled sample; the held-out part measures agreement with the
-    oracle; every other pool row gets its nearest centroid's label."""
-
-    from tapir_ray.embed import as_matrix, centroids, nearest_centroid
-
-    oracle = storage.read_table(storage.join(run_dir, "labels_oracle"), ["id", "parsed"])
-    labelled = {
-        i: json.loads(p)
-        for i, p in zip(oracle["id"].to_pylist(), oracle["parsed"].to_pylist(), strict=True)
-    }
-    emb = storage.read_table(storage.join(run_dir, "embeddings"))
-    ids = emb["id"].to_pylist()
-    vecs = as_matrix(emb["embedding"])
-    fit = [
-        k
-        for k, i in enumerate(ids)
-        if i in labelled and not in_fraction(seed, "classifier-holdout", i, holdout)
-    ]
-    test = [
-        k
-        for k, i in enumerate(ids)
-        if i in labelled and in_fraction(seed, "classifier-holdout", i, holdout)
-    ]
-    cents = centroids(vecs[fit], [labelled[ids[k]] for k in fit])
-    predicted = nearest_centroid(vecs, cents)
-    agree = sum(predicted[k] == labelled[ids[k]] for k in test)
-    cats = [labelled.get(i, predicted[k]) for k, i in enumerate(ids)]
-    storage.write_table(pa.table({"id": ids, "category": cats}), storage.join(run_dir, "labels"))
-    return {"oracle_labelled": len(labelled), "classifier_fit_rows": len(fit), "classifier_holdout_rows": len(test),
-            "classifier_agreement": round(agree / len(test), 4) if test else None}  # fmt: skip
+    """Centroids from the oracle-labelled sample (sums per class, block by block); the held-out
+    part measures agreement with the oracle; every other pool row gets its nearest centroid's
+    label (μ_c is the class mean, not re-normalised: <e(q), μ_c> is the mean inner product with
+    the members)."""
+    emb_dir, labels_dir = storage.join(run_dir, "embeddings"), storage.join(run_dir, "labels")
+    n = frames.rows(emb_dir)
+    oracle = frames.read(storage.join(run_dir, "labels_oracle"), ["id", "parsed"])
+    oracle = oracle.map_batches(_oracle_labels, batch_format="pyarrow")
+    rows = frames.join(
+        frames.read(emb_dir, ["id", "embedding"]), oracle, "left_outer", size=n
+    ).materialize()
+    sums: dict[str, list] = {}
+    fit = test = 0
+    for part in frames.fold(rows, _class_sums, seed=seed, holdout=holdout):
+        fit, test = fit + part["fit"], test + part["test"]
+        for label, (v, k) in part["sums"].items():
+            s = sums.setdefault(label, [0.0, 0])
+            s[0], s[1] = s[0] + v, s[1] + k
+    names = sorted(sums)
+    matrix = np.stack([sums[c][0] / sums[c][1] for c in names]).astype(np.float32)
+    out = rows.map_batches(_nearest, fn_args=(names, matrix, seed, holdout), batch_format="pyarrow")
+    frames.write(
+        out,
+        labels_dir,
+        pa.schema([("id", pa.string()), ("category", pa.string()), ("agree", pa.bool_())]),
+    )
+    agree = sum(
+        frames.fold(
+            frames.read(labels_dir, ["agree"], {"agree": pa.bool_()}),
+            lambda b: int(pc.sum(b["agree"]).as_py() or 0),
+        )
+    )
+    return {"oracle_labelled": frames.rows(storage.join(run_dir, "labels_oracle")), "classifier_fit_rows": fit,
+            "classifier_holdout_rows": test, "classifier_agreement": round(agree / test, 4) if test else None}  # fmt: skip
 
 
 def _brief(info: dict) -> str:

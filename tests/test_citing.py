@@ -444,7 +444,7 @@ def test_questions_the_teacher_named_no_type_for_take_the_nearest_type_descripti
     assert storage.read_table(f"{run}/types/by_description").num_rows == 0
 
 
-def test_the_evaluation_holds_out_citings_test_split_and_tapirs_heldout_rows(tmp_path):
+def test_the_evaluation_holds_out_citings_test_split_and_tapirs_heldout_rows(ray_cluster, tmp_path):
     """`tapir-ray eval` reads one rule for both curricula: the rows no student trained on that
     have a reference answer (CITING's test split; TAPIR's held-out fraction)."""
     import pyarrow as pa

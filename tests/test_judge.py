@@ -174,7 +174,7 @@ def test_echoed_example_questions_are_not_criteria():
 # --- a degenerate judge is visible ---------------------------------------------------------------------
 
 
-def test_a_judge_that_always_prefers_one_position_is_flagged(tmp_path):
+def test_a_judge_that_always_prefers_one_position_is_flagged(ray_cluster, tmp_path):
     """Pairwise scoring where the first answer shown always wins: MFD would read as signal, but
     the round's judge diagnostics say no verdict survives the swap, and warn."""
     import json

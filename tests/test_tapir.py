@@ -115,7 +115,9 @@ def test_random_selection_is_the_control_arm_same_sizes_no_judge():
     assert set(select_random(cands, size=40, ratios=None, seed=4, round_=1).ids) != set(free.ids)
 
 
-def test_embedding_classifier_learns_from_oracle_labels_and_reports_agreement(tmp_path):
+def test_embedding_classifier_learns_from_oracle_labels_and_reports_agreement(
+    ray_cluster, tmp_path
+):
     """Large pools: an oracle-labelled sample fits the centroids, its held-out part measures them."""
     import random
 
@@ -566,3 +568,42 @@ def test_selection_at_scale_takes_the_same_ids_with_exact_totals_from_a_dataset(
         want = select_random(candidates, size=900, ratios=quota, seed=5, round_=1)
         got, _ = select_dataset(ds, size=900, alpha=None, ratios=quota, seed=5, round_=1)
         assert [i for i, _ in taken(got)] == sorted(want.ids) and len(want.ids) == 900
+
+
+def test_joins_by_id_agree_between_the_one_task_path_and_ray_datas_hash_join(
+    ray_cluster, monkeypatch
+):
+    """A round's glue joins answers to items by id: small tables in one task, large ones with Ray
+    Data's hash-partitioned join. Both give the same rows, the one-task path keeps each column's
+    type and the left side's order, and `mark` flags ids that repeat on the right once."""
+    from tapir_ray import frames
+
+    left = ray.data.from_arrow(pa.table({
+        "id": [f"i{k}" for k in range(40)], "text": [f"t{k}" for k in range(40)],
+        "vec": pa.array([[float(k), 1.0] for k in range(40)], pa.list_(pa.float32())),
+    })).repartition(3)  # fmt: skip
+    right = ray.data.from_arrow(pa.table({"id": [f"i{k}" for k in range(0, 60, 3)],
+                                          "score": [float(k) for k in range(0, 60, 3)]}))  # fmt: skip
+
+    def rows(ds: ray.data.Dataset) -> list[tuple]:
+        return sorted(tuple(r.values()) for r in pa.concat_tables(ray.get(ds.to_arrow_refs())).select(
+            [c for c in ("id", "text", "score", "seen") if c in ds.schema().names]).to_pylist())  # fmt: skip
+
+    local = {
+        how: frames.join(left, right, how, size=60)
+        for how in ("inner", "left_outer", "left_semi", "left_anti")
+    }
+    assert len(rows(local["inner"])) == 14 and len(rows(local["left_semi"])) == 14
+    assert len(rows(local["left_outer"])) == 40 and len(rows(local["left_anti"])) == 26
+    table = pa.concat_tables(ray.get(local["left_outer"].to_arrow_refs()))
+    assert table.schema.field("id").type == pa.string() and table["id"].to_pylist()[:3] == [
+        "i0",
+        "i1",
+        "i2",
+    ]
+    assert table.schema.field("vec").type == pa.list_(pa.float32())
+    repeated = right.union(right)
+    marked = frames.mark(left, repeated.select_columns(["id"]), "seen", size=60)
+    assert sum(r[-1] for r in rows(marked)) == 14 and len(rows(marked)) == 40
+    monkeypatch.setattr(frames, "LOCAL_JOIN_ROWS", 0)  # Ray Data's hash join, as at scale
+    assert rows(frames.join(left, right, "left_outer", size=60)) == rows(local["left_outer"])

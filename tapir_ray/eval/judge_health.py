@@ -12,6 +12,7 @@ the report shows them.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable, Sequence
 
@@ -37,14 +38,24 @@ def spread(scores: Sequence[float]) -> float | None:
     return round(statistics.pstdev(scores), 4) if len(scores) > 1 else None
 
 
+def spread_of(n: int, total: float, squares: float) -> float | None:
+    """The same standard deviation from sums that add up block by block: n, Σx, Σx²."""
+    if n < 2:
+        return None
+    mean = total / n
+    return round(math.sqrt(max(0.0, squares / n - mean * mean)), 4)
+
+
 def judge_health(
     *,
     asked: int,
     answered: int,
     consistency: float | None = None,
     scores_by_source: dict[str, Sequence[float]] | None = None,
+    spreads: dict[str, float | None] | None = None,
 ) -> dict:
-    spreads = {k: spread(v) for k, v in (scores_by_source or {}).items()}
+    """`spreads` (per source, e.g. from `spread_of`) stand in for `scores_by_source`."""
+    spreads = spreads or {k: spread(v) for k, v in (scores_by_source or {}).items()}
     failures = round((asked - answered) / asked, 4) if asked else None
     warnings = []
     if consistency is not None and consistency < MIN_CONSISTENCY:

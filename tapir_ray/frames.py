@@ -1,0 +1,140 @@
+"""Stage tables as Ray Data datasets: read a stage's Parquet folder, join two tables by id, write one, and
+fold a table into a small summary block by block.
+
+The run layer's glue between stages is built from these, so that no step holds a table that grows
+with the pool in one process: rows stay in blocks on the cluster's nodes, joins are Ray Data's
+hash-partitioned joins, and what comes back to the driver is per-block summaries (counts, sums,
+histograms) added up as they arrive.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from tapir_ray import storage
+
+# Rows per hash partition of a join: enough partitions to spread a million-row pool over the
+# cluster's aggregators.
+ROWS_PER_PARTITION = 200_000
+# At or below this many rows a join runs as one task (polars on both sides' Arrow blocks): Ray
+# Data's hash join starts its aggregator actors for every join, 5–8 s on a 2-CPU node however
+# small the tables, which a round with a dozen joins would pay each time. The bound holds memory
+# to a fixed size, whatever the pool (the same idea as Spark's broadcast-join threshold).
+LOCAL_JOIN_ROWS = 50_000
+_HOW = {"inner": "inner", "left_outer": "left", "left_semi": "semi", "left_anti": "anti"}
+
+
+def _files(folder: str) -> list[str]:
+    """The folder's Parquet files that hold rows (a block whose every row was dead-lettered
+    leaves a file without columns); read from their footers only."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.fs_and_path(folder)
+    if not fs.exists(path):
+        return []
+    out = []
+    for f in sorted(fs.find(path)):
+        if f.endswith(".parquet") and "/_" not in f[len(path) :]:
+            with fs.open(f, "rb") as fh:
+                if pq.ParquetFile(fh).metadata.num_rows:
+                    out.append(f)
+    return out
+
+
+def read(
+    folder: str | Iterable[str], columns: list[str], types: dict[str, pa.DataType] | None = None
+) -> ray.data.Dataset:
+    """One stage's table (or the union of several folders) as a Dataset of `columns`. A folder
+    that is missing or holds no rows reads as an empty table of those columns (strings unless
+    `types` says otherwise)."""
+    folders = [folder] if isinstance(folder, str) else list(folder)
+    files = [f for d in folders for f in _files(d)]
+    if not files:
+        types = types or {}
+        return ray.data.from_arrow(
+            pa.table({c: pa.array([], types.get(c, pa.string())) for c in columns})
+        )
+    fs, _ = storage.fs_and_path(folders[0])
+    return ray.data.read_parquet(files, columns=columns, filesystem=fs)
+
+
+def rows(folder: str) -> int:
+    return storage.parquet_rows(folder)
+
+
+def join(left: ray.data.Dataset, right: ray.data.Dataset, how: str, *, size: int,
+         on: str = "id", right_on: str | None = None) -> ray.data.Dataset:  # fmt: skip
+    """`left` joined with `right` on the id column (inner, left_outer, left_semi, left_anti);
+    `size`: about how many rows the larger side has. Above LOCAL_JOIN_ROWS it is Ray Data's
+    hash-partitioned join; below, one task joins the two sides' blocks."""
+    if size <= LOCAL_JOIN_ROWS:
+        return ray.data.from_arrow_refs([_local_join.remote(
+            left.to_arrow_refs(), right.to_arrow_refs(), how, on, right_on or on)])  # fmt: skip
+    parts = max(2, min(256, math.ceil(size / ROWS_PER_PARTITION)))
+    return left.join(right, how, num_partitions=parts, on=(on,),
+                     right_on=(right_on,) if right_on else None)  # fmt: skip
+
+
+@ray.remote(num_cpus=0)
+def _local_join(left: list, right: list, how: str, on: str, right_on: str) -> pa.Table:
+    import polars as pl
+
+    def frame(refs: list) -> tuple[pl.DataFrame, pa.Schema]:
+        tables = [t for t in ray.get(refs) if t.num_columns] or [
+            pa.table({on: pa.array([], pa.string())})
+        ]
+        table = pa.concat_tables(tables, promote_options="default")
+        return pl.from_arrow(table), table.schema
+
+    (lf, ls), (rf, rs) = frame(left), frame(right)
+    out = lf.join(
+        rf, left_on=on, right_on=right_on, how=_HOW[how], coalesce=True, maintain_order="left"
+    ).to_arrow()
+    # polars hands back its own string types: give each column its input type again
+    types = {f.name: f.type for f in rs} | {f.name: f.type for f in ls}
+    return out.cast(pa.schema([(name, types[name]) for name in out.column_names]))
+
+
+def mark(
+    left: ray.data.Dataset, ids: ray.data.Dataset, column: str, *, size: int
+) -> ray.data.Dataset:
+    """`left` with a boolean `column`: whether its id is among `ids` (ids may repeat)."""
+
+    def flag(value: bool):
+        return lambda b: b.append_column(column, pa.array([value] * b.num_rows, pa.bool_()))
+
+    yes = join(left, ids, "left_semi", size=size).map_batches(flag(True), batch_format="pyarrow")
+    no = join(left, ids, "left_anti", size=size).map_batches(flag(False), batch_format="pyarrow")
+    return yes.union(no)
+
+
+def write(ds: ray.data.Dataset, folder: str, schema: pa.Schema) -> int:
+    """Replace `folder` with `ds` written by Ray Data's Parquet writer (one file per block); an
+    empty result still leaves a file with the schema, so the next stage reads zero rows, not a
+    missing folder. Returns the rows written."""
+    storage.remove(folder)
+    ds.write_parquet(folder)
+    n = storage.parquet_rows(folder)
+    if n == 0:
+        storage.write_table(schema.empty_table(), folder)
+    return n
+
+
+def fold(ds: ray.data.Dataset, fn: Callable[[pa.Table], Any], **fn_kwargs: Any) -> Iterator[Any]:
+    """`fn(block, **fn_kwargs)` for each block of `ds`, run where the block is; yields each
+    (small) answer as it comes back, for the caller to add up."""
+    import pickle
+
+    def one(batch: pa.Table) -> pa.Table:
+        return pa.table({"out": pa.array([pickle.dumps(fn(batch, **fn_kwargs))], pa.binary())})
+
+    for part in ds.map_batches(one, batch_format="pyarrow", batch_size=None).iter_batches(
+        batch_format="pyarrow", batch_size=None
+    ):
+        for blob in part["out"].to_pylist():
+            yield pickle.loads(blob)
