@@ -132,8 +132,8 @@ def cmd_oracle_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from tapir_ray.launch import RunError, run
     from tapir_ray.oracle.ledger import BudgetExceeded
-    from tapir_ray.rounds import RunError, run
 
     cfg = load_config(args.config)
     try:

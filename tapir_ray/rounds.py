@@ -27,10 +27,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,7 +39,7 @@ import ray
 
 from tapir_ray import frames, storage
 from tapir_ray.config import Config
-from tapir_ray.curriculum.actor import curriculum_actor, read_state
+from tapir_ray.curriculum.actor import curriculum_actor
 from tapir_ray.curriculum.plan import (
     Selection,
     duplicate_fill,
@@ -50,7 +49,6 @@ from tapir_ray.curriculum.plan import (
     round_sizes,
 )
 from tapir_ray.embed import as_matrix
-from tapir_ray.lease import LeaseHeld, RunLease
 from tapir_ray.oracle import prompts as P
 from tapir_ray.progress import Progress
 
@@ -62,63 +60,6 @@ class RunError(RuntimeError):
 def _task(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     """Run `fn` as a Ray task (joins of stage outputs stay off the driver) and wait for it."""
     return ray.get(ray.remote(num_cpus=0)(fn).remote(*args, **kwargs))
-
-
-# --- the oracle endpoints of a run -----------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def oracle_endpoints(cfg: Config, run_dir: str, log: Callable[[str], None]) -> Iterator[dict]:
-    """role → (EndpointConfig, base_url, cache identity); starts the local server when asked."""
-    from tapir_ray.oracle.local import LocalOracle, VLLMOracle
-
-    roles = {"teacher": cfg.oracle.endpoint("teacher"), "judge": cfg.oracle.endpoint("judge")}
-    missing = [r for r, ep in roles.items() if ep.base_url is None]
-    server = None
-    backend = cfg.oracle.local_server()
-    if missing and not cfg.oracle.local:
-        raise RunError(
-            f"oracle.{missing[0]}.base_url is not set; set it, or set oracle.local: true to serve a local model"
-        )
-    try:
-        if missing:
-            storage.makedirs(storage.join(run_dir, "logs"))
-            log(f"starting the local oracle ({backend}, {cfg.oracle.local_model}) ...")
-            log_path = storage.join(run_dir, "logs", "oracle.log")
-            if backend == "vllm":
-                from tapir_ray.assets import resolve_model
-
-                server = VLLMOracle(
-                    resolve_model(cfg.oracle.local_model), max_num_seqs=cfg.oracle.local_max_batch,
-                    max_model_len=cfg.oracle.local_max_model_len, port=cfg.oracle.local_port,
-                    log_path=log_path,
-                )  # fmt: skip
-            else:
-                args = ["--backend", backend, "--max-batch", str(cfg.oracle.local_max_batch)]
-                if cfg.oracle.local_port:
-                    args += ["--port", str(cfg.oracle.local_port)]
-                if backend == "hf":
-                    args += ["--model", cfg.oracle.local_model]
-                server = LocalOracle(*args, startup_timeout=600, log_path=log_path)
-            server.__enter__()
-            log(f"local oracle listening at {server.base_url}")
-        out = {}
-        for role, ep in roles.items():
-            if ep.base_url is None:
-                # Both local servers continue a prefilled assistant turn (vLLM also constrains a
-                # classification to its labels); the port changes between runs,
-                # so the cache keys on a stable name instead of the URL.
-                # It takes no key: none is sent to it.
-                ep = ep.model_copy(update={"continue_final_message": True, "api_key_env": None,
-                                           "structured_choice": backend == "vllm"})  # fmt: skip
-                identity = f"local://{backend}/{cfg.oracle.local_model}"
-                out[role] = (ep, server.base_url, identity)
-            else:
-                out[role] = (ep, ep.base_url, ep.base_url)
-        yield out
-    finally:
-        if server is not None:
-            server.stop()
 
 
 # --- tasks over stage outputs (run on the cluster) -------------------------------------------------
@@ -1238,67 +1179,3 @@ def _brief(info: dict) -> str:
     )
     parts = [f"{k}={info[k]}" for k in keys if info.get(k) is not None]
     return f"({', '.join(parts)})" if parts else ""
-
-
-# --- entry points ---------------------------------------------------------------------------------
-
-
-def runner_class(cfg: Config) -> type[TapirRun]:
-    if cfg.curriculum.algorithm == "citing":
-        from tapir_ray.citing_run import CitingRun
-
-        return CitingRun
-    return TapirRun
-
-
-def run(cfg: Config, *, resume: bool | str = False, log: Callable[[str], None] = print) -> dict:
-    """Run (or resume) the curriculum the config names; returns the final state.
-    `resume="auto"` resumes when run.dir holds a run and starts one otherwise."""
-    from tapir_ray.runtime import ensure_ray
-
-    run_dir = storage.absolute(cfg.run.dir)
-    state = read_state(run_dir)
-    if (
-        resume == "auto"
-    ):  # a retried cluster job: continue a run that started, start one that did not
-        resume = state is not None
-    if state is not None and not resume:
-        raise RunError(
-            f"{run_dir} already holds a run (status {state['status']}); add --resume to continue it, or choose a new run.dir"
-        )
-    if state is None and resume:
-        raise RunError(f"{run_dir}: no run to resume (no state.json)")
-    if not cfg.oracle.local:
-        endpoints = [("teacher", cfg.oracle.teacher), ("judge", cfg.oracle.judge)]
-        for role, ep in endpoints:
-            if ep is not None and ep.api_key_env and not os.environ.get(ep.api_key_env):
-                raise RunError(
-                    f"oracle.{role}.api_key_env: ${ep.api_key_env} is not set in this environment (on a cluster, set it on the head node, e.g. from a Kubernetes Secret)"
-                )
-    storage.makedirs(run_dir)
-    try:
-        lease = RunLease(run_dir).acquire()  # one driver per run, before anything is written
-    except LeaseHeld as exc:
-        raise RunError(str(exc)) from None
-    storage.write_text_atomic(storage.join(run_dir, "config.yaml"), cfg.to_yaml())
-    ensure_ray(cfg.resources)
-    started = time.perf_counter()
-    with (
-        lease,
-        oracle_endpoints(cfg, run_dir, log) as endpoints,
-        runner_class(cfg)(cfg, run_dir, endpoints, log) as runner,
-    ):
-        try:
-            state = runner.run()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                ray.get(runner.actor.finish.remote("failed"), timeout=10)
-            raise
-    from tapir_ray.report import write_report
-
-    text = write_report(run_dir)
-    log(text)
-    log(
-        f"run finished in {time.perf_counter() - started:.0f} s; report: {storage.join(run_dir, 'metrics', 'report.md')}"
-    )
-    return state

@@ -276,7 +276,7 @@ def test_an_empty_or_truncated_parquet_file_is_one_line_naming_it(ray_cluster, t
 
 def test_a_pool_empty_after_ingest_stops_the_run_in_one_line(ray_cluster, tmp_path):
     from tapir_ray.config import parse_config
-    from tapir_ray.rounds import RunError, run
+    from tapir_ray.launch import RunError, run
 
     path = write_jsonl(
         tmp_path / "pool.jsonl", [{"instruction": "NaN"}, {"input": "no instruction"}]

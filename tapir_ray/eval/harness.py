@@ -366,7 +366,7 @@ def evaluate(run_dir: str, *, rounds: str = "all", suites: list[str] | None = No
 
     from tapir_ray.config import parse_config
     from tapir_ray.curriculum import read_state
-    from tapir_ray.rounds import oracle_endpoints, runner_class
+    from tapir_ray.launch import oracle_endpoints, runner_class
     from tapir_ray.runtime import ensure_ray
 
     run_dir = storage.absolute(run_dir)

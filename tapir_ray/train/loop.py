@@ -86,7 +86,7 @@ class TokenizeCollate(NumpyBatchCollateFn):
     so tokenisation overlaps the previous step and needs no process or pass of its own."""
 
     def __init__(self, model_path: str, max_length: int, chat_template: str | None):
-        from tapir_ray.train import Tokenize
+        from tapir_ray.train.tokenize import Tokenize
 
         self.tokenize = Tokenize(model_path, max_length, chat_template)
         tok = self.tokenize.tokenizer
