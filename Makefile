@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: env demo test lint bench-ingest bench-oracle-batch clean-demo
+.PHONY: env demo test lint bench-ingest bench-oracle-batch bench-glue clean-demo
 
 env:
 	@bash scripts/setup_env.sh $(VENV)
@@ -24,6 +24,9 @@ lint: env
 
 bench-ingest: env
 	$(PY) benchmarks/ingest_throughput.py --rows 100000 1000000
+
+bench-glue: env
+	$(PY) benchmarks/round_glue.py --rows 100000 1000000
 
 bench-oracle-batch: env
 	$(PY) benchmarks/oracle_batch.py --requests 100000

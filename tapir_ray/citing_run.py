@@ -25,21 +25,23 @@ import json
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from tapir_ray import storage
+from tapir_ray import frames, storage
 from tapir_ray.curriculum.citing import (
     RubricBook,
     build_book,
-    curriculum_ids,
     edit_distance,
+    question_rank,
     retrieve,
     revision_messages,
     split_of,
     type_centroids,
 )
+from tapir_ray.embed import as_matrix
 from tapir_ray.oracle import prompts as P
 from tapir_ray.progress import Progress
 from tapir_ray.rounds import TapirRun, _messages, _task, _write_requests
@@ -47,48 +49,92 @@ from tapir_ray.rounds import TapirRun, _messages, _task, _write_requests
 # --- tasks over stage outputs (run on the cluster) -------------------------------------------------
 
 
+ITEMS = pa.schema([("id", pa.string()), ("instruction", pa.string()), ("input", pa.string()),
+                   ("teacher", pa.string()), ("split", pa.string())])  # fmt: skip
+
+
+def _with_split(batch: pa.Table, seed: int, ratios: list[float]) -> pa.Table:
+    splits = [split_of(seed, i, ratios) for i in batch["id"].to_pylist()]
+    return batch.append_column("split", pa.array(splits, pa.string())).select(ITEMS.names)
+
+
+def _splits(batch: pa.Table) -> Counter:
+    return Counter(batch["split"].to_pylist())
+
+
 def write_citing_items(run_dir: str, seed: int, ratios: list[float]) -> dict[str, Any]:
     """items/: pool rows with their teacher (or reference) answer and their split."""
-    pool = storage.read_table(
-        storage.join(run_dir, "ingest", "pool"), ["id", "instruction", "input"]
+    pool_dir, teacher_dir = (
+        storage.join(run_dir, "ingest", "pool"),
+        storage.join(run_dir, "teacher"),
     )
-    teacher = storage.read_table(storage.join(run_dir, "teacher"), ["id", "response"])
-    items = pool.join(teacher.rename_columns(["id", "teacher"]), "id", join_type="inner").sort_by(
-        "id"
+    n_pool = frames.rows(pool_dir)
+    teacher = frames.read(teacher_dir, ["id", "response"]).rename_columns({"response": "teacher"})
+    items = frames.join(
+        frames.read(pool_dir, ["id", "instruction", "input"]), teacher, "inner", size=n_pool
     )
-    splits = [split_of(seed, i, ratios) for i in items["id"].to_pylist()]
-    items = items.append_column("split", pa.array(splits, pa.string()))
-    storage.write_table(items, storage.join(run_dir, "items"))
+    items = items.map_batches(_with_split, fn_args=(seed, list(ratios)), batch_format="pyarrow")
+    frames.write(items, _items_dir(run_dir), ITEMS)
+    counts = sum(frames.fold(frames.read(_items_dir(run_dir), ["split"]), _splits), Counter())
     return {
-        "items": items.num_rows,
-        **Counter(splits),
-        "no_teacher_answer": pool.num_rows - teacher.num_rows,
+        "items": sum(counts.values()),
+        **counts,
+        "no_teacher_answer": n_pool - frames.rows(teacher_dir),
     }
 
 
-def _items(run_dir: str, split: str | None = None) -> list[dict[str, Any]]:
-    items = storage.read_table(storage.join(run_dir, "items"))
-    if split is not None:
-        items = items.filter(pc.equal(items["split"], split))
-    return items.to_pylist()
+def _items_dir(run_dir: str) -> str:
+    return storage.join(run_dir, "items")
 
 
-def train_ids(run_dir: str) -> list[str]:
-    """The train split's ids, read without the texts (the curriculum sample needs only these)."""
-    t = storage.read_table(storage.join(run_dir, "items"), ["id", "split"])
-    return t.filter(pc.equal(t["split"], "train"))["id"].to_pylist()
+def _texts(run_dir: str, ids: list[str]) -> dict[str, str]:
+    """id → the question as the user writes it, for the given ids (a lookup, not the split)."""
+    rows = frames.lookup(_items_dir(run_dir), ids, ["instruction", "input"])
+    return {i: P.user_content(r["instruction"], r["input"]) for i, r in rows.items()}
+
+
+def questions_of(run_dir: str, n: int, seed: int, round_: int, resample: bool) -> list[str]:
+    """The round's curriculum questions (curriculum.citing.curriculum_ids' rule), block by block."""
+    train = frames.read(_items_dir(run_dir), ["id", "split"])
+    rows = frames.lowest(train, lambda r: question_rank(seed, round_, resample, r["id"]), n,
+                         where=lambda r: r["split"] == "train")  # fmt: skip
+    return [r["id"] for r in rows]
 
 
 def write_warmup_set(run_dir: str, rows: int | None) -> int:
-    train = sorted(_items(run_dir, "train"), key=lambda r: r["id"])[: rows or None]
-    out = [{"id": r["id"], "category": "", "source": "warmup", "style": "general",
-            "messages": _messages(r["instruction"], r["input"]), "response": r["teacher"]} for r in train]  # fmt: skip
-    storage.write_table(pa.Table.from_pylist(out), storage.join(run_dir, "round-0", "train_set"))
-    return len(out)
+    """round-0/train_set: the first `rows` training questions by id (all of them without a
+    limit), with their reference answers."""
+    train = frames.read(_items_dir(run_dir), ["id", "instruction", "input", "teacher", "split"])
+    out = storage.join(run_dir, "round-0", "train_set")
+    if rows:
+        chosen = pa.Table.from_pylist(
+            frames.lowest(train, lambda r: r["id"], rows, where=lambda r: r["split"] == "train")
+        )
+        return frames.write(
+            ray.data.from_arrow(chosen).map_batches(_warmup_rows, batch_format="pyarrow"),
+            out,
+            WARMUP,
+        )
+    train = train.map_batches(
+        lambda b: b.filter(pc.equal(b["split"], "train")), batch_format="pyarrow"
+    )
+    return frames.write(train.map_batches(_warmup_rows, batch_format="pyarrow"), out, WARMUP)
+
+
+WARMUP = pa.schema([("id", pa.string()), ("category", pa.string()), ("source", pa.string()), ("style", pa.string()),
+                    ("messages", pa.string()), ("response", pa.string())])  # fmt: skip
+
+
+def _warmup_rows(batch: pa.Table) -> pa.Table:
+    n = batch.num_rows
+    msgs = [_messages(i, x) for i, x in zip(batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True)]  # fmt: skip
+    return pa.table({"id": batch["id"], "category": pa.array([""] * n), "source": pa.array(["warmup"] * n),
+                     "style": pa.array(["general"] * n), "messages": pa.array(msgs, pa.string()),
+                     "response": batch["teacher"]}, schema=WARMUP)  # fmt: skip
 
 
 def write_type_requests(run_dir: str, ids: list[str], batch_size: int, max_types: int) -> int:
-    text = {r["id"]: P.user_content(r["instruction"], r["input"]) for r in _items(run_dir, "train")}
+    text = _texts(run_dir, ids)
     batches = [ids[k : k + batch_size] for k in range(0, len(ids), batch_size)]
     rows = [{"id": f"batch-{k:05d}", "messages": json.dumps(P.induce_types([text[i] for i in b], max_types).messages)}
             for k, b in enumerate(batches)]  # fmt: skip
@@ -127,7 +173,7 @@ def merged_types(run_dir: str) -> list[dict[str, Any]]:
 
 def write_assign_requests(run_dir: str, ids: list[str], prefill: bool) -> int:
     names = [t["name"] for t in merged_types(run_dir)]
-    text = {r["id"]: P.user_content(r["instruction"], r["input"]) for r in _items(run_dir, "train")}
+    text = _texts(run_dir, ids)
     rows = []
     for i in ids:
         prompt = P.classify(text[i], names)
@@ -162,19 +208,17 @@ def write_types_by_description(
     assignment was dead-lettered, as with a very small teacher) get the type whose "name:
     definition" embeds closest to them (cosine). With `fallback: none` they stay untyped."""
 
-    from tapir_ray.embed import as_matrix, encode, load_encoder
+    from tapir_ray.embed import encode, load_encoder
 
     teacher, types = _assigned(run_dir, teacher_only=True), merged_types(run_dir)
     missing = [i for i in ids if i not in teacher] if fallback == "description" and types else []
     rows = []
     if missing:
-        emb = storage.read_table(storage.join(run_dir, "embeddings"), ["id", "embedding"])
-        emb = emb.filter(pc.is_in(emb["id"], pa.array(missing, pa.string())))
-        row = {i: k for k, i in enumerate(emb["id"].to_pylist())}
+        emb = frames.lookup(storage.join(run_dir, "embeddings"), missing, ["embedding"])
         described = encode(
             load_encoder(model), [f"{t['name']}: {t.get('definition', '')}" for t in types]
         )
-        scores = as_matrix(emb["embedding"])[[row[i] for i in missing]] @ described.T
+        scores = np.asarray([emb[i]["embedding"] for i in missing], np.float32) @ described.T
         rows = [{"id": i, "parsed": json.dumps(types[int(k)]["name"])}
                 for i, k in zip(missing, scores.argmax(axis=1), strict=True)]  # fmt: skip
     schema = pa.schema([("id", pa.string()), ("parsed", pa.string())])
@@ -186,10 +230,14 @@ def write_types_by_description(
 
 def write_rubric_requests(run_dir: str, low: int, high: int, required: list[str]) -> int:
     merged, assigned = merged_types(run_dir), _assigned(run_dir)
-    text = {r["id"]: P.user_content(r["instruction"], r["input"]) for r in _items(run_dir, "train")}
+    examples = {
+        t["name"]: sorted(i for i, name in assigned.items() if name == t["name"])[:3]
+        for t in merged
+    }
+    text = _texts(run_dir, [i for members in examples.values() for i in members])
     rows = []
     for t in merged:
-        members = sorted(i for i, name in assigned.items() if name == t["name"])
+        members = examples[t["name"]]
         if members:
             prompt = P.write_rubric(
                 t["name"],
@@ -229,51 +277,75 @@ def load_book(run_dir: str) -> RubricBook:
     return RubricBook.from_json(storage.read_text(storage.join(run_dir, "rubrics.json")))
 
 
+TYPES_BY_ID = pa.schema([("id", pa.string()), ("type", pa.string()), ("source", pa.string()),
+                         ("agrees", pa.bool_())])  # fmt: skip
+
+
+def _retrieved(batch: pa.Table, names: list[str], matrix: np.ndarray, assigned: dict[str, str],
+               teacher: frozenset) -> pa.Table:  # fmt: skip
+    """Each question's type: the one it was given (teacher or description), else the nearest
+    centroid's; `agrees`: a typed question whose centroid is its own type's."""
+    ids = batch["id"].to_pylist()
+    got = (
+        [names[k] for k in (as_matrix(batch["embedding"]) @ matrix.T).argmax(axis=1)] if ids else []
+    )
+    types, sources, agrees = [], [], []
+    for i, g in zip(ids, got, strict=True):
+        given = assigned.get(i)
+        types.append(given if given is not None else g)
+        sources.append(
+            "retrieved" if given is None else "teacher" if i in teacher else "description"
+        )
+        agrees.append(given is not None and g == given)
+    return pa.table({"id": batch["id"], "type": pa.array(types, pa.string()), "source": pa.array(sources, pa.string()),
+                     "agrees": pa.array(agrees, pa.bool_())}, schema=TYPES_BY_ID)  # fmt: skip
+
+
 def write_retrieval(run_dir: str) -> dict[str, Any]:
     """types_by_id/: the teacher's type for typed curriculum questions, the centroid's for the rest."""
-    from tapir_ray.embed import as_matrix
-
     book, assigned = load_book(run_dir), _assigned(run_dir)
     teacher = _assigned(run_dir, teacher_only=True)
     known = {t.name for t in book.types}
-    emb = storage.read_table(storage.join(run_dir, "embeddings"), ["id", "embedding"])
-    ids = emb["id"].to_pylist()
-    vectors = as_matrix(emb["embedding"])
-    members = [k for k, i in enumerate(ids) if assigned.get(i) in known]
-    if not members:
+    typed = {i: c for i, c in assigned.items() if c in known}
+    if not typed:
         raise ValueError(
             "no curriculum question has a question type: every assignment was dead-lettered"
         )
-    cents = type_centroids(vectors[members], [assigned[ids[k]] for k in members])
-    got = retrieve(vectors, cents)
-    agree = sum(got[k] == assigned[ids[k]] for k in members)
-
-    def source(i: str) -> str:
-        return (
-            ("teacher" if i in teacher else "description")
-            if assigned.get(i) in known
-            else "retrieved"
+    emb_dir = storage.join(run_dir, "embeddings")
+    vecs = frames.lookup(emb_dir, typed, ["embedding"])
+    members = sorted(i for i in typed if i in vecs)
+    cents = type_centroids(
+        np.asarray([vecs[i]["embedding"] for i in members], np.float32), [typed[i] for i in members]
+    )
+    names = list(cents)
+    matrix = np.stack([cents[c] for c in names]).astype(np.float32)
+    out = storage.join(run_dir, "types_by_id")
+    ds = frames.read(emb_dir, ["id", "embedding"]).map_batches(
+        _retrieved, fn_args=(names, matrix, typed, frozenset(teacher)), batch_format="pyarrow")  # fmt: skip
+    rows = frames.write(ds, out, TYPES_BY_ID)
+    agree = sum(
+        frames.fold(
+            frames.read(out, ["agrees"], {"agrees": pa.bool_()}),
+            lambda b: int(pc.sum(b["agrees"]).as_py() or 0),
         )
-
-    rows = [{"id": i, "type": assigned[i] if assigned.get(i) in known else g, "source": source(i)}
-            for i, g in zip(ids, got, strict=True)]  # fmt: skip
-    storage.write_table(pa.Table.from_pylist(rows), storage.join(run_dir, "types_by_id"))
+    )
     storage.write_table(
-        pa.table({"type": list(cents), "centroid": pa.array([cents[c].tolist() for c in cents], pa.list_(pa.float32()))}),
+        pa.table({"type": names, "centroid": pa.array([cents[c].tolist() for c in names], pa.list_(pa.float32()))}),
         storage.join(run_dir, "centroids"),
     )  # fmt: skip
-    return {"rows": len(rows), "retrieval_agreement": round(agree / len(members), 4) if members else None,
-            "typed": len(members), "typed_by_teacher": sum(ids[k] in teacher for k in members)}  # fmt: skip
+    return {"rows": rows, "retrieval_agreement": round(agree / len(members), 4) if members else None,
+            "typed": len(members), "typed_by_teacher": sum(i in teacher for i in members)}  # fmt: skip
 
 
-def _rubric_of(run_dir: str) -> dict[str, str]:
-    book = load_book(run_dir)
-    rubric = {t.name: t.rubric() for t in book.types}
-    t = storage.read_table(storage.join(run_dir, "types_by_id"), ["id", "type"])
-    return {i: rubric[c] for i, c in zip(t["id"].to_pylist(), t["type"].to_pylist(), strict=True)}
+def _rubrics(run_dir: str, ids: list[str]) -> dict[str, str]:
+    """id → the rubric of its question type, for the given ids."""
+    rubric = {t.name: t.rubric() for t in load_book(run_dir).types}
+    types = frames.lookup(storage.join(run_dir, "types_by_id"), ids, ["type"])
+    return {i: rubric[r["type"]] for i, r in types.items()}
 
 
 def _responses(folder: str) -> dict[str, str]:
+    """A student or teacher stage's answers (a round's curriculum or evaluation questions)."""
     t = storage.read_table(folder, ["id", "response"])
     return dict(zip(t["id"].to_pylist(), t["response"].to_pylist(), strict=True))
 
@@ -281,17 +353,15 @@ def _responses(folder: str) -> dict[str, str]:
 def write_round_student_inputs(run_dir: str, round_: int, ids: list[str]) -> int:
     """Round 1 (and questions new to a round): the plain question. Later rounds: revise the answer
     the previous round's student gave, with the rubric."""
-    items = {r["id"]: r for r in _items(run_dir, "train")}
-    rubric = _rubric_of(run_dir)
+    text, rubric = _texts(run_dir, ids), _rubrics(run_dir, ids)
     prev_dir = storage.join(run_dir, f"round-{round_ - 1}", "student")
     prev = _responses(prev_dir) if round_ > 1 and storage.exists(prev_dir) else {}
     rows = []
     for i in ids:
-        q = P.user_content(items[i]["instruction"], items[i]["input"])
         msgs = (
-            revision_messages(q, rubric[i], prev[i])
+            revision_messages(text[i], rubric[i], prev[i])
             if i in prev
-            else [{"role": "user", "content": q}]
+            else [{"role": "user", "content": text[i]}]
         )
         rows.append({"id": i, "messages": json.dumps(msgs)})
     _write_requests(rows, storage.join(run_dir, f"round-{round_}", "student_in"))
@@ -299,10 +369,9 @@ def write_round_student_inputs(run_dir: str, round_: int, ids: list[str]) -> int
 
 
 def write_revise_requests(run_dir: str, round_: int) -> int:
-    items = {r["id"]: r for r in _items(run_dir, "train")}
-    rubric = _rubric_of(run_dir)
     answers = _responses(storage.join(run_dir, f"round-{round_}", "student"))
-    rows = [{"id": i, "messages": json.dumps(P.revise(P.user_content(items[i]["instruction"], items[i]["input"]), rubric[i], a).messages)}
+    text, rubric = _texts(run_dir, list(answers)), _rubrics(run_dir, list(answers))
+    rows = [{"id": i, "messages": json.dumps(P.revise(text[i], rubric[i], a).messages)}
             for i, a in sorted(answers.items())]  # fmt: skip
     _write_requests(rows, storage.join(run_dir, f"round-{round_}", "revise_in"))
     return len(rows)
@@ -310,21 +379,15 @@ def write_revise_requests(run_dir: str, round_: int) -> int:
 
 def write_revision_train_set(run_dir: str, round_: int) -> dict[str, Any]:
     """train_set/: (question, rubric, previous answer) → the teacher's revision, with its edit distance."""
-    items = {r["id"]: r for r in _items(run_dir, "train")}
-    rubric = _rubric_of(run_dir)
-    types = storage.read_table(storage.join(run_dir, "types_by_id"), ["id", "type"])
-    type_of = dict(zip(types["id"].to_pylist(), types["type"].to_pylist(), strict=True))
     prev = _responses(storage.join(run_dir, f"round-{round_}", "student"))
-    revised = storage.read_table(
-        storage.join(run_dir, f"round-{round_}", "revise"), ["id", "response"]
-    ).to_pylist()
-    rows = []
-    for r in sorted(revised, key=lambda r: r["id"]):
-        q = P.user_content(items[r["id"]]["instruction"], items[r["id"]]["input"])
-        rows.append({"id": r["id"], "category": type_of[r["id"]], "source": "revision", "style": "rubric",
-                     "messages": json.dumps(revision_messages(q, rubric[r["id"]], prev[r["id"]])),
-                     "response": r["response"], "answer_prev": prev[r["id"]],
-                     "edit_distance": edit_distance(prev[r["id"]], r["response"])})  # fmt: skip
+    revised = _responses(storage.join(run_dir, f"round-{round_}", "revise"))
+    ids = sorted(revised)
+    text, rubric = _texts(run_dir, ids), _rubrics(run_dir, ids)
+    type_of = frames.lookup(storage.join(run_dir, "types_by_id"), ids, ["type"])
+    rows = [{"id": i, "category": type_of[i]["type"], "source": "revision", "style": "rubric",
+             "messages": json.dumps(revision_messages(text[i], rubric[i], prev[i])),
+             "response": revised[i], "answer_prev": prev[i], "edit_distance": edit_distance(prev[i], revised[i])}
+            for i in ids]  # fmt: skip
     storage.write_table(
         pa.Table.from_pylist(rows), storage.join(run_dir, f"round-{round_}", "train_set")
     )
@@ -335,29 +398,32 @@ def write_revision_train_set(run_dir: str, round_: int) -> dict[str, Any]:
 
 
 def eval_ids(run_dir: str, seed: int, n: int) -> dict[str, list[str]]:
+    """The first n val and test questions in seeded order."""
     from tapir_ray.curriculum.plan import rank_key
 
-    out = {}
-    for split in ("val", "test"):
-        ids = sorted((r["id"] for r in _items(run_dir, split)), key=lambda i: rank_key(seed, -3, i))
-        out[split] = ids[:n]
-    return out
+    items = frames.read(_items_dir(run_dir), ["id", "split"])
+    return {split: [r["id"] for r in frames.lowest(items, lambda r: rank_key(seed, -3, r["id"]), n,
+                                                   where=lambda r, s=split: r["split"] == s)]
+            for split in ("val", "test")}  # fmt: skip
 
 
 def write_plain_requests(run_dir: str, ids: list[str], folder: str) -> int:
-    items = {r["id"]: r for r in _items(run_dir)}
+    text = _texts(run_dir, ids)
     _write_requests(
-        [{"id": i, "messages": _messages(items[i]["instruction"], items[i]["input"])} for i in ids],
+        [{"id": i, "messages": json.dumps([{"role": "user", "content": text[i]}])} for i in ids],
         folder,
     )
     return len(ids)
 
 
 def write_self_revision_requests(run_dir: str, ids: list[str], previous: str, folder: str) -> int:
-    items = {r["id"]: r for r in _items(run_dir)}
-    rubric, prev = _rubric_of(run_dir), _responses(previous)
-    rows = [{"id": i, "messages": json.dumps(revision_messages(P.user_content(items[i]["instruction"], items[i]["input"]), rubric[i], prev[i]))}
-            for i in ids if i in prev]  # fmt: skip
+    prev = _responses(previous)
+    asked = [i for i in ids if i in prev]
+    text, rubric = _texts(run_dir, asked), _rubrics(run_dir, asked)
+    rows = [
+        {"id": i, "messages": json.dumps(revision_messages(text[i], rubric[i], prev[i]))}
+        for i in asked
+    ]
     _write_requests(rows, folder)
     return len(rows)
 
@@ -367,13 +433,13 @@ def write_criterion_judge_requests(
 ) -> int:
     """For every draft t, question and criterion: the round's answer against the warm-up
     student's, in both orders."""
-    items = {r["id"]: r for r in _items(run_dir)}
     base = _responses(storage.join(run_dir, "eval-baseline", "student"))
+    text = _texts(run_dir, list(base))
     rows = []
     for t in range(drafts + 1):
         ours = _responses(storage.join(run_dir, f"round-{round_}", "eval", f"draft-{t}"))
         for i in sorted(set(ours) & set(base)):
-            q = P.user_content(items[i]["instruction"], items[i]["input"])
+            q = text[i]
             for c in criteria:
                 for tag, a, b in (("SB", ours[i], base[i]), ("BS", base[i], ours[i])):
                     prompt = P.judge_preference(q, a, b, criterion=c)
@@ -464,28 +530,22 @@ class CitingRun(TapirRun):
         return None
 
     def questions(self, round_: int) -> list[str]:
-        train = _task(train_ids, self.run_dir)
-        return curriculum_ids(
-            train,
-            self.citing.curriculum_questions,
-            self.seed,
-            round_,
-            self.citing.resample_each_round,
+        c = self.citing
+        return questions_of(
+            self.run_dir, c.curriculum_questions, self.seed, round_, c.resample_each_round
         )
 
     def run(self) -> dict:
         c = self.citing
         self.step("ingest", 0, self.ingest)
         self.step("teacher", 0, self.teacher)
-        self.step(
-            "split", 0, lambda: _task(write_citing_items, self.run_dir, self.seed, list(c.split))
-        )
+        self.step("split", 0, lambda: write_citing_items(self.run_dir, self.seed, list(c.split)))
         if c.warmup:
             base = self.student_after(-1)
             self.step(
                 "round-0/train_set",
                 0,
-                lambda: {"rows": _task(write_warmup_set, self.run_dir, c.warmup_rows)},
+                lambda: {"rows": write_warmup_set(self.run_dir, c.warmup_rows)},
             )
             trained = self.step("round-0/train", 0, lambda: self.train(0, base))
             ray.get(
@@ -513,9 +573,7 @@ class CitingRun(TapirRun):
             "types/induce_in",
             0,
             lambda: {
-                "rows": _task(
-                    write_type_requests, self.run_dir, ids, c.induction_batch_size, c.max_types
-                )
+                "rows": write_type_requests(self.run_dir, ids, c.induction_batch_size, c.max_types)
             },
         )
         self.step("types/induce", 0, lambda: self.ask("question types", self.path("types", "induce_in"), self.path("types", "induced"),
@@ -539,14 +597,13 @@ class CitingRun(TapirRun):
         self.step(
             "types/assign_in",
             0,
-            lambda: {"rows": _task(write_assign_requests, self.run_dir, ids, prefill)},
+            lambda: {"rows": write_assign_requests(self.run_dir, ids, prefill)},
         )
         names = [t["name"] for t in _task(merged_types, self.run_dir)]
         self.step("types/assign", 0, lambda: self.ask("type per question", self.path("types", "assign_in"), self.path("types", "assigned"),
                   role="classify", endpoint="teacher", params=self.label_params(names, 24), parse=_type_parser(names), round_=0, max_dead_share=1.0))  # fmt: skip
         self.step("embeddings", 0, self.embeddings)
-        typed = self.step("types/by_description", 0, lambda: _task(
-            write_types_by_description, self.run_dir, ids, self.embedding_model, c.type_fallback))  # fmt: skip
+        typed = self.step("types/by_description", 0, lambda: write_types_by_description(self.run_dir, ids, self.embedding_model, c.type_fallback))  # fmt: skip
         if typed.get("by_description"):
             self.log(f"question types: the teacher named no type for {typed['by_description']} of {len(ids)} "
                      "curriculum questions; the nearest type description (embedding) typed them")  # fmt: skip
@@ -554,8 +611,7 @@ class CitingRun(TapirRun):
             "types/rubric_in",
             0,
             lambda: {
-                "rows": _task(
-                    write_rubric_requests,
+                "rows": write_rubric_requests(
                     self.run_dir,
                     c.criteria_min,
                     c.criteria_max,
@@ -578,7 +634,7 @@ class CitingRun(TapirRun):
         )
         for problem in book.get("problems", []):
             self.log(f"rubrics: {problem}")
-        self.step("retrieval", 0, lambda: _task(write_retrieval, self.run_dir))
+        self.step("retrieval", 0, lambda: write_retrieval(self.run_dir))
 
     def students(self, label: str, in_dir: str, out_dir: str, after: int) -> dict[str, Any]:
         """The student S_after answers `in_dir` into `out_dir` (the same machinery as TAPIR's)."""
@@ -601,7 +657,7 @@ class CitingRun(TapirRun):
         self.step(
             f"{rd}/student_in",
             k,
-            lambda: {"rows": _task(write_round_student_inputs, self.run_dir, k, ids)},
+            lambda: {"rows": write_round_student_inputs(self.run_dir, k, ids)},
         )
         self.step(
             f"{rd}/student",
@@ -613,13 +669,11 @@ class CitingRun(TapirRun):
                 k - 1,
             ),
         )
-        self.step(
-            f"{rd}/revise_in", k, lambda: {"rows": _task(write_revise_requests, self.run_dir, k)}
-        )
+        self.step(f"{rd}/revise_in", k, lambda: {"rows": write_revise_requests(self.run_dir, k)})
         revised = self.step(f"{rd}/revise", k, lambda: self.ask(f"{rd} · teacher revisions", self.path(rd, "revise_in"), self.path(rd, "revise"),
                             role="revise", endpoint="teacher", params=self.teacher_params(), parse=P.parse_answer, round_=k))  # fmt: skip
         train_set = self.step(
-            f"{rd}/train_set", k, lambda: _task(write_revision_train_set, self.run_dir, k)
+            f"{rd}/train_set", k, lambda: write_revision_train_set(self.run_dir, k)
         )
         trained = self.step(f"{rd}/train", k, lambda: self.train(k, self.student_after(k - 1)))
         ray.get(
@@ -638,15 +692,13 @@ class CitingRun(TapirRun):
         """S_k answers val and test questions and self-revises T_inf times; each draft is judged
         against the SFT warm-up student per criterion; T_inf is chosen on val when asked."""
         c, rd = self.citing, f"round-{k}"
-        ids = _task(eval_ids, self.run_dir, self.seed, c.eval_questions)
+        ids = eval_ids(self.run_dir, self.seed, c.eval_questions)
         every = ids["val"] + ids["test"]
         self.step(
             "eval-baseline/in",
             0,
             lambda: {
-                "rows": _task(
-                    write_plain_requests, self.run_dir, every, self.path("eval-baseline", "in")
-                )
+                "rows": write_plain_requests(self.run_dir, every, self.path("eval-baseline", "in"))
             },
         )
         self.step(
@@ -665,9 +717,7 @@ class CitingRun(TapirRun):
                 self.step(
                     f"{rd}/eval/draft-0_in",
                     k,
-                    lambda f=folder: {
-                        "rows": _task(write_plain_requests, self.run_dir, every, f + "_in")
-                    },
+                    lambda f=folder: {"rows": write_plain_requests(self.run_dir, every, f + "_in")},
                 )
             else:
                 prev = self.path(rd, "eval", f"draft-{t - 1}")
@@ -675,9 +725,7 @@ class CitingRun(TapirRun):
                     f"{rd}/eval/draft-{t}_in",
                     k,
                     lambda f=folder, p=prev: {
-                        "rows": _task(
-                            write_self_revision_requests, self.run_dir, every, p, f + "_in"
-                        )
+                        "rows": write_self_revision_requests(self.run_dir, every, p, f + "_in")
                     },
                 )
             self.step(
@@ -692,8 +740,7 @@ class CitingRun(TapirRun):
             f"{rd}/eval/judge_in",
             k,
             lambda: {
-                "rows": _task(
-                    write_criterion_judge_requests,
+                "rows": write_criterion_judge_requests(
                     self.run_dir,
                     k,
                     c.eval_drafts,

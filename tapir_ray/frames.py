@@ -46,6 +46,18 @@ def _files(folder: str) -> list[str]:
     return out
 
 
+def column_names(folder: str) -> list[str]:
+    """The columns of a stage's table (from a footer), or [] when it holds no rows."""
+    import pyarrow.parquet as pq
+
+    files = _files(folder)
+    if not files:
+        return []
+    fs, _ = storage.fs_and_path(folder)
+    with fs.open(files[0], "rb") as fh:
+        return list(pq.ParquetFile(fh).schema_arrow.names)
+
+
 def read(
     folder: str | Iterable[str], columns: list[str], types: dict[str, pa.DataType] | None = None
 ) -> ray.data.Dataset:
@@ -138,3 +150,44 @@ def fold(ds: ray.data.Dataset, fn: Callable[[pa.Table], Any], **fn_kwargs: Any) 
     ):
         for blob in part["out"].to_pylist():
             yield pickle.loads(blob)
+
+
+def _matching(batch: pa.Table, ids: frozenset, columns: list[str]) -> list[dict[str, Any]]:
+    import pyarrow.compute as pc
+
+    hit = batch.filter(pc.is_in(batch["id"], pa.array(sorted(ids), pa.string())))
+    return hit.select(columns).to_pylist()
+
+
+def lookup(folder: str, ids: Iterable[str], columns: list[str]) -> dict[str, dict[str, Any]]:
+    """id → row (of `columns`) for the given ids only: each block sends back its matches, so a
+    lookup of a curriculum's thousand ids costs a pass, never the table in one process."""
+    wanted = frozenset(ids)
+    if not wanted:
+        return {}
+    cols = list(dict.fromkeys(["id", *columns]))
+    out: dict[str, dict[str, Any]] = {}
+    for part in fold(read(folder, cols), _matching, ids=wanted, columns=cols):
+        out.update((r["id"], r) for r in part)
+    return out
+
+
+def _lowest_of(
+    batch: pa.Table, key: Callable[[dict], Any], n: int, where: Callable[[dict], bool] | None
+) -> list:
+    import heapq
+
+    rows = (r for r in batch.to_pylist() if where is None or where(r))
+    return heapq.nsmallest(n, ((key(r), r) for r in rows), key=lambda kr: kr[0])
+
+
+def lowest(ds: ray.data.Dataset, key: Callable[[dict], Any], n: int,
+           where: Callable[[dict], bool] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """The `n` rows of `ds` (those `where` keeps) with the lowest `key`, in key order: each block
+    sends back at most n (a seeded sample by hash rank without collecting the table)."""
+    import heapq
+
+    best: list = []
+    for part in fold(ds, _lowest_of, key=key, n=n, where=where):
+        best = heapq.nsmallest(n, best + part, key=lambda kr: kr[0])
+    return [r for _, r in best]

@@ -583,29 +583,24 @@ def heldout(items: pa.Table) -> pa.Table:
     return items.filter(pc.and_(mask, pc.is_valid(items["teacher"])))
 
 
-def _lowest_heldout(batch: pa.Table, seed: int, limit: int) -> list[tuple[str, dict[str, str]]]:
-    held = heldout(batch)
-    ranked = sorted((rank_key(seed, -1, r["id"]), r) for r in held.to_pylist())[:limit]
-    return [(k, {"messages": _messages(r["instruction"], r["input"]), "response": r["teacher"]})
-            for k, r in ranked]  # fmt: skip
+def _is_heldout(row: dict[str, Any]) -> bool:
+    held = row["heldout"] if "heldout" in row else row["split"] == "test"
+    return bool(held) and row["teacher"] is not None
 
 
 def heldout_rows(run_dir: str, seed: int, limit: int) -> list[dict[str, Any]]:
-    """The first `limit` held-out rows in seeded order (each block sends back at most `limit`)."""
+    """The first `limit` held-out rows (see `heldout`) in seeded order, found block by block."""
     folder = storage.join(run_dir, "items")
-    files = frames._files(folder)
-    if not files:
+    names = frames.column_names(folder)
+    if not names:
         return []
-    import pyarrow.parquet as pq
-
-    fs, _ = storage.fs_and_path(folder)
-    with fs.open(files[0], "rb") as fh:
-        split = "heldout" if "heldout" in pq.ParquetFile(fh).schema_arrow.names else "split"
+    split = "heldout" if "heldout" in names else "split"
     ds = frames.read(folder, ["id", "instruction", "input", "teacher", split])
-    best = sorted(
-        x for part in frames.fold(ds, _lowest_heldout, seed=seed, limit=limit) for x in part
-    )
-    return [row for _, row in best[:limit]]
+    rows = frames.lowest(ds, lambda r: rank_key(seed, -1, r["id"]), limit, where=_is_heldout)
+    return [
+        {"messages": _messages(r["instruction"], r["input"]), "response": r["teacher"]}
+        for r in rows
+    ]
 
 
 # --- the TAPIR run ------------------------------------------------------------------------------

@@ -194,7 +194,7 @@ def test_the_rubric_book_keeps_types_with_members_and_curriculum_samples_are_see
     assert fresh[0] != fresh[1] and curriculum_ids(train, 10, 3, 2, resample=True) == fresh[1]
 
 
-def test_later_rounds_revise_the_previous_rounds_answer_with_the_rubric(tmp_path):
+def test_later_rounds_revise_the_previous_rounds_answer_with_the_rubric(ray_cluster, tmp_path):
     """Round k > 1's student input is its own previous answer to revise; a question new to the
     round (re-sampling) starts from the plain question."""
     import json
@@ -399,7 +399,9 @@ def test_a_teacher_that_induces_no_types_leaves_the_taxonomy_standing_in(tmp_pat
     assert "- Poems: Verse." in request[1]["content"]
 
 
-def test_questions_the_teacher_named_no_type_for_take_the_nearest_type_description(tmp_path):
+def test_questions_the_teacher_named_no_type_for_take_the_nearest_type_description(
+    ray_cluster, tmp_path
+):
     """A dead-lettered type assignment is typed by the closest "name: definition" (MiniLM); the
     teacher's own assignments stand; `type_fallback: none` leaves them untyped. A type whose rubric
     was dead-lettered keeps its questions with the required criteria, and the run says so."""

@@ -122,16 +122,18 @@ def build_book(merged: list[dict[str, Any]], assigned: dict[str, str],
     return RubricBook(types=types)
 
 
+def question_rank(seed: int, round_: int, resample: bool, item_id: str) -> str:
+    """A training question's place in the curriculum sample of `round_`."""
+    salt = round_ if resample else 0
+    return hashlib.sha256(f"{seed}:citing-q:{salt}:{item_id}".encode()).hexdigest()
+
+
 def curriculum_ids(
     train_ids: list[str], n: int, seed: int, round_: int, resample: bool
 ) -> list[str]:
     """The round's curriculum questions: a seeded sample of n training ids — the same every round
     (the paper's setting), or a fresh sample each round when `resample`."""
-    salt = round_ if resample else 0
-    ranked = sorted(
-        train_ids, key=lambda i: hashlib.sha256(f"{seed}:citing-q:{salt}:{i}".encode()).hexdigest()
-    )
-    return ranked[:n]
+    return sorted(train_ids, key=lambda i: question_rank(seed, round_, resample, i))[:n]
 
 
 def type_centroids(embeddings: np.ndarray, types: list[str]) -> dict[str, np.ndarray]:
