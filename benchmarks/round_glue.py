@@ -30,7 +30,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from common import command_line, device_name, print_table, write_results
+from common import device_name, print_table, write_results
 
 from tapir_ray import frames, storage
 from tapir_ray.rounds import (
@@ -197,7 +197,11 @@ def main() -> None:
                          "peak_rss_driver_mb": max(s["peak_rss_driver_mb"] for s in steps),
                          "peak_rss_worker_mb": max(s["peak_rss_worker_mb"] for s in steps)})  # fmt: skip
             storage.remove(run)
-    report = {"benchmark": "round_glue", "command": command_line("round_glue.py", args),
+    command = (
+        f"python benchmarks/round_glue.py --rows {' '.join(map(str, args.rows))} "
+        f"--round-share {args.round_share} --cpus {args.cpus}"
+    )
+    report = {"benchmark": "round_glue", "command": command,
               "device": device_name(), "ray": ray.__version__, "runs": runs}  # fmt: skip
     if len(runs) > 1:
         first, last = runs[0], runs[-1]

@@ -18,9 +18,11 @@ import ray
 
 from tapir_ray import storage
 
-# Rows per hash partition of a join: enough partitions to spread a million-row pool over the
-# cluster's aggregators.
-ROWS_PER_PARTITION = 200_000
+# Rows per hash partition of a join. An aggregator finalises its partitions one at a time, so the
+# partition's size bounds a worker's memory: at 1M candidates on 2 CPUs, 50,000 rows per partition
+# kept the largest worker at 1.3× its 100K figure where 200,000 rows gave 2.6×
+# (benchmarks/round_glue.py).
+ROWS_PER_PARTITION = 50_000
 # At or below this many rows a join runs as one task (polars on both sides' Arrow blocks): Ray
 # Data's hash join starts its aggregator actors for every join, 5–8 s on a 2-CPU node however
 # small the tables, which a round with a dozen joins would pay each time. The bound holds memory
