@@ -293,7 +293,7 @@ def write_report(run_dir: str) -> str:
             judge = sc.get("judge") or {}
             if judge:
                 parts += [f"Judge diagnostics: order consistency {_num(judge.get('order_consistency'))}, score spread "
-                          f"{judge.get('score_spread')}, unreadable verdicts {_num(judge.get('parse_failures'))}.", ""]  # fmt: skip
+                          f"{judge.get('score_spread')}, unreadable verdicts {_num(judge.get('parse_failures'))}, mean valid mass {_num(judge.get('mean_valid_mass'))}.", ""]  # fmt: skip
                 parts += [
                     f"**Warning: the judge looks degenerate: {w}.**"
                     for w in judge.get("warnings", [])

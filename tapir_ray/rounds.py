@@ -191,12 +191,24 @@ def _verdicts(batch: pa.Table, tag: str, columns: tuple[str, ...]) -> pa.Table:
         item, t = row_id.rsplit("|", 1)
         if t == tag:
             v = json.loads(parsed)
+            v = v["verdict"] if isinstance(v, dict) else v
             ids.append(item)
             values.append(v if isinstance(v, list) else [v])
     out = {"id": pa.array(ids, pa.string())}
     for k, c in enumerate(columns):
         out[c] = pa.array([float(v[k]) for v in values], pa.float64())
     return pa.table(out)
+
+
+def _masses(batch: pa.Table) -> list[float]:
+    """[Σ valid mass, verdicts read from probabilities] of a block of the judge's verdicts."""
+    masses = [
+        v.get("valid_mass")
+        for v in map(json.loads, batch["parsed"].to_pylist())
+        if isinstance(v, dict)
+    ]
+    masses = [m for m in masses if m is not None]
+    return [float(sum(masses)), len(masses)]
 
 
 def _score_rows(batch: pa.Table, mode: str, delta: float) -> pa.Table:
@@ -261,6 +273,9 @@ def write_scores(run_dir: str, round_: int, mode: str, delta: float) -> dict[str
         for k, v in part.items():
             total[k] = total[k] + v if k in total else v
     n = total["n"]
+    mass, read = 0.0, 0
+    for m, k in frames.fold(judged, _masses):
+        mass, read = mass + m, read + k
 
     def mean(column: str, digits: int = 4) -> float | None:
         return round(float(total[column][0]) / n, digits) if n else None
@@ -269,6 +284,7 @@ def write_scores(run_dir: str, round_: int, mode: str, delta: float) -> dict[str
         asked=2 * asked, answered=answered,
         consistency=round(total["consistent"] / total["pairs"], 4) if mode == "pairwise" and total["pairs"] else None,
         spreads={s: spread_of(n, *total[f"score_{s}"]) if n else None for s in ("teacher", "student")},
+        valid_mass=round(mass / read, 4) if read else None,
     )  # fmt: skip
     return {
         "judge": health, "scored": n, "unscored": asked - n, "hard": total["hard"],
@@ -975,7 +991,7 @@ class TapirRun:
             )
             self.step(f"{rd}/judge", r, lambda: self.ask(
                 f"{rd} · judge", self.path(rd, "judge_in"), self.path(rd, "judge"), role="judge", endpoint="judge",
-                params=self._judge_params(prefill), parse=P.JudgeParser(mode, tapir.judge.logprob_scoring, prefill, tapir.judge.min_valid_mass), round_=r))  # fmt: skip
+                params=self._judge_params(prefill), parse=P.JudgeParser(mode, tapir.judge.logprob_scoring, prefill, tapir.judge.min_valid_mass, report_mass=True), round_=r))  # fmt: skip
             scored = self.step(
                 f"{rd}/scores", r, lambda: write_scores(self.run_dir, r, mode, tapir.delta)
             )

@@ -75,6 +75,11 @@ def test_too_little_probability_on_scores_is_a_parse_failure_not_a_number():
         strict("", logprobs=ignores_format)
     loose = P.JudgeParser("single", logprob_scoring=True, prefilled=True, min_valid_mass=0.2)
     assert loose("", logprobs=ignores_format) == 8
+    # The round records how much probability the judge put on scores (its diagnostics average it).
+    recorded = P.JudgeParser("single", True, True, min_valid_mass=0.2, report_mass=True)
+    assert recorded("", logprobs=ignores_format) == {"verdict": 8, "valid_mass": pytest.approx(0.3)}
+    written = P.JudgeParser("single", True, False, report_mass=True)("Good.\nRating: [[6]]")
+    assert written == {"verdict": 6, "valid_mass": None}  # a written verdict carries no mass
     # The judge wrote 9; the 0.4 on "1" may be 1 or 10, which this reply cannot tell: invalid mass.
     ambiguous = [{"9": lp(0.45), "1": lp(0.4), "x": lp(0.15)}, {"]]": 0.0}]
     with pytest.raises(P.ParseError):
@@ -189,7 +194,11 @@ def test_a_judge_that_always_prefers_one_position_is_flagged(ray_cluster, tmp_pa
     ids = [f"i{k}" for k in range(6)]
     storage.write_table(pa.table({"id": ids, "category": ["Math"] * 6}), f"{run}/items")
     storage.write_table(pa.table({"id": ids, "response": ["x"] * 6}), f"{run}/round-1/student")
-    judged = [(f"{i}|{o}", json.dumps([8.0, 3.0])) for i in ids for o in ("TS", "ST")]
+    judged = [
+        (f"{i}|{o}", json.dumps({"verdict": [8.0, 3.0], "valid_mass": 0.2}))
+        for i in ids
+        for o in ("TS", "ST")
+    ]
     storage.write_table(
         pa.table({"id": [j[0] for j in judged], "parsed": [j[1] for j in judged]}),
         f"{run}/round-1/judge",
@@ -197,6 +206,8 @@ def test_a_judge_that_always_prefers_one_position_is_flagged(ray_cluster, tmp_pa
     info = write_scores(run, 1, "pairwise", 1.0)
     assert info["judge"]["order_consistency"] == 0.0
     assert any("swapping the answers" in w for w in info["judge"]["warnings"])
+    assert info["judge"]["mean_valid_mass"] == 0.2  # and little probability on well-formed scores
+    assert any("well-formed scores" in w for w in info["judge"]["warnings"])
     # An honest judge: the teacher wins in both orders and scores vary.
     assert order_consistency([((8, 3), (3, 8)), ((6, 5), (5, 7))]) == 1.0
     healthy = judge_health(asked=4, answered=4, consistency=1.0,

@@ -233,6 +233,12 @@ def logprob_score(
 ) -> float:
     """G-Eval for a reply that wrote its own verdict: the whole-score distribution right after
     the last `[[` the judge wrote."""
+    return _logprob_score(top_logprobs, min_valid_mass, low, high)[0]
+
+
+def _logprob_score(
+    top_logprobs: Positions, min_valid_mass: float, low: int = 1, high: int = 10
+) -> tuple[float, float]:
     generated = _generated(top_logprobs)
     text, opens = "", None
     for i, token in enumerate(generated):
@@ -242,7 +248,7 @@ def logprob_score(
     if opens is None:
         raise ParseError("no '[[' verdict among the judge's tokens")
     dist, valid, _ = score_distribution(top_logprobs, opens, low, high)
-    return _mean(dist, valid, min_valid_mass, "score")
+    return _mean(dist, valid, min_valid_mass, "score"), valid
 
 
 def score_at(alternatives: dict[str, float], low: int = 1, high: int = 10) -> float:
@@ -364,24 +370,31 @@ class JudgeParser:
 
     Single mode gives a score, pairwise [a, b]. With logprob scoring on a prefilled turn the
     score is G-Eval's over whole numbers; otherwise the written verdict (and, with logprobs, the
-    distribution right after its `[[`)."""
+    distribution right after its `[[`). `report_mass`: {"verdict": ..., "valid_mass": m}, m the
+    probability on well-formed scores (None for a written verdict), for the judge diagnostics."""
 
     def __init__(
-        self, mode: str, logprob_scoring: bool, prefilled: bool, min_valid_mass: float = 0.5
-    ):
+        self, mode: str, logprob_scoring: bool, prefilled: bool, min_valid_mass: float = 0.5,
+        report_mass: bool = False,
+    ):  # fmt: skip
         self.mode, self.logprob_scoring, self.prefilled = mode, logprob_scoring, prefilled
-        self.min_valid_mass = min_valid_mass
+        self.min_valid_mass, self.report_mass = min_valid_mass, report_mass
 
     def __call__(self, text: str, logprobs: Positions | None = None) -> Any:
-        by_probs = self.logprob_scoring and bool(logprobs)
+        verdict, mass = self._read(text, logprobs)
+        return {"verdict": verdict, "valid_mass": mass} if self.report_mass else verdict
+
+    def _read(self, text: str, logprobs: Positions | None) -> tuple[Any, float | None]:
+        by_probs, floor = self.logprob_scoring and bool(logprobs), self.min_valid_mass
         if self.mode == "pairwise":
             if by_probs and self.prefilled:
-                return list(geval_pair(logprobs, min_valid_mass=self.min_valid_mass)[0])
-            return list(parse_pair(text, prefilled=self.prefilled))
+                pair, mass = geval_pair(logprobs, min_valid_mass=floor)
+                return list(pair), mass
+            return list(parse_pair(text, prefilled=self.prefilled)), None
         if by_probs and self.prefilled:
-            return geval_score(logprobs, min_valid_mass=self.min_valid_mass)[0]
+            return geval_score(logprobs, min_valid_mass=floor)
         score = parse_rating(text, prefilled=self.prefilled)  # the verdict must be there either way
-        return logprob_score(logprobs, min_valid_mass=self.min_valid_mass) if by_probs else score
+        return _logprob_score(logprobs, floor) if by_probs else (score, None)
 
 
 def preference_request(judge: Any, prefill: bool) -> tuple[dict[str, Any], PreferenceParser]:
