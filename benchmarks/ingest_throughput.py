@@ -69,8 +69,11 @@ class PeakRSS:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self.sample()
             time.sleep(self.interval)
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, self.proc.memory_info().rss)
 
     def __enter__(self) -> PeakRSS:
         self._thread.start()

@@ -21,7 +21,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from common import device_name, print_table, write_results
+from ingest_throughput import PeakRSS as DriverRSS
 
 from tapir_ray import frames, storage
 from tapir_ray.rounds import (
@@ -51,33 +51,19 @@ RATIOS = {"Math": 0.25, "Coding": 0.25, "Writing": 0.15, "Reasoning": 0.15, "Bra
           "Others": 0.1}  # fmt: skip
 
 
-class PeakRSS:
-    """Samples the driver's RSS and the largest Ray worker's in a thread."""
+class PeakRSS(DriverRSS):
+    """The driver's peak RSS (`peak`) and the largest Ray worker's (`worker`), sampled together."""
 
-    def __init__(self, interval: float = 0.05):
-        self.proc, self.interval = psutil.Process(), interval
-        self.driver = self.worker = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    worker = 0
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.driver = max(self.driver, self.proc.memory_info().rss)
-            for p in psutil.process_iter(["cmdline"]):
-                try:
-                    if (p.info["cmdline"] or [""])[0].startswith("ray::"):
-                        self.worker = max(self.worker, p.memory_info().rss)
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        super().sample()
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if (p.info["cmdline"] or [""])[0].startswith("ray::"):
+                    self.worker = max(self.worker, p.memory_info().rss)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
 
 
 def _coin(ids: np.ndarray, salt: str) -> np.ndarray:
@@ -140,7 +126,7 @@ def glue(run: str, candidates: int, size: int) -> list[dict]:
         n = frames.rows(f"{run}/round-1/{rows_of}")
         steps.append({"step": name, "rows": n, "seconds": round(seconds, 2),
                       "rows_per_s": round(n / seconds) if seconds else None,
-                      "peak_rss_driver_mb": round(rss.driver / 2**20), "peak_rss_worker_mb": round(rss.worker / 2**20),
+                      "peak_rss_driver_mb": round(rss.peak / 2**20), "peak_rss_worker_mb": round(rss.worker / 2**20),
                       "info": {k: out[k] for k in ("scored", "hard", "selected", "rows") if isinstance(out, dict) and k in out}})  # fmt: skip
         print(json.dumps(steps[-1]), file=sys.stderr, flush=True)
 
