@@ -436,12 +436,12 @@ def accept_expansions(
     }
     answers = storage.read_table(storage.join(folder, "answers"), ["id", "parsed"]).to_pylist()
     relabel = {r["id"]: json.loads(r["parsed"]) for r in storage.read_table(storage.join(folder, "labels"), ["id", "parsed"]).to_pylist()}  # fmt: skip
-    pool_ids = set(
-        storage.read_table(storage.join(run_dir, "ingest", "pool"), ["id"])["id"].to_pylist()
-    )
+    # The pool rows these expansions would duplicate exactly: a lookup of their ids, not the pool.
+    ids = {row_id(json.loads(a["parsed"])) for a in answers}
+    in_pool = set(frames.lookup(storage.join(run_dir, "ingest", "pool"), ids, []))
     eval_prompts = load_eval_prompts(eval_refs)
     kept_before = [r for a in range(attempt) for r in _accepted(run_dir, round_, a)]
-    seen = pool_ids | {r["id"] for r in kept_before}
+    seen = in_pool | {r["id"] for r in kept_before}
     reasons: Counter = Counter()
     checked = []
     for ans in answers:
@@ -604,19 +604,24 @@ def _is_heldout(row: dict[str, Any]) -> bool:
     return bool(held) and row["teacher"] is not None
 
 
-def heldout_rows(run_dir: str, seed: int, limit: int) -> list[dict[str, Any]]:
-    """The first `limit` held-out rows (see `heldout`) in seeded order, found block by block."""
+def heldout_items(run_dir: str, seed: int, salt: int, limit: int | None) -> list[dict[str, Any]]:
+    """The first `limit` held-out rows (see `heldout`; all of them when None) in the seeded order
+    of `salt`, found block by block: id, instruction, input, teacher."""
     folder = storage.join(run_dir, "items")
     names = frames.column_names(folder)
     if not names:
         return []
     split = "heldout" if "heldout" in names else "split"
     ds = frames.read(folder, ["id", "instruction", "input", "teacher", split])
-    rows = frames.lowest(ds, lambda r: rank_key(seed, -1, r["id"]), limit, where=_is_heldout)
-    return [
-        {"messages": _messages(r["instruction"], r["input"]), "response": r["teacher"]}
-        for r in rows
-    ]
+    n = limit if limit is not None else frames.rows(folder)
+    rows = frames.lowest(ds, lambda r: rank_key(seed, salt, r["id"]), n, where=_is_heldout)
+    return [{k: r[k] for k in ("id", "instruction", "input", "teacher")} for r in rows]
+
+
+def heldout_rows(run_dir: str, seed: int, limit: int) -> list[dict[str, Any]]:
+    """The held-out NLL's rows: the first `limit` held-out rows in seeded order, as SFT rows."""
+    return [{"messages": _messages(r["instruction"], r["input"]), "response": r["teacher"]}
+            for r in heldout_items(run_dir, seed, -1, limit)]  # fmt: skip
 
 
 # --- the TAPIR run ------------------------------------------------------------------------------

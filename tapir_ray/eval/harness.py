@@ -28,7 +28,6 @@ import pyarrow as pa
 import ray
 
 from tapir_ray import storage
-from tapir_ray.curriculum.plan import rank_key
 from tapir_ray.ingest.canonical import normalize_text
 from tapir_ray.oracle import prompts as P
 from tapir_ray.progress import Progress
@@ -241,11 +240,9 @@ class Evaluation:
 
             out = [{"id": row_id(r["instruction"], r["input"]), **r} for r in rows]
             return out[: self.limit] if self.limit else out, f"file {reference}"
-        from tapir_ray.rounds import heldout
+        from tapir_ray.rounds import heldout_items
 
-        rows = heldout(storage.read_table(storage.join(self.run_dir, "items"))).to_pylist()
-        rows.sort(key=lambda r: rank_key(self.cfg.run.seed, -2, r["id"]))
-        rows = rows[: self.limit] if self.limit else rows
+        rows = heldout_items(self.run_dir, self.cfg.run.seed, -2, self.limit or None)
         name = "teacher" if not reference or reference == "teacher" else reference
         return [
             {
