@@ -492,32 +492,51 @@ def _accepted(run_dir: str, round_: int, attempt: int) -> list[dict]:
 
 def write_final_plan(run_dir: str, round_: int, attempts: int, seed: int) -> dict[str, Any]:
     """plan_final/ = the selection + accepted expansions (up to each category's shortfall) +
-    duplicates for whatever is still missing; totals are exact."""
-    base = storage.read_table(storage.join(run_dir, f"round-{round_}", "plan")).to_pylist()
-    base.sort(key=lambda r: (r["category"], r["source"], r["rank"]))
-    info = storage.read_json(storage.join(run_dir, f"round-{round_}", "plan", "_PLAN.json"))
-    missing = dict(info["shortfall"])
-    sel = Selection(ids=[r["id"] for r in base], category=[r["category"] for r in base],
-                    source=[r["source"] for r in base])  # fmt: skip
+    duplicates for whatever is still missing; totals are exact. Only the short categories' rows
+    leave Arrow: duplicates repeat a category's first items in rank order, so its `missing`
+    lowest-ranked plan rows are all that `duplicate_fill` needs."""
+    rd = storage.join(run_dir, f"round-{round_}")
+    missing = dict(storage.read_json(storage.join(rd, "plan", "_PLAN.json"))["shortfall"])
+    extra = Selection()
     expansions = []
     for a in range(attempts):
         for r in _accepted(run_dir, round_, a):
             if missing.get(r["category"], 0) > 0:
                 missing[r["category"]] -= 1
-                sel.ids.append(r["id"])
-                sel.category.append(r["category"])
-                sel.source.append("expanded")
+                extra.ids.append(r["id"])
+                extra.category.append(r["category"])
+                extra.source.append("expanded")
                 expansions.append(r)
     missing = {c: n for c, n in missing.items() if n > 0}
-    duplicate_fill(sel, missing, seed, round_)
-    storage.write_table(sel.table(), storage.join(run_dir, f"round-{round_}", "plan_final"))
+    plan = frames.read(storage.join(rd, "plan"), ["id", "category", "source"])
+    members = Selection(
+        ids=list(extra.ids), category=list(extra.category), source=list(extra.source)
+    )
+    for cat, n in sorted(missing.items()):
+        for r in frames.lowest(plan, lambda r: rank_key(seed, round_, r["id"]), n,
+                               where=lambda r, c=cat: r["category"] == c):  # fmt: skip
+            members.ids.append(r["id"])
+            members.category.append(cat)
+            members.source.append(r["source"])
+    start = len(members.ids)
+    duplicate_fill(members, missing, seed, round_)
+    extra.ids += members.ids[start:]
+    extra.category += members.category[start:]
+    extra.source += members.source[start:]
+    out = storage.join(rd, "plan_final")
+    if extra.ids:
+        plan = plan.union(ray.data.from_arrow(extra.table().cast(PLAN.remove(3))))
+    frames.write(plan, out, PLAN.remove(3))
+    counts = sum(frames.fold(frames.read(out, ["source", "category"]), _plan_counts), Counter())
     storage.write_table(
         pa.Table.from_pylist(expansions, schema=pa.schema([("id", pa.string()), ("instruction", pa.string()),
                              ("input", pa.string()), ("category", pa.string()), ("parent_id", pa.string())])),
-        storage.join(run_dir, f"round-{round_}", "expanded"),
+        storage.join(rd, "expanded"),
     )  # fmt: skip
-    return {"rows": len(sel.ids), "by_source": dict(Counter(sel.source)),
-            "counts": dict(Counter(sel.category)), "duplicated": dict(missing)}  # fmt: skip
+    return {"rows": sum(n for (kind, _), n in counts.items() if kind == "source"),
+            "by_source": {k: n for (kind, k), n in sorted(counts.items()) if kind == "source"},
+            "counts": {k: n for (kind, k), n in sorted(counts.items()) if kind == "category"},
+            "duplicated": dict(missing)}  # fmt: skip
 
 
 def _texts(
@@ -1019,7 +1038,7 @@ class TapirRun:
         final = self.step(
             f"{rd}/plan_final",
             r,
-            lambda: _task(write_final_plan, self.run_dir, r, attempts, self.seed),
+            lambda: write_final_plan(self.run_dir, r, attempts, self.seed),
         )
         self.step(
             f"{rd}/refine_in",
