@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: env demo test lint bench-ingest bench-oracle-batch bench-glue clean-demo
+.PHONY: env demo test lint bench-ingest bench-oracle-batch bench-glue bench-gpu clean-demo
 
 env:
 	@bash scripts/setup_env.sh $(VENV)
@@ -27,6 +27,11 @@ bench-ingest: env
 
 bench-glue: env
 	$(PY) benchmarks/round_glue.py --rows 100000 1000000
+
+# on a machine with a GPU (no Ray or vLLM needed there): generation, LoRA steps, embeddings
+bench-gpu: env
+	$(PY) benchmarks/gpu_paths.py --pack .gpu_assets
+	$(PY) benchmarks/gpu_paths.py --assets .gpu_assets
 
 bench-oracle-batch: env
 	$(PY) benchmarks/oracle_batch.py --requests 100000

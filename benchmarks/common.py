@@ -10,7 +10,11 @@ from pathlib import Path
 
 
 def command_line(script: str, args: argparse.Namespace) -> str:
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
+    flags = " ".join(
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+        for k, v in vars(args).items()
+        if k != "out" and v is not None and v is not False
+    )
     return f"python benchmarks/{script} {flags}"
 
 

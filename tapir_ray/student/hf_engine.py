@@ -19,12 +19,15 @@ class HFStudent:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from tapir_ray.runtime import best_dtype
-
         started = time.perf_counter()
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        torch_dtype = best_dtype() if dtype == "auto" else getattr(torch, dtype)
+        if dtype == "auto":
+            from tapir_ray.runtime import best_dtype  # imports Ray: only where it is needed
+
+            torch_dtype = best_dtype()
+        else:
+            torch_dtype = getattr(torch, dtype)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
         if adapter_path:
             from peft import PeftModel
