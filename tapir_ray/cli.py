@@ -137,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     try:
-        run(cfg, resume="auto" if args.auto_resume else args.resume)
+        run(cfg, resume="auto" if args.auto_resume else args.resume, until=args.until)
     except RunError as exc:
         raise UsageError(str(exc)) from None
     except BudgetExceeded as exc:
@@ -258,7 +258,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         spec = jobs.build_job(
             cfg, address=address, config_name=os.path.basename(args.config), run_dir=args.run_dir,
             code=args.code, pip=args.pip, submission_id=args.job_id,
-            resume="auto" if args.auto_resume else args.resume,
+            resume="auto" if args.auto_resume else args.resume, until=args.until,
         )  # fmt: skip
         try:
             job_id = jobs.submit(spec, address)
@@ -285,6 +285,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 # --- entry point ---------------------------------------------------------------------------------
+
+
+UNTIL_HELP = (
+    "stop after this stage (e.g. teacher, round-1/student; `tapir-ray status` lists them) with "
+    "status stopped; --resume continues"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="resume if run.dir holds a run, start one otherwise (for retried cluster jobs)",
     )
+    p.add_argument("--until", metavar="STAGE", help=UNTIL_HELP)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("status", help="where a run stands: round, stage, progress, spend")
     p.add_argument("run", help="the run directory")
@@ -450,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--auto-resume", action="store_true", help="the job resumes a run if there is one"
     )
+    p.add_argument("--until", metavar="STAGE", help=UNTIL_HELP)
     p.add_argument("--run-dir", help="override run.dir (shared storage the cluster can write)")
     p.add_argument(
         "--code",

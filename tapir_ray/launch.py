@@ -19,7 +19,7 @@ from tapir_ray import storage
 from tapir_ray.config import Config
 from tapir_ray.curriculum.actor import read_state
 from tapir_ray.lease import LeaseHeld, RunLease
-from tapir_ray.rounds import RunError, TapirRun
+from tapir_ray.rounds import RunError, StopAfter, TapirRun
 
 __all__ = ["RunError", "oracle_endpoints", "run", "runner_class"]
 
@@ -89,9 +89,14 @@ def runner_class(cfg: Config) -> type[TapirRun]:
     return TapirRun
 
 
-def run(cfg: Config, *, resume: bool | str = False, log: Callable[[str], None] = print) -> dict:
+def run(
+    cfg: Config, *, resume: bool | str = False, until: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:  # fmt: skip
     """Run (or resume) the curriculum the config names; returns the final state.
-    `resume="auto"` resumes when run.dir holds a run and starts one otherwise."""
+    `resume="auto"` resumes when run.dir holds a run and starts one otherwise. `until` names a
+    stage (`teacher`, `round-1/student`, as `tapir-ray status` lists them) after which the run
+    stops, status `stopped`, for `--resume` to continue."""
     from tapir_ray.runtime import ensure_ray
 
     run_dir = storage.absolute(cfg.run.dir)
@@ -126,14 +131,21 @@ def run(cfg: Config, *, resume: bool | str = False, log: Callable[[str], None] =
         oracle_endpoints(cfg, run_dir, log) as endpoints,
         runner_class(cfg)(cfg, run_dir, endpoints, log) as runner,
     ):
+        runner.until = until
         try:
             state = runner.run()
+        except StopAfter as stop:
+            ray.get(runner.actor.finish.remote("stopped"))
+            log(f"run stopped after stage {stop} (--until); continue it with --resume")
+            return ray.get(runner.actor.get.remote())
         except BaseException:
             with contextlib.suppress(Exception):
                 ray.get(runner.actor.finish.remote("failed"), timeout=10)
             raise
     from tapir_ray.report import write_report
 
+    if until:
+        log(f"--until {until}: the run has no stage of that name, and went to its end")
     text = write_report(run_dir)
     log(text)
     log(

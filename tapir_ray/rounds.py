@@ -57,6 +57,10 @@ class RunError(RuntimeError):
     """A problem with the run as asked (existing run dir, missing endpoint), told in one line."""
 
 
+class StopAfter(Exception):  # noqa: N818 (not an error: the stop `run --until` asked for)
+    """Raised once the stage `run --until` names is done; `--resume` continues from there."""
+
+
 def _task(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     """Run `fn` as a Ray task (joins of stage outputs stay off the driver) and wait for it."""
     return ray.get(ray.remote(num_cpus=0)(fn).remote(*args, **kwargs))
@@ -668,6 +672,7 @@ class TapirRun:
         )
         self.labels = list(self.tapir.taxonomy)
         self.limiters: dict[str, Any] = {}
+        self.until: str | None = None  # `run --until STAGE`
         self.use_gpu = (
             bool(ray.cluster_resources().get("GPU", 0)) and cfg.student.gpus_per_replica > 0
         )
@@ -689,9 +694,13 @@ class TapirRun:
     def step(
         self, name: str, round_: int, fn: Callable[[], dict | None], total: int | None = None
     ) -> dict:
-        """Run a stage once: skipped when state.json says it is done (its info is returned)."""
+        """Run a stage once: skipped when state.json says it is done (its info is returned).
+        Stops the run after it when it is the stage `run --until` names."""
         if ray.get(self.actor.stage_done.remote(name)):
-            return ray.get(self.actor.get.remote())["stages"][name]
+            info = ray.get(self.actor.get.remote())["stages"][name]
+            if name == self.until:
+                raise StopAfter(name)
+            return info
         self.stage_name = name
         self.actor.begin_stage.remote(name, round_, total)
         started = time.perf_counter()
@@ -700,6 +709,8 @@ class TapirRun:
         ray.get(self.actor.end_stage.remote(name, info))
         ray.get(self.actor.set_ledger.remote(ray.get(self.ledger.flush.remote())))
         self.log(f"{name}: done in {info['seconds']:.1f} s {_brief(info)}")
+        if name == self.until:
+            raise StopAfter(name)
         return info
 
     def ask(self, label: str, in_dir: str, out_dir: str, *, role: str, endpoint: str, params: dict,

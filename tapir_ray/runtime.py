@@ -28,6 +28,13 @@ def configure_data() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     log_once("ray_data_progress_manager_disabled")  # Ray Data's notice that we just did this
+    # Ray Data's "the cluster does not have any available CPUs" reads a resource snapshot that lags
+    # the scheduler by up to a second: a dataset started right after another one (the glue runs
+    # many small ones in a row) sees the previous one's finished tasks as holding every CPU of a
+    # small node, and warns of a hang that never comes. Our stages leave CPUs for Ray Data
+    # (fractional actor CPUs, materialised inputs before fits); a real stall shows as a progress
+    # line that stops moving.
+    log_once("cpu_warning")
     ctx.use_datasource_v2 = False
 
 

@@ -111,6 +111,7 @@ def build_job(
     code: str = "installed",
     pip: list[str] | None = None,
     resume: bool | str = False,
+    until: str | None = None,
     submission_id: str | None = None,
     env: dict[str, str] | None = None,
 ) -> JobSpec:
@@ -135,6 +136,10 @@ def build_job(
     if pip:
         runtime_env["pip"] = list(pip)
     flags = " --auto-resume" if resume == "auto" else " --resume" if resume else ""
+    if until:
+        if not re.fullmatch(r"[A-Za-z0-9_/-]+", until):
+            raise SubmitError(f"--until {until!r}: a stage name is letters, digits, - _ and /")
+        flags += f" --until {until}"
     entrypoint = f"python -m tapir_ray.cli run {JOB_CONFIG}{flags}"
     name = resolved.run.name or Path(resolved.run.dir).name or "run"
     sid = (

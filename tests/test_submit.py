@@ -72,6 +72,10 @@ def test_the_job_description_names_keys_and_never_carries_them(tmp_path, monkeyp
     local = build_job(cfg, address="http://127.0.0.1:8265", code="local", resume=True)
     assert local.runtime_env["py_modules"][0].endswith("tapir_ray")
     assert local.entrypoint.endswith("--resume")
+    until = build_job(cfg, address="http://127.0.0.1:8265", resume=True, until="round-1/student")
+    assert until.entrypoint.endswith("--resume --until round-1/student")
+    with pytest.raises(SubmitError, match="a stage name is"):
+        build_job(cfg, address="http://127.0.0.1:8265", until="teacher; rm -rf /")
     # ... a remote one's job runs in a temporary folder, so a relative run dir is refused.
     with pytest.raises(SubmitError, match="run.dir 'runs/demo' is relative"):
         build_job(cfg, address="http://head.example:8265")
@@ -157,19 +161,26 @@ def test_submit_runs_the_demo_config_on_a_ray_head_with_token_auth(ray_head, smo
             t0 = time.perf_counter()
             done = run_cli(
                 "submit", str(config), "--address", address, "--run-dir", str(run_dir),
-                "--job-id", "tapir-ray-submit-test", "--follow", env=auth, timeout=900,
+                "--job-id", "tapir-ray-submit-test", "--until", "labels", "--follow", env=auth,
+                timeout=900,
             )  # fmt: skip
             took = time.perf_counter() - t0
             assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
             assert "submitted job tapir-ray-submit-test" in done.stdout
             assert "job tapir-ray-submit-test: SUCCEEDED" in done.stdout
-            assert "run finished" in done.stdout  # the job's own log, followed
+            assert "run stopped after stage labels" in done.stdout  # the job's own log, followed
             print(f"submit --follow took {took:.0f} s")
             stats = teacher.stats()
             # Every oracle request of the job carried the key the cluster's environment provides.
             assert stats["ok"] > 0 and stats["by_status"].get("401", 0) == 0
+        # The oracle stages ran on the cluster's actors, with the key; --until stopped the run.
         state = json.loads((run_dir / "state.json").read_text())
-        assert state["status"] == "done" and state["rounds"]["1"]["adapter_sha256"]
+        assert state["status"] == "stopped" and list(state["stages"]) == [
+            "ingest",
+            "teacher",
+            "labels",
+        ]
+        assert state["stages"]["teacher"]["rows_out"] == state["stages"]["ingest"]["rows_out"] > 0
 
         # Nothing the cluster stores about the job holds the key or the cluster token.
         req = urllib.request.Request(f"{address}/api/jobs/tapir-ray-submit-test",

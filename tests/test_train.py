@@ -1,9 +1,10 @@
 """Training on a real local Ray cluster with real DeepSpeed (CPU, gloo) and PEFT LoRA.
 
-Two TorchTrainer fits here: a tiny random Llama fully fine-tuned under ZeRO-3, and a short LoRA run
-of the bundled SmolLM2 under ZeRO-3 (adapter gathered from the shards), exported and checked in
-transformers. ZeRO-2 LoRA training on 2 workers, and a training whose driver is killed mid-fit and
-resumed from its checkpoint, run inside the TAPIR end-to-end tests (tests/test_tapir.py).
+One TorchTrainer fit here: a tiny random Llama fully fine-tuned under ZeRO-3 (the whole model
+gathered from the shards). LoRA fits of the bundled SmolLM2 run inside the end-to-end tests: ZeRO-2
+on 2 workers with a driver killed mid-fit and resumed from its checkpoint, its adapter exported and
+merged (tests/test_tapir.py), and ZeRO-3 with the adapter gathered from the shards
+(tests/test_citing.py).
 The tiny models are fully fine-tuned: with a random, frozen base a LoRA adapter barely moves the
 loss in a few steps, which would test the model rather than the trainer.
 """
@@ -12,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import ray
 
 from tapir_ray.chat import IGNORE_INDEX, prompt_ids
 from tapir_ray.config import TrainConfig
-from tapir_ray.train import Tokenize, export_model, train_round
+from tapir_ray.train import Tokenize, train_round
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -96,53 +96,3 @@ def test_tiny_llama_trains_under_zero3(ray_cluster, smollm2, vocab, tmp_path):
     assert weights and all(t.numel() > 0 for t in weights.values())  # not empty ZeRO-3 partitions
     embed = next(t for k, t in weights.items() if "embed_tokens" in k)
     assert tuple(embed.shape) == (vocab, TINY_LLAMA["hidden_size"])
-
-
-def test_smollm2_lora_adapter_exports_and_changes_generation(ray_cluster, smollm2, tmp_path):
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    data = [{"messages": json.dumps([{"role": "user", "content": q}]), "response": "Banana."}
-            for q in ("Name a fruit.", "What should I eat?", "Say something.", "Pick a word.")] * 4  # fmt: skip
-    cfg = train_cfg(
-        deepspeed_stage=3,
-        max_steps=8,
-        lr=2e-3,
-        precision="auto",  # bf16 where the CPU computes it natively (emulated it costs ~10× here)
-        checkpoint_every_steps=8,
-        full_finetune=False,
-    )
-    result = train_round(
-        ray.data.from_items(data), cfg, str(tmp_path / "round-1"), model="bundled:smollm2-135m"
-    )
-    assert result.steps == 8 and result.metrics[-1]["loss"] < result.metrics[0]["loss"]
-    from safetensors.torch import load_file
-
-    weights = load_file(os.path.join(result.adapter_dir, "adapter_model.safetensors"))
-    assert weights and all(
-        "lora_" in k and t.numel() > 0 for k, t in weights.items()
-    )  # gathered from ZeRO-3 shards
-    assert result.adapter_sha256 == (Path(result.adapter_dir) / "SHA256").read_text().strip()
-
-    tok = AutoTokenizer.from_pretrained(smollm2)
-    ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": "Name a fruit."}])])
-
-    def greedy(model) -> str:
-        with torch.inference_mode():
-            out = model.generate(
-                ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id
-            )
-        return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-
-    base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
-    before = greedy(base)
-    tuned = PeftModel.from_pretrained(base, result.adapter_dir)
-    after = greedy(tuned)
-    assert after.startswith("Banana") and not before.startswith("Banana")
-
-    merged_dir = export_model(
-        result.adapter_dir, str(tmp_path / "merged"), base_model="bundled:smollm2-135m", merge=True
-    )
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
-    assert greedy(merged) == after  # the merged export generates as the adapter does
