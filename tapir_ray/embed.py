@@ -14,17 +14,27 @@ Memory is bounded per block everywhere: matrix products over blocks, never a loo
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import ray
 
 from tapir_ray.assets import resolve_model
 
+_ENCODERS: dict[str, Any] = {}
+
 
 def load_encoder(model: str):
+    """The sentence encoder, loaded once per process: the embedding stage's workers and the tasks
+    that encode a few texts later in the round (expansion checks, CITING's retrieval) are often
+    the same Ray worker, and a load costs seconds. One model at a time is kept."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(resolve_model(model), device="cpu")
+    if model not in _ENCODERS:
+        _ENCODERS.clear()
+        _ENCODERS[model] = SentenceTransformer(resolve_model(model), device="cpu")
+    return _ENCODERS[model]
 
 
 def encode(encoder, texts: list[str], batch_size: int = 64) -> np.ndarray:

@@ -180,7 +180,9 @@ def test_submit_runs_the_demo_config_on_a_ray_head_with_token_auth(ray_head, smo
             "teacher",
             "labels",
         ]
-        assert state["stages"]["teacher"]["rows_out"] == state["stages"]["ingest"]["rows_out"] > 0
+        assert (
+            state["stages"]["labels"]["rows_out"] > 0
+        )  # the demo's teacher reuses Alpaca's answers
 
         # Nothing the cluster stores about the job holds the key or the cluster token.
         req = urllib.request.Request(f"{address}/api/jobs/tapir-ray-submit-test",

@@ -540,6 +540,10 @@ def test_eval_suites_on_the_finished_run(finished_run, scripted, tmp_path):
         if f"{q}|2" in judge_in
     )
     assert "[Reference answer to the second question]" in judge_in[f"{math_q}|2"]
+    # Both suites' first prompts were answered in one student stage, then split per suite.
+    first = storage.read_table(f"{run_dir}/eval/first-turns/round-2/out", ["id"])["id"].to_pylist()
+    assert len(first) == 4 + 8 and len(turn1) == 8
+    assert len(storage.read_table(f"{run_dir}/eval/alpaca/round-2/student", ["id"])) == 4
     sent = scripted.stats()["requests"]
     assert sent == 8 + 16
     # Again: the students' answers are kept and every verdict comes from the cache.

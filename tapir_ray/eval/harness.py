@@ -12,7 +12,8 @@ Suites (each writes `<run>/eval/<suite>/<target>/` and `<run>/eval/summary.json`
 
 Targets are `base` (no adapter) and every trained round (`round-0` is the warm-up). Judge calls go
 through the oracle layer of the run (cache, limits, ledger): re-running an evaluation costs
-nothing, and each student's answers are kept, so only new targets generate. Evaluation prompts
+nothing, and each student's answers are kept, so only new targets generate; with both alpaca and
+mtbench asked for, a target answers their first prompts in one student stage. Evaluation prompts
 whose normalised text appears in any round's training set are reported and left out.
 """
 
@@ -93,6 +94,7 @@ class Evaluation:
         self.runner, self.log, self.limit = runner, log, limit
         self.run_dir = runner.run_dir
         self.cfg = runner.cfg
+        self._setup: dict[Any, tuple] = {}  # each suite's prompts, prepared once
 
     def path(self, *parts: str) -> str:
         return storage.join(self.run_dir, "eval", *parts)
@@ -173,19 +175,69 @@ class Evaluation:
 
     # -- suites --
 
+    def _alpaca_setup(self, reference: str | None) -> tuple[list[dict], list, str, dict]:
+        """The win rate's prompts (written to alpaca/prompts/), once per evaluation."""
+        key = ("alpaca", reference)
+        if key not in self._setup:
+            prompts, ref_name = self._alpaca_prompts(reference)
+            prompts, excluded = self.guard(
+                prompts, lambda r: P.user_content(r["instruction"], r["input"])
+            )
+            if not prompts:
+                raise EvalError("alpaca: no evaluation prompts left after the contamination guard")
+            ref_answers = self._reference_answers(prompts, reference)
+            prompts = [p for p in prompts if p["id"] in ref_answers]
+            _requests(
+                [{"id": p["id"], "messages": json.dumps([{"role": "user", "content": P.user_content(p["instruction"], p["input"])}])} for p in prompts],
+                self.path("alpaca", "prompts"),
+            )  # fmt: skip
+            self._setup[key] = (prompts, excluded, ref_name, ref_answers)
+        return self._setup[key]
+
+    def first_turns(self, targets: list[tuple[str, int]], reference: str | None) -> None:
+        """With both alpaca and mtbench asked for: each target answers the win rate's prompts and
+        MT-Bench's first turns in one student stage (one engine start, not two)."""
+        self._alpaca_setup(reference)
+        self._mtbench_setup()
+        for target in targets:
+            pairs = [
+                (self.path("alpaca", "prompts"), self.path("alpaca", target[0], "student")),
+                (self.path("mtbench", "turn1_in"), self.path("mtbench", target[0], "turn1")),
+            ]
+            self.answer_together(
+                target, pairs, f"eval · {target[0]} answers (alpaca, mtbench turn 1)"
+            )
+
+    def answer_together(
+        self, target: tuple[str, int], pairs: list[tuple[str, str]], label: str
+    ) -> None:
+        """One student stage over several prompt sets of a target; each set's answers land in its
+        own folder, as `answer` writes them. Evaluation sets are small and bounded (AlpacaEval's
+        805 prompts, MT-Bench's 80), so they are combined in memory."""
+        import pyarrow.compute as pc
+
+        todo = [(k, i, o) for k, (i, o) in enumerate(pairs) if not storage.is_done(o)]
+        if len(todo) < 2:
+            return  # nothing to share: `answer` runs what is left on its own
+        folder = self.path("first-turns", target[0])
+        parts = []
+        for k, in_dir, _ in todo:
+            t = storage.read_table(in_dir, ["id", "messages"])
+            parts.append(t.set_column(0, "id", pc.binary_join_element_wise(f"{k}", t["id"], "|")))
+        storage.write_table(pa.concat_tables(parts), storage.join(folder, "in"))
+        self.answer(target, storage.join(folder, "in"), storage.join(folder, "out"), label)
+        table = storage.read_table(storage.join(folder, "out"))
+        for k, _, out_dir in todo:
+            prefix = f"{k}|"
+            part = table.filter(pc.starts_with(table["id"], prefix))
+            ids = pc.utf8_slice_codeunits(part["id"], len(prefix))
+            storage.write_table(
+                part.set_column(part.schema.get_field_index("id"), "id", ids), out_dir
+            )
+            storage.mark_success(out_dir)
+
     def alpaca(self, targets: list[tuple[str, int]], reference: str | None) -> dict[str, Any]:
-        prompts, ref_name = self._alpaca_prompts(reference)
-        prompts, excluded = self.guard(
-            prompts, lambda r: P.user_content(r["instruction"], r["input"])
-        )
-        if not prompts:
-            raise EvalError("alpaca: no evaluation prompts left after the contamination guard")
-        ref_answers = self._reference_answers(prompts, reference)
-        prompts = [p for p in prompts if p["id"] in ref_answers]
-        _requests(
-            [{"id": p["id"], "messages": json.dumps([{"role": "user", "content": P.user_content(p["instruction"], p["input"])}])} for p in prompts],
-            self.path("alpaca", "prompts"),
-        )  # fmt: skip
+        prompts, excluded, ref_name, ref_answers = self._alpaca_setup(reference)
         from tapir_ray.eval.judge_health import judge_health, order_consistency
         from tapir_ray.eval.winrate import win_rate
 
@@ -266,24 +318,31 @@ class Evaluation:
             )
         return _answers(folder)
 
-    def mtbench(self, targets: list[tuple[str, int]]) -> dict[str, Any]:
+    def _mtbench_setup(self) -> tuple[list[dict], list]:
+        """MT-Bench's questions (first turns written to mtbench/turn1_in/), once per evaluation."""
         from tapir_ray.assets import resolve_data
 
-        path = resolve_data("bundled:mt-bench")
-        questions = [
-            json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()
-        ]
-        for q in questions:
-            q["id"] = str(q["question_id"])
-        if self.limit:  # keep every category represented: take questions round-robin by category
-            by_cat = defaultdict(list)
+        if "mtbench" not in self._setup:
+            path = resolve_data("bundled:mt-bench")
+            questions = [
+                json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()
+            ]
             for q in questions:
-                by_cat[q["category"]].append(q)
-            order = [q for group in zip(*by_cat.values(), strict=False) for q in group]
-            questions = order[: self.limit]
-        questions, excluded = self.guard(questions, lambda q: q["turns"][0])
-        _requests([{"id": q["id"], "messages": json.dumps([{"role": "user", "content": q["turns"][0]}])}
-                   for q in questions], self.path("mtbench", "turn1_in"))  # fmt: skip
+                q["id"] = str(q["question_id"])
+            if self.limit:  # every category represented: questions round-robin by category
+                by_cat = defaultdict(list)
+                for q in questions:
+                    by_cat[q["category"]].append(q)
+                order = [q for group in zip(*by_cat.values(), strict=False) for q in group]
+                questions = order[: self.limit]
+            questions, excluded = self.guard(questions, lambda q: q["turns"][0])
+            _requests([{"id": q["id"], "messages": json.dumps([{"role": "user", "content": q["turns"][0]}])}
+                       for q in questions], self.path("mtbench", "turn1_in"))  # fmt: skip
+            self._setup["mtbench"] = (questions, excluded)
+        return self._setup["mtbench"]
+
+    def mtbench(self, targets: list[tuple[str, int]]) -> dict[str, Any]:
+        questions, excluded = self._mtbench_setup()
         results = {}
         for target in targets:
             folder = self.path("mtbench", target[0])
@@ -384,6 +443,8 @@ def evaluate(run_dir: str, *, rounds: str = "all", suites: list[str] | None = No
     ):
         ev = Evaluation(runner, limit=limit, log=log)
         targets = ev.targets(rounds)
+        if "alpaca" in suites and "mtbench" in suites:
+            ev.first_turns(targets, reference)
         for suite in suites:
             started = time.perf_counter()
             if suite == "alpaca":
