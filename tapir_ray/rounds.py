@@ -698,17 +698,15 @@ class TapirRun:
         Stops the run after it when it is the stage `run --until` names."""
         if ray.get(self.actor.stage_done.remote(name)):
             info = ray.get(self.actor.get.remote())["stages"][name]
-            if name == self.until:
-                raise StopAfter(name)
-            return info
-        self.stage_name = name
-        self.actor.begin_stage.remote(name, round_, total)
-        started = time.perf_counter()
-        info = fn() or {}
-        info["seconds"] = round(time.perf_counter() - started, 2)
-        ray.get(self.actor.end_stage.remote(name, info))
-        ray.get(self.actor.set_ledger.remote(ray.get(self.ledger.flush.remote())))
-        self.log(f"{name}: done in {info['seconds']:.1f} s {_brief(info)}")
+        else:
+            self.stage_name = name
+            self.actor.begin_stage.remote(name, round_, total)
+            started = time.perf_counter()
+            info = fn() or {}
+            info["seconds"] = round(time.perf_counter() - started, 2)
+            ray.get(self.actor.end_stage.remote(name, info))
+            ray.get(self.actor.set_ledger.remote(ray.get(self.ledger.flush.remote())))
+            self.log(f"{name}: done in {info['seconds']:.1f} s {_brief(info)}")
         if name == self.until:
             raise StopAfter(name)
         return info

@@ -46,17 +46,23 @@ def _user(messages_json: str) -> str:
     return next((m["content"] for m in messages if m.get("role") == "user"), "")
 
 
-def trained_texts(run_dir: str) -> set[str]:
-    """Normalised user text of every row any round trained on."""
+def _trained_here(batch: pa.Table, texts: frozenset[str]) -> set[str]:
+    return {t for m in batch["messages"].to_pylist() if (t := normalize_text(_user(m))) in texts}
+
+
+def trained_texts(run_dir: str, texts: set[str]) -> set[str]:
+    """Which of `texts` (normalised evaluation prompts: a small set) some round trained on. The
+    training sets grow with the pool: each block is checked where it is; only matches come back."""
+    from tapir_ray import frames
     from tapir_ray.curriculum import read_state
 
-    texts: set[str] = set()
-    for r in (read_state(run_dir) or {}).get("rounds", {}):
-        folder = storage.join(run_dir, f"round-{r}", "train_set")
-        if storage.exists(folder):
-            for m in storage.read_table(folder, ["messages"])["messages"].to_pylist():
-                texts.add(normalize_text(_user(m)))
-    return texts
+    folders = [storage.join(run_dir, f"round-{r}", "train_set")
+               for r in (read_state(run_dir) or {}).get("rounds", {})]  # fmt: skip
+    folders = [f for f in folders if storage.exists(f)]
+    if not texts or not folders:
+        return set()
+    ds = frames.read(folders, ["messages"])
+    return set().union(*frames.fold(ds, _trained_here, texts=frozenset(texts)))
 
 
 def _requests(rows: list[dict], folder: str) -> None:
@@ -167,10 +173,11 @@ class Evaluation:
     def guard(
         self, rows: list[dict], text_of: Callable[[dict], str]
     ) -> tuple[list[dict], list[str]]:
-        seen = trained_texts(self.run_dir)
+        norm = [normalize_text(text_of(r)) for r in rows]
+        seen = trained_texts(self.run_dir, set(norm))
         kept, dropped = [], []
-        for r in rows:
-            (dropped if normalize_text(text_of(r)) in seen else kept).append(r)
+        for r, text in zip(rows, norm, strict=True):
+            (dropped if text in seen else kept).append(r)
         return kept, [r["id"] for r in dropped]
 
     # -- suites --
