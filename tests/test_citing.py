@@ -230,7 +230,7 @@ def test_later_rounds_revise_the_previous_rounds_answer_with_the_rubric(ray_clus
 
 
 def citing_config(run_dir: str, base_url: str, model: str) -> dict:
-    """The TAPIR test's run, with CITING's curriculum: a scripted teacher, the bundled student."""
+    """The TAPIR test's run, with CITING's curriculum: a scripted teacher, `model` as the student."""
     from tests.test_tapir import tapir_config
 
     raw = tapir_config(run_dir, base_url, model, rounds=1)
@@ -242,7 +242,7 @@ def citing_config(run_dir: str, base_url: str, model: str) -> dict:
     raw["oracle"]["mode"] = {"default": "online", "rubric": "batch", "revise": "batch"}
     raw["oracle"]["teacher"]["batch"] = {"poll_s": 0.2, "poll_max_s": 1.0}
     raw["curriculum"] = {"algorithm": "citing",
-                         "citing": {"warmup_rows": 12, "max_types": 6, "induction_batch_size": 4, "revision_rounds": 1,
+                         "citing": {"warmup_rows": 8, "max_types": 6, "induction_batch_size": 4, "revision_rounds": 1,
                                     "curriculum_questions": 8, "inference_revisions": 1, "max_self_revisions": 1, "eval_questions": 3}}  # fmt: skip
     # ZeRO-3: the adapter is gathered from the parameter shards when it is saved.
     raw["train"].update(num_workers=1, max_length=256, deepspeed_stage=3)
@@ -250,8 +250,8 @@ def citing_config(run_dir: str, base_url: str, model: str) -> dict:
 
 
 @pytest.mark.timeout(1500)
-def test_one_citing_round_end_to_end_killed_and_resumed(ray_cluster, smollm2, tmp_path):
-    """A CITING run (scripted teacher and judge over HTTP, the bundled SmolLM2 student, LoRA under
+def test_one_citing_round_end_to_end_killed_and_resumed(ray_cluster, tiny_llama, tmp_path):
+    """A CITING run (scripted teacher and judge over HTTP, the tiny Llama student, LoRA under
     DeepSpeed ZeRO-3) whose driver is SIGKILLed while the judge compares answers; `--resume`
     finishes it.
     Then `tapir-ray generate` answers and self-revises new questions with the retrieved rubric."""
@@ -272,7 +272,7 @@ def test_one_citing_round_end_to_end_killed_and_resumed(ray_cluster, smollm2, tm
     run_dir = str(tmp_path / "run")
     with LocalOracle("--backend", "scripted", "--latency-ms", "20-60") as server:
         cfg_path = tmp_path / "citing.yaml"
-        cfg_path.write_text(yaml.safe_dump(citing_config(run_dir, server.base_url, smollm2)))
+        cfg_path.write_text(yaml.safe_dump(citing_config(run_dir, server.base_url, tiny_llama)))
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
         cmd = [sys.executable, "-m", "tapir_ray.cli", "run", str(cfg_path)]
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

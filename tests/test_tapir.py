@@ -1,6 +1,6 @@
 """TAPIR end to end on a real local Ray cluster: the planning rules, the curriculum actor, and a
-full two-round run (scripted oracle over real HTTP, the bundled SmolLM2 as student, LoRA under
-DeepSpeed ZeRO-2 on 2 workers) stopped with --until, SIGKILLed twice and resumed, its adapter
+full two-round run (scripted oracle over real HTTP, a tiny random-weight Llama with the bundled
+tokenizer as student, LoRA under DeepSpeed ZeRO-2 on 2 workers) stopped with --until, SIGKILLed twice and resumed, its adapter
 exported, and the evaluation suites on it."""
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def tapir_config(run_dir: str, base_url: str, model: str, rounds: int = 2) -> di
         "run": {"dir": run_dir, "seed": 7},
         "pool": {"paths": ["bundled:alpaca-5k"], "limit": 40},
         "student": {"model": model, "engine": "transformers", "max_model_len": 384, "batch_size": 16,
-                    "sampling": {"max_tokens": 12}, "gpus_per_replica": 0, "cpus_per_replica": 0.5},
+                    "sampling": {"max_tokens": 8}, "gpus_per_replica": 0, "cpus_per_replica": 0.5},
         "oracle": {"teacher": {"base_url": base_url, "model": "local", "api_key_env": None, "max_concurrency": 4,
                                "continue_final_message": True, "rpm": 100_000, "tpm": 10**8},
                    "actors": 1, "teacher_max_tokens": 64},
@@ -271,15 +271,18 @@ def _stage(run_dir: str) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def finished_run(ray_cluster, smollm2, scripted, tmp_path_factory):
+def finished_run(ray_cluster, tiny_llama, scripted, tmp_path_factory):
     """One two-round run, driven as a user drives it: `tapir-ray run --until ingest`, then
     `--resume` in a subprocess, SIGKILLed mid-oracle (teacher answers) and mid-training (after a checkpoint), each
     time resumed with `--resume`, the last time to the end. Every end-to-end test here reads it."""
     tmp = tmp_path_factory.mktemp("tapir")
     run_dir = str(tmp / "run")
     cfg_path = tmp / "tapir.yaml"
-    raw = tapir_config(run_dir, scripted.base_url, smollm2)
+    # The tiny Llama student: every engine, trainer and stage runs for real, at a tiny model's cost.
+    raw = tapir_config(run_dir, scripted.base_url, tiny_llama)
+    raw["train"]["lr"] = 5e-2  # random weights: a larger step lets 3-4 steps show the loss falling
     raw["oracle"]["teacher"]["rpm"] = 600  # 10 requests/s: slow enough to be caught mid-stage
+    raw["train"]["checkpoint_every_steps"] = 1  # killed after its first step
     cfg_path.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "tapir_ray.cli", "run", str(cfg_path)]
@@ -349,10 +352,9 @@ def test_two_tapir_rounds_end_to_end(finished_run):
         )
         metrics = json.loads((Path(run_dir) / f"metrics/round-{r}.json").read_text())
         assert metrics["heldout_nll"] is not None and metrics["train"]["steps"] > 0
-        # LoRA under ZeRO-2 on 2 workers learns the teacher's answers: the loss falls in the round.
-        assert metrics["train"]["final_loss"] < 0.8 * metrics["train"]["first_loss"], metrics[
-            "train"
-        ]
+        # LoRA under ZeRO-2 on 2 workers learns the teacher's answers: the loss falls in the round
+        # (and the held-out NLL round after round, below).
+        assert metrics["train"]["final_loss"] < metrics["train"]["first_loss"], metrics["train"]
         for stage in metrics["stages"]:  # counts reconcile in every stage that sends rows on
             if stage["rows_in"] is not None and stage["dead_lettered"] is not None:
                 assert stage["rows_in"] == stage["rows_out"] + stage["dead_lettered"], stage
@@ -365,7 +367,12 @@ def test_two_tapir_rounds_end_to_end(finished_run):
     # The judge's verdicts on unchanged teacher answers came from the cache in round 2.
     assert state["ledger"]["rounds"]["2"]["judge"]["cache_hits"] > 0
     # The held-out NLL of the teacher's answers falls as the student learns them.
-    assert state["rounds"]["2"]["nll"] < state["rounds"]["0"]["nll_base"]
+    nll = [
+        state["rounds"]["0"]["nll_base"],
+        state["rounds"]["1"]["nll"],
+        state["rounds"]["2"]["nll"],
+    ]
+    assert nll[2] < nll[1] < 0.9 * nll[0], nll
     report = (Path(run_dir) / "metrics/report.md").read_text()
     assert "## Round 2" in report and "held-out NLL" in report
     # A healthy run's console: our progress lines, no traceback, no error line, no worker chatter.
@@ -435,7 +442,7 @@ def test_export_writes_the_round_adapter(finished_run, tmp_path):
     assert missing.returncode == 2 and "no adapter for round 5" in missing.stderr
 
 
-def test_a_merged_export_computes_what_the_adapter_does(finished_run, smollm2, tmp_path):
+def test_a_merged_export_computes_what_the_adapter_does(finished_run, tmp_path):
     """`export --merge`: a plain transformers folder whose logits are the base model's with the
     round's adapter applied (PEFT), and measurably not the base model's."""
     import torch
@@ -459,7 +466,9 @@ def test_a_merged_export_computes_what_the_adapter_does(finished_run, smollm2, t
         with torch.inference_mode():
             return model(ids).logits[0, -8:].float()
 
-    base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(
+        finished_run["raw"]["student"]["model"], dtype=torch.float32
+    )
     before = logits(base)
     adapted = logits(PeftModel.from_pretrained(base, f"{run_dir}/round-2/adapter"))
     merged = logits(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32))

@@ -20,13 +20,9 @@ import ray
 from tapir_ray.chat import IGNORE_INDEX, prompt_ids
 from tapir_ray.config import TrainConfig
 from tapir_ray.train import Tokenize, train_round
+from tests.conftest import TINY_LLAMA
 
 pytestmark = pytest.mark.timeout(900)
-
-TINY_LLAMA = dict(
-    model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-)  # fmt: skip
 
 
 def fixed_set(n: int = 16) -> list[dict]:
