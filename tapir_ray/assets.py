@@ -127,8 +127,15 @@ def smollm2_folder() -> Path:
 
 def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not torch.cuda.is_available():  # DeepSpeed (imported by transformers) warns when it guesses
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # One line says that the conversion runs (resolve_model); three progress bars of a few
+    # seconds each would only clutter the console.
+    hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     # GGUF-loaded models carry a quantization config that save_pretrained refuses; the weights are

@@ -463,6 +463,9 @@ class TapirConfig(_Strict):
     expansion_attempts: PositiveInt = Field(
         3, description="Teacher calls per missing item before duplication."
     )
+    expansion_max_tokens: PositiveInt = Field(
+        256, description="Token cap of one expansion reply (a new instruction, not an answer)."
+    )
     near_duplicate_threshold: Fraction = Field(
         0.92, description="Cosine similarity above which an expansion is a near-duplicate."
     )

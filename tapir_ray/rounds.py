@@ -1103,7 +1103,7 @@ class TapirRun:
         self.embeddings()
         write_expansion_requests(self.run_dir, r, attempt, missing)
         asked = self.ask(f"{rd} · expansion {attempt + 1}", storage.join(folder, "requests"), storage.join(folder, "answers"),
-                         role="expand", endpoint="teacher", params={"max_tokens": 256, "temperature": 0.0},
+                         role="expand", endpoint="teacher", params={"max_tokens": self.tapir.expansion_max_tokens, "temperature": 0.0},
                          parse=P.parse_instruction, round_=r, max_dead_share=1.0)  # fmt: skip
         prefill = self.prefill("teacher")
         _task(write_expansion_labels_in, self.run_dir, r, attempt, self.labels, prefill)

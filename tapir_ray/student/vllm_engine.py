@@ -124,7 +124,11 @@ def build_vllm_processor(model_path: str, *, sampling: dict[str, Any], **engine:
         }
 
     processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
-    # Left as ray.data.llm builds it: passing max_restarts=0 to its engine stage (as our other pools
-    # do, runtime.map_batches_once) leaves the engine actor unschedulable on a 2-CPU node.
+    # A lost engine actor fails the stage (`--resume` reruns it) instead of being restarted forever,
+    # as in our other pools (runtime.map_batches_once): Ray's core worker otherwise prints an error
+    # line for the engine actor in every healthy run. ray.data.llm has no option for it.
+    for stage in processor.stages.values():
+        if type(stage).__name__ == "vLLMEngineStage":
+            stage.map_batches_kwargs["max_restarts"] = 0
     quiet_ray_console()  # ray.llm's loggers, created by the import above, print INFO lines
     return processor
