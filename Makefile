@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: env demo test lint bench-ingest bench-oracle-batch bench-glue bench-gpu clean-demo
+.PHONY: env demo test lint bench-demo bench-ingest bench-oracle-batch bench-glue bench-gpu clean-demo
 
 env:
 	@bash scripts/setup_env.sh $(VENV)
@@ -21,6 +21,10 @@ test: env
 lint: env
 	$(VENV)/bin/ruff check tapir_ray tests benchmarks
 	$(VENV)/bin/ruff format --check tapir_ray tests benchmarks
+
+# a fresh clone's `make env` and `make demo`, timed, with the model cache emptied first
+bench-demo: env
+	$(PY) benchmarks/demo_wall.py --fresh-models
 
 bench-ingest: env
 	$(PY) benchmarks/ingest_throughput.py --rows 100000 1000000

@@ -9,11 +9,15 @@ into place; the others wait for the lock and find it done.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
 import importlib.util
 import logging
 import os
 import shutil
 import time
+import unittest.mock
 from pathlib import Path
 
 from filelock import FileLock
@@ -134,10 +138,18 @@ def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> None:
     from transformers.utils import logging as hf_logging
 
     # One line says that the conversion runs (resolve_model); three progress bars of a few
-    # seconds each would only clutter the console.
+    # seconds each would only clutter the console. transformers' switch covers two; the GGUF
+    # reader's is a plain tqdm of its module, turned off here for the conversion's duration.
     hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    with contextlib.ExitStack() as stack:
+        gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+        if hasattr(gguf_utils, "tqdm"):
+            quiet = functools.partial(gguf_utils.tqdm, disable=True)
+            stack.enter_context(unittest.mock.patch.object(gguf_utils, "tqdm", quiet))
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=gguf_file, dtype=torch.float32
+        )
     # GGUF-loaded models carry a quantization config that save_pretrained refuses; the weights are
     # already dequantised to fp32, so dropping it is exact.
     if getattr(model, "hf_quantizer", None) is not None:

@@ -42,6 +42,7 @@ def ray_cluster(asset_cache):
 
 
 CONVERT = "from tapir_ray.assets import resolve_model; print(resolve_model('bundled:smollm2-135m'))"
+CONVERSION_STDERR: list[str] = []  # what the racing conversions printed (tests/test_assets.py)
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +62,7 @@ def smollm2(asset_cache) -> str:
     ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    CONVERSION_STDERR.extend(o[1] for o in outs)
     folders = {o[0].strip().splitlines()[-1] for o in outs}
     assert len(folders) == 1
     return folders.pop()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tapir_ray import assets
-from tests.conftest import run_cli
+from tests.conftest import CONVERSION_STDERR, run_cli
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -24,6 +24,11 @@ def test_racing_conversions_produce_one_complete_folder(smollm2, asset_cache):
     ]
     assert leftovers == []  # the loser never left a half-written temporary folder behind
     assert assets.resolve_model("bundled:smollm2-135m") == smollm2  # later calls reuse it
+    # The one-time conversion prints no progress bars and no library notices of its own.
+    assert CONVERSION_STDERR and not [
+        line for err in CONVERSION_STDERR for line in err.splitlines()
+        if "it/s]" in line or "[WARNING]" in line
+    ], CONVERSION_STDERR  # fmt: skip
 
 
 def test_converted_smollm2_generates_with_its_chat_template(smollm2):

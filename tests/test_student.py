@@ -190,7 +190,7 @@ def test_over_long_prompts_can_go_to_the_dead_letter(ray_cluster, smollm2, tmp_p
 
 
 def test_vllm_with_dynamic_lora_matches_transformers_with_the_same_adapter(
-    ray_cluster, smollm2, lora_adapter, tmp_path
+    ray_cluster, smollm2, lora_adapter, tmp_path, capfd
 ):
     common = dict(model="bundled:smollm2-135m", max_model_len=512, batch_size=4, cpus_per_replica=1.0,
                   sampling={"max_tokens": 16, "temperature": 0.0})  # fmt: skip
@@ -212,6 +212,10 @@ def test_vllm_with_dynamic_lora_matches_transformers_with_the_same_adapter(
         )
         runs[name] = read_out(tmp_path / name)
     base, hf_lora, vllm_lora = runs["base"], runs["hf_lora"], runs["vllm_lora"]
+    # A healthy stage leaves no error line of Ray's core worker on this process's console (its
+    # engine actor is not restartable, as no pool of ours is).
+    console = capfd.readouterr()
+    assert "core_worker" not in console.err + console.out, console.err[-2000:]
     over = f"p{len(PROMPTS)}"
     for name, out in runs.items():  # the output schema, the same from both engines
         assert set(out) == set(base) and metrics[name]["rows_out"] == len(PROMPTS) + 1
