@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: env demo test lint bench-demo bench-ingest bench-oracle-batch bench-glue bench-gpu clean-demo
+.PHONY: env demo test lint bench-demo bench-quality bench-ingest bench-oracle-batch bench-glue bench-gpu clean-demo
 
 env:
 	@bash scripts/setup_env.sh $(VENV)
@@ -25,6 +25,10 @@ lint: env
 # a fresh clone's `make env` and `make demo`, timed, with the model cache emptied first
 bench-demo: env
 	$(PY) benchmarks/demo_wall.py --fresh-models
+
+# TAPIR against random selection on tasks a program checks (3 seeds; hours on 2 CPU cores)
+bench-quality: env
+	$(PY) benchmarks/quality_verifiable.py --seeds 3
 
 bench-ingest: env
 	$(PY) benchmarks/ingest_throughput.py --rows 100000 1000000

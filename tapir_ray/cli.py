@@ -366,7 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     oracle = sub.add_parser("oracle", help="the OpenAI-compatible oracle server")
     oracle_sub = oracle.add_subparsers(dest="oracle_command", required=True, metavar="ACTION")
     p = oracle_sub.add_parser("serve", help="serve /v1/chat/completions on 127.0.0.1")
-    p.add_argument("--backend", choices=["hf", "scripted"], default="hf")
+    p.add_argument(
+        "--backend", choices=["hf", "scripted", "reference"], default="hf",
+        help="hf: a local model; scripted: deterministic replies with limits and faults; "
+        "reference: a perfect teacher, classifier, expander and judge for the programmatically "
+        "checkable task families of tapir_ray.oracle.reference (scripted replies elsewhere)",
+    )  # fmt: skip
     p.add_argument(
         "--model", help="hf backend: a model folder or bundled:smollm2-135m (the default)"
     )

@@ -1,7 +1,7 @@
 """`tapir-ray oracle serve`: an OpenAI-compatible server on 127.0.0.1 (`/v1/models`,
 `/v1/chat/completions`, and the Files and Batches endpoints of the Batch API: server_batch.py).
 
-Two backends behind one HTTP front:
+Backends behind one HTTP front:
 - `hf`: a real local model (transformers), the offline teacher and judge of the demo. Requests that
   arrive together are generated as one left-padded batch.
 - `scripted`: deterministic, role-aware replies for tests and benchmarks, with optional latency,
@@ -9,6 +9,9 @@ Two backends behind one HTTP front:
   (500s, timeouts, malformed bodies, dropped connections). It counts every request it receives and
   every distinct request it answered more than once, at `GET /stats`, so tests can prove that no
   call that had returned was sent again.
+- `reference`: the scripted front (limits, faults, statistics) with a perfect teacher, classifier,
+  expander and judge for the programmatically checkable task families of
+  tapir_ray.oracle.reference (the verifiable quality benchmark); scripted replies elsewhere.
 """
 
 from __future__ import annotations
@@ -150,14 +153,15 @@ def scripted_reply(messages: list[dict[str, Any]]) -> str:
     )
 
 
-def scripted_logprobs(text: str, top_n: int) -> list[dict[str, Any]]:
-    """Per-token logprobs; at a rating digit the alternatives spread around the chosen score."""
+def scripted_logprobs(text: str, top_n: int, sharp: bool = False) -> list[dict[str, Any]]:
+    """Per-token logprobs; at a rating digit the alternatives spread around the chosen score
+    (`sharp`: all the probability on it)."""
     out = []
     for token in re.findall(r"\d+|[^\s\d]+|\s+", text):
         if token.isdigit() and 1 <= int(token) <= 10:
             k = int(token)
-            probs = collections.Counter({k: 0.6})
-            for near in (k - 1, k + 1):
+            probs = collections.Counter({k: 1.0 if sharp else 0.6})
+            for near in () if sharp else (k - 1, k + 1):
                 probs[min(10, max(1, near))] += 0.2
             alts = [{"token": str(s), "logprob": math.log(p)} for s, p in sorted(probs.items())][
                 : max(1, top_n)
@@ -168,6 +172,15 @@ def scripted_logprobs(text: str, top_n: int) -> list[dict[str, Any]]:
                 {"token": token, "logprob": 0.0, "top_logprobs": [{"token": token, "logprob": 0.0}]}
             )
     return out
+
+
+def reference_or_scripted(messages: list[dict[str, Any]]) -> str:
+    """The reference oracle's reply (tapir_ray.oracle.reference) where the prompt is about one of
+    its task families' instructions, the scripted reply otherwise."""
+    from tapir_ray.oracle.reference import reference_reply
+
+    text = reference_reply(messages)
+    return text if text is not None else scripted_reply(messages)
 
 
 # --- limits and faults (scripted backend) ---------------------------------------------------------
@@ -285,6 +298,7 @@ class OracleServer:
         self.response_ids: dict[str, list[str]] = collections.defaultdict(list)
         self.rng = random.Random(0)
         self.generator = HFGenerator(model_path, max_batch=max_batch) if backend == "hf" else None
+        self._reply = reference_or_scripted if backend == "reference" else scripted_reply
         self.batch = BatchFront(self, processing_s=batch_processing_s, window_s=batch_window_s)
 
     def app(self) -> web.Application:
@@ -436,14 +450,17 @@ class OracleServer:
                 continue_final=continue_final,
             )
         else:
-            text = scripted_reply(messages)
+            reply = self._reply
+            text = reply(messages)
             if messages[-1].get("role") == "assistant":
-                text = scripted_reply(messages[:-1])
+                text = reply(messages[:-1])
                 prefill = str(messages[-1].get("content", ""))
                 if continue_final and prefill and prefill in text:  # the continuation
                     text = text.split(prefill, 1)[1]
             completion_tokens, finish = estimate_tokens(text), "stop"
-            logprobs = scripted_logprobs(text, top_n) if want_logprobs else None
+            # The reference judge is certain of its verdicts; the scripted one spreads them.
+            sharp = self.backend == "reference"
+            logprobs = scripted_logprobs(text, top_n, sharp=sharp) if want_logprobs else None
         if "filler_logprobs" in marked and logprobs is not None:
             for entry in logprobs:
                 if entry["token"].isdigit():
