@@ -49,6 +49,23 @@ def test_each_family_solves_checks_and_levels_its_own_instances(name):
     assert family_of("Write a poem about the sea.") is None
 
 
+def test_the_teacher_shows_working_a_small_student_can_imitate():
+    assert _reply(P.answer("Compute the value of (12 + 7) * 3 - 5.")).splitlines() == [
+        "12 + 7 = 19", "19 * 3 = 57", "57 - 5 = 52", "Final answer: 52",
+    ]  # fmt: skip
+    dates = "What is the date 30 days after 2020-02-15? Answer in YYYY-MM-DD format."
+    assert _reply(P.answer(dates)).splitlines() == [
+        "2020-02-15 + 14 days = 2020-02-29", "2020-02-29 + 16 days = 2020-03-16",
+        "Final answer: 2020-03-16",
+    ]  # fmt: skip
+    back = "What is the date 30 days before 2020-03-16? Answer in YYYY-MM-DD format."
+    assert _reply(P.answer(back)).splitlines()[-1] == "Final answer: 2020-02-15"
+    code = "What does this Python program print? x = 3; for i in range(2): x = x * 2 + i; print(x)"
+    assert _reply(P.answer(code)).splitlines() == [
+        "i = 0: x = 3 * 2 + 0 = 6", "i = 1: x = 6 * 2 + 1 = 13", "Final answer: 13",
+    ]  # fmt: skip
+
+
 def test_partial_credit_where_the_family_defines_it():
     text = "Sort these numbers from smallest to largest: 9, 4, 7, 1, 3."
     assert score(text, "Final answer: 1, 3, 4, 7, 9") == 1.0

@@ -41,6 +41,7 @@ class Family:
     extract: Callable[[str], Any]  # a reply -> the answer it gives, or None
     difficulty: Callable[[str], int]  # instruction -> its difficulty level
     credit: Callable[[Any, Any], float] | None = None  # partial credit in [0, 1]
+    work: Callable[[str], list[str]] | None = None  # the worked steps a student can imitate
 
 
 def _last(pattern: str, text: str, flags: int = 0) -> str | None:
@@ -68,6 +69,26 @@ def _eval_int(node: ast.AST) -> int:
     raise ValueError("not an integer expression")
 
 
+def _arith_steps(text: str) -> list[str]:
+    """One line per operation, innermost first: `12 + 7 = 19`."""
+    steps: list[str] = []
+
+    def walk(node: ast.AST) -> int:
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant):
+            return node.value
+        left, right = walk(node.left), walk(node.right)
+        value = _OPS[type(node.op)](left, right)
+        sign = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}[type(node.op)]
+        steps.append(f"{left} {sign} {right} = {value}")
+        return value
+
+    m = re.fullmatch(r"Compute the value of ([\d\s()+\-*]+)\.", text.strip())
+    walk(ast.parse(m.group(1), mode="eval"))
+    return steps
+
+
 def _arith_make(rng: random.Random, level: int) -> str:
     terms = [str(rng.randint(2, 9 + 20 * level)) for _ in range(level + 2)]
     expr = terms[0]
@@ -86,7 +107,7 @@ def _arith_solve(text: str) -> int | None:
 ARITHMETIC = Family(
     "arithmetic", "Math", _arith_make, _arith_solve, str,
     lambda r: int(v) if (v := _last(r"-?\d+", r)) is not None else None,
-    lambda t: len(re.findall(r"\d+", t)) - 2,
+    lambda t: len(re.findall(r"\d+", t)) - 2, work=_arith_steps,
 )  # fmt: skip
 
 
@@ -110,10 +131,32 @@ def _date_solve(text: str) -> str | None:
     return (dt.date.fromisoformat(m.group(3)) + dt.timedelta(days=days)).isoformat()
 
 
+def _date_steps(text: str) -> list[str]:
+    """Month ends crossed on the way: `2020-02-15 + 14 days = 2020-02-29`, ..."""
+    m = re.search(r"date (\d+) days (after|before) (\d{4}-\d{2}-\d{2})", text)
+    left, forward, day = int(m.group(1)), m.group(2) == "after", dt.date.fromisoformat(m.group(3))
+    steps = []
+    while left:
+        if forward:
+            start = day + dt.timedelta(days=1)  # to the end of the month the next day is in
+            end = (start.replace(day=28) + dt.timedelta(days=4)).replace(day=1) - dt.timedelta(
+                days=1
+            )
+            hop = min(left, (end - day).days)
+            new = day + dt.timedelta(days=hop)
+        else:
+            hop = min(left, day.day) or 1
+            new = day - dt.timedelta(days=hop)
+        steps.append(f"{day.isoformat()} {'+' if forward else '-'} {hop} days = {new.isoformat()}")
+        day, left = new, left - hop
+    return steps
+
+
 DATES = Family(
     "dates", "Reasoning", _date_make, _date_solve, str,
     lambda r: _last(r"\d{4}-\d{2}-\d{2}", r),
     lambda t: 1 + sum(int(re.search(r"(\d+) days", t).group(1)) > hi for _, hi in _DAY_RANGES[:2]),
+    work=_date_steps,
 )  # fmt: skip
 
 
@@ -176,6 +219,7 @@ def _rev_level(text: str) -> int:
 REVERSAL = Family(
     "reversal", "Paraphrase", _rev_make, _rev_solve, str,
     lambda r: _last(r"[a-z]{3,}", r.lower()), _rev_level,
+    work=lambda t: [f"Letters last to first: {' '.join(_rev_solve(t))}"],
 )  # fmt: skip
 
 
@@ -193,10 +237,16 @@ def _count_solve(text: str) -> int | None:
     return m.group(2).count(m.group(1)) if m else None
 
 
+def _count_steps(text: str) -> list[str]:
+    m = re.search(r"letter '([a-z])' appear in '([a-z ]+)'", text)
+    return [f"{w}: {w.count(m.group(1))}" for w in m.group(2).split()]
+
+
 COUNTING = Family(
     "counting", "Common-Sense", _count_make, _count_solve, str,
     lambda r: int(v) if (v := _last(r"\d+", r)) is not None else None,
     lambda t: max(1, len(t.split("'")[3].split()) - 1) if t.count("'") >= 4 else 1,
+    work=_count_steps,
 )  # fmt: skip
 
 
@@ -253,10 +303,21 @@ def _code_solve(text: str) -> int | None:
     return x
 
 
+def _code_steps(text: str) -> list[str]:
+    m = re.search(r"x = (\d+); for i in range\((\d+)\): x = x \* (\d+) ([+-]) i", text)
+    x, n, k, op = int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4)
+    steps = []
+    for i in range(n):
+        new = x * k + i if op == "+" else x * k - i
+        steps.append(f"i = {i}: x = {x} * {k} {op} {i} = {new}")
+        x = new
+    return steps
+
+
 CODE_OUTPUT = Family(
     "code_output", "Computer Science", _code_make, _code_solve, str,
     lambda r: int(v) if (v := _last(r"-?\d+", r)) is not None else None,
-    lambda t: int(re.search(r"range\((\d+)\)", t).group(1)) // 2,
+    lambda t: int(re.search(r"range\((\d+)\)", t).group(1)) // 2, work=_code_steps,
 )  # fmt: skip
 
 
@@ -335,8 +396,9 @@ def _inside(user: str, label: str) -> str | None:
 
 
 def _worked(family: Family, instruction: str, answer: Any) -> str:
-    return (f"This is a {family.name.replace('_', ' ')} task; working it through exactly.\n"
-            f"Final answer: {family.show(answer)}")  # fmt: skip
+    """Short working a small student can imitate, then the result."""
+    steps = family.work(instruction) if family.work else []
+    return "\n".join([*steps, f"Final answer: {family.show(answer)}"])
 
 
 def _rating(credit: float) -> int:
