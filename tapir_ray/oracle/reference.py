@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tapir_ray.oracle.prompts import unfenced
+
 # --- families -------------------------------------------------------------------------------------
 
 
@@ -390,11 +392,6 @@ def make_split(seed: int, pool_size: int, test_per_family: int,
 # --- the oracle's replies -------------------------------------------------------------------------
 
 
-def _inside(user: str, label: str) -> str | None:
-    m = re.search(rf"<<<{label}(?: \w+)?>>>\n?(.*?)\n?<<<END {label}(?: \w+)?>>>", user, flags=re.S)
-    return m.group(1) if m else None
-
-
 def _worked(family: Family, instruction: str, answer: Any) -> str:
     """Short working a small student can imitate, then the result."""
     steps = family.work(instruction) if family.work else []
@@ -409,15 +406,15 @@ def reference_reply(messages: list[dict[str, Any]]) -> str | None:
     """The reference oracle's reply, or None when the prompt is not about a family's instruction."""
     system = next((m["content"] for m in messages if m.get("role") == "system"), "")
     user = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
-    instruction = _inside(user, "INSTRUCTION")
+    instruction = unfenced(user, "INSTRUCTION")
     if "Rating: [[k]]" in system and instruction is not None:
-        credit = score(instruction, _inside(user, "ANSWER") or "")
+        credit = score(instruction, unfenced(user, "ANSWER") or "")
         if credit is None:
             return None
         return f"The answer was checked against the computed result.\nRating: [[{_rating(credit)}]]"
     if ("Scores: [[a, b]]" in system or "Better: [[A]]" in system) and instruction is not None:
-        a = score(instruction, _inside(user, "ANSWER A") or "")
-        b = score(instruction, _inside(user, "ANSWER B") or "")
+        a = score(instruction, unfenced(user, "ANSWER A") or "")
+        b = score(instruction, unfenced(user, "ANSWER B") or "")
         if a is None or b is None:
             return None
         if "Scores: [[a, b]]" in system:

@@ -31,6 +31,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tapir_ray.oracle.prompts import unfenced
+
 log = logging.getLogger(__name__)
 
 
@@ -77,9 +79,8 @@ def score_of(answer: str) -> int:
 
 
 def _inside(user: str, label: str) -> str:
-    """The text fenced as `label` (with or without a tag)."""
-    m = re.search(rf"<<<{label}(?: \w+)?>>>\n?(.*?)\n?<<<END {label}(?: \w+)?>>>", user, flags=re.S)
-    return m.group(1) if m else ""
+    """The text fenced as `label`, or "" (the scripted replies read absent texts as empty)."""
+    return unfenced(user, label) or ""
 
 
 def scripted_reply(messages: list[dict[str, Any]]) -> str:
