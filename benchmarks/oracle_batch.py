@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import command_line, device_name, print_table, write_results  # noqa: E402
+from tapir_ray.oracle.cache import ResponseCache  # noqa: E402
 
 PRICES = {"price_input_per_m": 2.5, "price_output_per_m": 10.0}  # an online list price, USD per 1M
 
@@ -101,8 +102,8 @@ def main() -> None:
 
     ledger = json.loads((Path(run_dir) / "ledger.json").read_text())
     online = 0.0
-    for f in (Path(run_dir) / "oracle-cache").rglob("*.json"):
-        usage = json.loads(f.read_text())["usage"]
+    for _, entry in ResponseCache(run_dir + "/oracle-cache").entries():
+        usage = entry["usage"]
         online += (usage["prompt_tokens"] * PRICES["price_input_per_m"]
                    + usage["completion_tokens"] * PRICES["price_output_per_m"]) / 1e6  # fmt: skip
     recorded = [f for f in records.glob("*.json") if not f.name.endswith(".done.json")]

@@ -717,6 +717,7 @@ class TapirRun:
         More dead letters than `max_dead_share` (default oracle.max_dead_letter_share) of the rows
         fail the stage in one line; a rerun (--resume) asks them again, the rest from the cache.
         Stages with a designed fallback for missing replies pass 1.0."""
+        from tapir_ray.oracle.cache import ResponseCache
         from tapir_ray.oracle.limiter import limiter_for
         from tapir_ray.oracle.stage import (
             TooManyDeadLetters,
@@ -736,6 +737,8 @@ class TapirRun:
         clear_dead_letters(self.run_dir, stage)
         if total == 0:
             return {"rows_in": 0, "rows_out": 0, "dead_lettered": 0}
+        # No actor writes now: merge what earlier stages and killed runs left into large segments.
+        ResponseCache(self.path("oracle-cache")).compact()
         before = ray.get(self.ledger.done.remote(round_, role))
         ds = oracle_map(
             ray.data.read_parquet(in_dir), role=role, endpoint=ep, base_url=url, identity=identity, stage=stage,

@@ -20,6 +20,7 @@ from tapir_ray.curriculum.citing import (
     split_of,
     type_centroids,
 )
+from tapir_ray.oracle.cache import ResponseCache
 
 
 def test_the_split_is_stable_across_runs_pool_order_and_size():
@@ -295,10 +296,7 @@ def test_one_citing_round_end_to_end_killed_and_resumed(ray_cluster, tiny_llama,
     state = json.loads((Path(run_dir) / "state.json").read_text())
     assert state["status"] == "done" and state["algorithm"] == "citing"
     assert state["stages"]["round-1/eval/judge"]["attempts"] == 2
-    cached = {
-        json.loads(p.read_text()).get("response_id")
-        for p in (Path(run_dir) / "oracle-cache").rglob("*.json")
-    }
+    cached = {e.get("response_id") for _, e in ResponseCache(f"{run_dir}/oracle-cache").entries()}
     assert all(
         not set(ids[:-1]) & cached for ids in stats["repeated_ids"]
     )  # nothing returned was asked twice

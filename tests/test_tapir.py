@@ -30,6 +30,7 @@ from tapir_ray.curriculum.plan import (
     select_random,
     select_round,
 )
+from tapir_ray.oracle.cache import ResponseCache
 from tapir_ray.oracle.local import LocalOracle
 from tests.conftest import REPO, run_cli
 
@@ -414,10 +415,7 @@ def test_the_killed_run_resumed_without_loss(finished_run):
     assert _train_ids(run_dir, 1) == sorted(want.ids)
     # A request the server answered twice was one whose first answer never reached the cache (in
     # flight at the kill), so its id is not cached.
-    cached = {
-        json.loads(p.read_text()).get("response_id")
-        for p in (Path(run_dir) / "oracle-cache").rglob("*.json")
-    }
+    cached = {e.get("response_id") for _, e in ResponseCache(f"{run_dir}/oracle-cache").entries()}
     for ids_ in stats["repeated_ids"]:
         assert not set(ids_[:-1]) & cached
     assert stats["repeats"] <= 4  # at most the requests in flight at the oracle kill

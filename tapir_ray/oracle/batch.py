@@ -316,6 +316,9 @@ class BatchSubmitter:
                         if raw.strip():
                             key, value = await self._line(json.loads(raw))
                             found[key] = value
+            # The file's new replies as one group, in the cache before any of their rows go on.
+            new = [(k, v) for k, v in found.items() if isinstance(v, dict) and v.pop("_new", False)]
+            await asyncio.to_thread(self.client.cache.put_many, new)
         for key, value in found.items():
             if isinstance(value, Failed):
                 final[key] = [value.status, value.reason]
@@ -375,5 +378,4 @@ class BatchSubmitter:
         delta.add("usd", usd)
         delta.add("batch_usd", usd)
         delta.add("batch_saved_usd", online - usd)
-        await asyncio.to_thread(self.client.cache.put, key, entry)
-        return key, entry
+        return key, {**entry, "_new": True}  # stored by the caller with the file's other replies

@@ -1,16 +1,42 @@
-"""The persistent response cache: one small JSON file per response under `<run>/oracle-cache/`.
+"""The persistent response cache under `<run>/oracle-cache/`: Parquet segments of replies.
 
-Keyed by sha256 of (base_url, model, messages, sampling parameters). Every oracle actor on every
-node reads and writes the same folder (local disk, NFS or an object store through fsspec); a file
-is written atomically, so a reader sees a whole response or none. A hit makes no request.
+Keyed by sha256 of (base_url, model, messages, sampling parameters). One file per reply would be
+8-10 million files for a million-row run, so replies are stored in groups:
+
+- **Write.** An oracle actor writes a new reply at once to a segment file
+  `segments/<writer>-<seq>-L<level>-n<count>.parquet` (columns key, usd, entry), atomically on
+  local disk, NFS or an object store through fsspec; replies that arrive while one is being written
+  share the next (group commit: the slower the store, the larger the groups). Only then does a
+  reply leave the client, so a killed run loses no paid reply. Whenever `MERGE_FANIN` of an
+  actor's segments share a level, it merges them into one of the next level (up to
+  `MERGE_LEVELS`), so an actor leaves under 50 files plus one per 4,096 groups it wrote.
+- **Read.** A reader indexes every segment's keys once, when first asked: 8-byte key prefixes in a
+  sorted numpy array (about 12 bytes per entry: tens of millions of entries in a few hundred MB),
+  so a miss costs no I/O. A hit reads its segment; the last few are kept decoded, and a resumed
+  stage asks for its rows in about the order they were written.
+- **Compact.** `compact()` (the driver, before each oracle stage, while no actor writes) merges
+  small segments into large ones: the file count stays near entries / `COMPACT_BELOW` plus a few.
+  It also folds in a cache left by an older version (one JSON file per reply).
+
+Every oracle actor on every node reads and writes the same folder. An actor's index is built when
+it starts, so a reply written by another actor of the same stage is not seen until the next stage
+(an identical request in one stage is already shared in flight by the client).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import hashlib
 import json
+import os
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import numpy as np
 
 from tapir_ray import storage
 
@@ -24,6 +50,11 @@ CACHED_PARAMS = (
     "stop",
     "n",
 )
+MERGE_FANIN = 16  # a writer's segments of one level merged into one of the next
+MERGE_LEVELS = 3  # ... up to this level (16**3 groups); compact() merges the rest
+COMPACT_BELOW = 65_536  # segments with fewer entries are merged by compact()
+COMPACT_WHEN = 16  # ... once there are more than this many of them
+DECODED_SEGMENTS = 8  # segments a reader keeps decoded
 
 
 def cache_key(base_url: str, model: str, messages: list[dict], params: dict[str, Any]) -> str:
@@ -41,32 +72,234 @@ def cache_key(base_url: str, model: str, messages: list[dict], params: dict[str,
     ).hexdigest()
 
 
+def _prefix(key: str) -> int:
+    return int(key[:16], 16)
+
+
+def _count(path: str) -> int:
+    """Entries in a segment, from its name (`...-n<count>.parquet`)."""
+    try:
+        return int(path.rsplit("-n", 1)[1].split(".", 1)[0])
+    except (IndexError, ValueError):
+        return COMPACT_BELOW  # a name we did not write: never merged
+
+
 class ResponseCache:
     def __init__(self, root: str):
         self.root = root
+        self.segments_dir = storage.join(root, "segments")
+        self.writer = f"{os.getpid()}{uuid.uuid4().hex[:8]}"
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._paths: list[str] | None = None  # segment paths; None until the index is built
+        self._prefixes = np.empty(0, np.uint64)  # sorted key prefixes of the indexed segments
+        self._owners = np.empty(0, np.int32)  # ... and the segment each one is in
+        self._written: dict[str, int] = {}  # keys written by this process → segment
+        self._decoded: collections.OrderedDict[int, dict[str, str]] = collections.OrderedDict()
+        self._own: dict[int, list[str]] = {}  # this writer's segments by merge level
+        self._pending: tuple[list[tuple[str, dict]], asyncio.Future] | None = None
+        self._writing = False
 
-    def _path(self, key: str) -> str:
-        return storage.join(self.root, key[:2], f"{key}.json")
+    # -- reading --
+
+    def _segment_files(self) -> list[str]:
+        fs, path = storage.fs_and_path(self.segments_dir)
+        if not fs.exists(path):
+            return []
+        return sorted(f for f in fs.glob(f"{path}/*.parquet"))
+
+    def _read(self, path: str, columns: list[str] | None = None):
+        import pyarrow.parquet as pq
+
+        fs, _ = storage.fs_and_path(self.segments_dir)
+        with fs.open(path, "rb") as fh:
+            return pq.read_table(fh, columns=columns)
+
+    def _ensure_index(self) -> None:
+        if self._paths is not None:
+            return
+        paths = self._segment_files()
+        with ThreadPoolExecutor(16) as pool:  # object stores: one request per segment, in parallel
+            keys = list(pool.map(lambda p: self._read(p, ["key"])["key"].to_pylist(), paths))
+        prefixes = np.fromiter((_prefix(k) for ks in keys for k in ks), np.uint64)
+        owners = np.repeat(np.arange(len(paths), dtype=np.int32), [len(ks) for ks in keys])
+        order = np.argsort(prefixes, kind="stable")
+        self._prefixes, self._owners, self._paths = prefixes[order], owners[order], paths
+
+    def _decoded_segment(self, index: int) -> dict[str, str]:
+        with self._lock:
+            if index in self._decoded:
+                self._decoded.move_to_end(index)
+                return self._decoded[index]
+            path = self._paths[index]
+        t = self._read(path, ["key", "entry"])
+        rows = dict(zip(t["key"].to_pylist(), t["entry"].to_pylist(), strict=True))
+        with self._lock:
+            self._decoded[index] = rows
+            while len(self._decoded) > DECODED_SEGMENTS:
+                self._decoded.popitem(last=False)
+        return rows
 
     def get(self, key: str) -> dict[str, Any] | None:
-        path = self._path(key)
-        try:
-            return json.loads(storage.read_text(path))
-        except FileNotFoundError:
-            return None
-        except (OSError, json.JSONDecodeError):
-            return None  # unreadable entry: ask again rather than fail the row
+        for _ in range(2):
+            try:
+                return self._lookup(key)
+            except FileNotFoundError:  # another writer merged a segment away: index again
+                with self._lock:
+                    self._paths, self._written = None, {}
+                    self._decoded.clear()
+        return None
 
-    def put(self, key: str, value: dict[str, Any]) -> None:
-        storage.write_text_atomic(self._path(key), json.dumps(value, ensure_ascii=False))
+    def _lookup(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            self._ensure_index()
+            written = self._written.get(key)
+            p = np.uint64(_prefix(key))
+            lo = int(np.searchsorted(self._prefixes, p, "left"))
+            hi = int(np.searchsorted(self._prefixes, p, "right"))
+            owners = [written] if written is not None else self._owners[lo:hi].tolist()
+        for index in owners:  # more than one only for a key-prefix collision
+            try:
+                text = self._decoded_segment(index).get(key)
+            except FileNotFoundError:
+                raise
+            except (OSError, ValueError):
+                continue  # an unreadable segment: ask again rather than fail the row
+            if text is not None:
+                return json.loads(text)
+        return None
+
+    def entries(self):
+        """Every cached (key, entry), segment by segment."""
+        for path in self._segment_files():
+            t = self._read(path, ["key", "entry"])
+            for k, e in zip(t["key"].to_pylist(), t["entry"].to_pylist(), strict=True):
+                yield k, json.loads(e)
 
     def total_usd(self) -> float:
-        """What every cached reply cost: the spend a ledger can be rebuilt from."""
-        fs, path = storage.fs_and_path(self.root)
-        if not fs.exists(path):
+        """What every cached reply cost: the spend a ledger can be rebuilt from (a reply in two
+        segments, as a compaction killed midway leaves it, counts once)."""
+        tables = [self._read(p, ["key", "usd"]) for p in self._segment_files()]
+        if not tables:
             return 0.0
-        total = 0.0
-        for f in fs.glob(f"{path}/*/*.json"):
-            with contextlib.suppress(OSError, ValueError), fs.open(f, "r") as fh:
-                total += float(json.load(fh).get("usd") or 0.0)
-        return total
+        keys = np.fromiter((_prefix(k) for t in tables for k in t["key"].to_pylist()), np.uint64)
+        usd = np.concatenate([t["usd"].to_numpy() for t in tables])
+        return float(usd[np.unique(keys, return_index=True)[1]].sum())
+
+    # -- writing --
+
+    def _write_rows(self, keys: list[str], usd: list[float], texts: list[str], level: int) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({"key": pa.array(keys, pa.string()), "usd": pa.array(usd, pa.float64()),
+                          "entry": pa.array(texts, pa.string())})  # fmt: skip
+        with self._lock:
+            self._seq += 1
+            name = f"{self.writer}-{self._seq:08d}-L{level}-n{len(keys)}.parquet"
+        fs, folder = storage.fs_and_path(self.segments_dir)
+        fs.makedirs(folder, exist_ok=True)
+        path, tmp = f"{folder}/{name}", f"{folder}/.{name}.tmp"
+        with fs.open(tmp, "wb") as f:
+            pq.write_table(table, f)
+        if isinstance(fs, storage.LocalFileSystem):
+            os.replace(tmp, path)  # atomic on POSIX
+        else:
+            fs.mv(tmp, path)  # object stores: a put is atomic per object
+        with self._lock:
+            self._own.setdefault(level, []).append(path)
+            if self._paths is not None:  # found by this reader from now on
+                self._paths.append(path)
+                self._written.update((k, len(self._paths) - 1) for k in keys)
+
+    def _write(self, group: list[tuple[str, dict[str, Any]]]) -> None:
+        """One segment for `group`; then, while `MERGE_FANIN` of this writer's segments share a
+        level, they become one segment of the next level (up to `MERGE_LEVELS`)."""
+        self._write_rows([k for k, _ in group], [float(e.get("usd") or 0.0) for _, e in group],
+                         [json.dumps(e, ensure_ascii=False) for _, e in group], 0)  # fmt: skip
+        fs, _ = storage.fs_and_path(self.segments_dir)
+        for level in range(MERGE_LEVELS):
+            own = self._own.get(level, [])
+            if len(own) < MERGE_FANIN:
+                break
+            tables = [self._read(p) for p in own]
+            keys, usd, texts = (
+                [v for t in tables for v in t[c].to_pylist()] for c in ("key", "usd", "entry")
+            )
+            self._write_rows(keys, usd, texts, level + 1)
+            for path in own:  # merged: every entry is in the new segment
+                fs.rm(path)
+            self._own[level] = []
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        """Stores one reply at once; the oracle stage uses `put_async`."""
+        self._write([(key, value)])
+
+    def put_many(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
+        """Stores replies received together (a Batch API output file) in one segment."""
+        if entries:
+            self._write(entries)
+
+    async def put_async(self, key: str, value: dict[str, Any]) -> None:
+        """Stores a reply; returns once it is in a segment. A reply arriving while a segment is
+        being written waits for the next one, with every other reply that arrives meanwhile."""
+        loop = asyncio.get_running_loop()
+        if self._pending is None:
+            self._pending = ([], loop.create_future())
+            if not self._writing:
+                loop.create_task(self._drain())
+        entries, done = self._pending
+        entries.append((key, value))
+        await asyncio.shield(done)
+
+    async def _drain(self) -> None:
+        self._writing = True
+        try:
+            while self._pending is not None:
+                (entries, done), self._pending = self._pending, None
+                try:
+                    await asyncio.to_thread(self._write, entries)
+                except BaseException as exc:  # each waiting reply fails with it (asked again)
+                    done.set_exception(exc)
+                    done.exception()  # retrieved here, so an unawaited failure does not warn
+                else:
+                    done.set_result(None)
+        finally:
+            self._writing = False
+
+    # -- compaction --
+
+    def compact(self) -> int:
+        """Merges small segments (and an older version's one-JSON-file-per-reply cache) into
+        segments of up to `COMPACT_BELOW` entries; call it while no actor writes. Returns the
+        number of files it replaced."""
+        fs, root = storage.fs_and_path(self.root)
+        if not fs.exists(root):
+            return 0
+        legacy = sorted(fs.glob(f"{root}/??/*.json"))
+        small = [p for p in self._segment_files() if _count(p) < COMPACT_BELOW]
+        if not legacy and len(small) <= COMPACT_WHEN:
+            return 0
+        keys: list[str] = []
+        usd: list[float] = []
+        texts: list[str] = []
+        for path in legacy:
+            with contextlib.suppress(OSError, ValueError), fs.open(path, "r") as fh:
+                text = fh.read()
+                usd.append(float(json.loads(text).get("usd") or 0.0))
+                keys.append(path.rsplit("/", 1)[1][: -len(".json")])
+                texts.append(text)
+        for path in small:
+            t = self._read(path)
+            keys += t["key"].to_pylist()
+            usd += t["usd"].to_pylist()
+            texts += t["entry"].to_pylist()
+        for start in range(0, len(keys), COMPACT_BELOW):  # written before any file goes
+            end = start + COMPACT_BELOW
+            self._write_rows(keys[start:end], usd[start:end], texts[start:end], MERGE_LEVELS + 1)
+        for path in legacy + small:
+            fs.rm(path)
+        for folder in {p.rsplit("/", 1)[0] for p in legacy}:
+            with contextlib.suppress(OSError):
+                fs.rmdir(folder)
+        return len(legacy) + len(small)

@@ -263,10 +263,10 @@ class OracleClient:
         self.delta.add("prompt_tokens", reply.usage["prompt_tokens"])
         self.delta.add("completion_tokens", reply.usage["completion_tokens"])
         self.delta.add("usd", entry["usd"])
-        if self.cache is not None:
-            await asyncio.to_thread(self.cache.put, key, entry)
-        if self.on_paid is not None:
+        if self.on_paid is not None:  # the budget hears of it first: it was paid on arrival
             await self.on_paid()
+        if self.cache is not None:
+            await self.cache.put_async(key, entry)
         return entry, False
 
     async def call(
