@@ -24,7 +24,9 @@ def _entry(i: int) -> dict:
 
 
 def _segments(root: Path) -> list[Path]:
-    return sorted((root / "segments").glob("*.parquet"))
+    return sorted((root / "segments").glob("*.parquet")) + sorted(
+        (root / "segments").glob("*.jsonl")
+    )
 
 
 def test_replies_arriving_together_share_a_segment_and_are_durable_when_put_returns(tmp_path):

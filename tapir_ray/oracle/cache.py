@@ -1,15 +1,16 @@
-"""The persistent response cache under `<run>/oracle-cache/`: Parquet segments of replies.
+"""The persistent response cache under `<run>/oracle-cache/`: segment files of many replies each.
 
 Keyed by sha256 of (base_url, model, messages, sampling parameters). One file per reply would be
 8-10 million files for a million-row run, so replies are stored in groups:
 
 - **Write.** An oracle actor writes a new reply at once to a segment file
-  `segments/<writer>-<seq>-L<level>-n<count>.parquet` (columns key, usd, entry), atomically on
+  `segments/<writer>-<seq>-L0-n<count>.jsonl` (key, usd and entry per line), atomically on
   local disk, NFS or an object store through fsspec; replies that arrive while one is being written
   share the next (group commit: the slower the store, the larger the groups). Only then does a
   reply leave the client, so a killed run loses no paid reply. Whenever `MERGE_FANIN` of an
-  actor's segments share a level, it merges them into one of the next level (up to
-  `MERGE_LEVELS`), so an actor leaves under 50 files plus one per 4,096 groups it wrote.
+  actor's segments share a level, it merges them into one Parquet segment (columns key, usd,
+  entry) of the next level (up to `MERGE_LEVELS`), so an actor leaves under 50 files plus one
+  per 4,096 groups it wrote.
 - **Read.** A reader indexes every segment's keys once, when first asked: 8-byte key prefixes in a
   sorted numpy array (about 12 bytes per entry: tens of millions of entries in a few hundred MB),
   so a miss costs no I/O. A hit reads its segment; the last few are kept decoded, and a resumed
@@ -106,12 +107,21 @@ class ResponseCache:
         fs, path = storage.fs_and_path(self.segments_dir)
         if not fs.exists(path):
             return []
-        return sorted(f for f in fs.glob(f"{path}/*.parquet"))
+        return sorted(fs.glob(f"{path}/*.parquet") + fs.glob(f"{path}/*.jsonl"))
 
     def _read(self, path: str, columns: list[str] | None = None):
+        """A segment as an Arrow table (key, usd, entry), or the named columns of it."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         fs, _ = storage.fs_and_path(self.segments_dir)
+        if path.endswith(".jsonl"):  # a new group: key TAB usd TAB entry (JSON has no raw tab)
+            with fs.open(path, "r", encoding="utf-8") as fh:
+                rows = [line.rstrip("\n").split("\t", 2) for line in fh if line.strip()]
+            t = pa.table({"key": pa.array([r[0] for r in rows], pa.string()),
+                          "usd": pa.array([float(r[1]) for r in rows], pa.float64()),
+                          "entry": pa.array([r[2] for r in rows], pa.string())})  # fmt: skip
+            return t.select(columns) if columns else t
         with fs.open(path, "rb") as fh:
             return pq.read_table(fh, columns=columns)
 
@@ -192,16 +202,24 @@ class ResponseCache:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.table({"key": pa.array(keys, pa.string()), "usd": pa.array(usd, pa.float64()),
-                          "entry": pa.array(texts, pa.string())})  # fmt: skip
         with self._lock:
             self._seq += 1
-            name = f"{self.writer}-{self._seq:08d}-L{level}-n{len(keys)}.parquet"
+            name = f"{self.writer}-{self._seq:08d}-L{level}-n{len(keys)}"
         fs, folder = storage.fs_and_path(self.segments_dir)
         fs.makedirs(folder, exist_ok=True)
+        # A new group as a few JSON lines (a tenth of a Parquet file's cost to write, and written
+        # for every reply a slow endpoint sends); merged segments as Parquet, whose key column
+        # an index reads alone.
+        name += ".jsonl" if level == 0 else ".parquet"
         path, tmp = f"{folder}/{name}", f"{folder}/.{name}.tmp"
-        with fs.open(tmp, "wb") as f:
-            pq.write_table(table, f)
+        if level == 0:
+            with fs.open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(f"{k}\t{u!r}\t{t}\n" for k, u, t in zip(keys, usd, texts, strict=True))
+        else:
+            table = pa.table({"key": pa.array(keys, pa.string()), "usd": pa.array(usd, pa.float64()),
+                              "entry": pa.array(texts, pa.string())})  # fmt: skip
+            with fs.open(tmp, "wb") as f:
+                pq.write_table(table, f)
         if isinstance(fs, storage.LocalFileSystem):
             os.replace(tmp, path)  # atomic on POSIX
         else:
