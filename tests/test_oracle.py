@@ -149,7 +149,11 @@ def test_token_budget_binds_when_requests_are_large():
 def test_a_429_pauses_and_slows_then_recovers():
     buckets = TokenBuckets(rpm=600, tpm=600_000, now=0.0)
     buckets.rate_limited(retry_after=5.0, now=0.0)
-    assert buckets.reserve(10, now=0.0) >= 5.0 and buckets.scale < 1.0
+    sends = [buckets.reserve(10, now=0.0) for _ in range(20)]
+    assert sends[0] >= 5.0 and buckets.scale < 1.0
+    # The requests queued during the pause leave one by one at the cut rate, not all at its end.
+    gaps = [b - a for a, b in zip(sends, sends[1:], strict=False)]
+    assert min(gaps) == pytest.approx(1 / (0.98 * 10 * buckets.scale))
     for _ in range(100):
         buckets.succeeded()
     assert buckets.scale == 1.0

@@ -7,8 +7,9 @@ the endpoint's whole budget is shared, first come first served.
 
 Budgets are token buckets refilled continuously. A bucket's capacity is a small share of the
 per-minute limit, so that no 60-second window ever holds more than the limit (a hosted API's
-window). A 429 pauses the whole endpoint for its Retry-After and cuts the rate; the rate then
-recovers step by step with each success.
+window). A 429 pauses the whole endpoint for its Retry-After and cuts the rate (requests queued
+meanwhile leave at that rate after the pause, not together); the rate then recovers step by step
+with each success.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ class TokenBuckets:
         self.req = self.req_cap
         self.tok = self.tok_cap
         self.t = time.monotonic() if now is None else now
-        self.paused_until = 0.0
 
     def _rates(self) -> tuple[float, float]:
         return (
@@ -56,17 +56,21 @@ class TokenBuckets:
         self.req -= 1
         self.tok -= tokens
         r_rate, t_rate = self._rates()
-        wait = max(0.0, -self.req / r_rate, -self.tok / t_rate, self.paused_until - now)
-        return wait
+        return max(0.0, -self.req / r_rate, -self.tok / t_rate)
 
     def reconcile(self, estimated: float, actual: float) -> None:
         """Charge (or refund) the difference between the reserved tokens and the reported usage."""
         self.tok -= actual - estimated
 
     def rate_limited(self, retry_after: float, now: float) -> None:
+        """A 429: nothing more leaves for `retry_after`, then sending resumes at the cut rate.
+        The pause is a debt in the buckets, not a time every waiting request is released at
+        (which would send the whole queue at once and earn the next 429)."""
         self._refill(now)
-        self.paused_until = max(self.paused_until, now + retry_after)
         self.scale = max(0.25, self.scale * 0.8)
+        r_rate, t_rate = self._rates()
+        self.req = min(self.req, -retry_after * r_rate)
+        self.tok = min(self.tok, -retry_after * t_rate)
 
     def succeeded(self) -> None:
         self.scale = min(1.0, self.scale * 1.01)
