@@ -1,7 +1,7 @@
 """Oracle throughput against enforced rate limits: our stage vs two baselines, one server, one run.
 
     python benchmarks/oracle_throughput.py [--requests 20000] [--rpm 3000] [--tpm 600000]
-        [--latency-ms 200-800] [--actors 4] [--sequential-requests 200]
+        [--latency-ms 200-800] [--actors 4] [--batch-size 64] [--sequential-requests 200]
 
 A scripted OpenAI-compatible server (latency 200–800 ms, RPM and TPM enforced over a 60 s window,
 429 + Retry-After) answers, in turn:
@@ -182,7 +182,8 @@ def main() -> None:
     parser.add_argument("--tpm", type=int, default=600_000)
     parser.add_argument("--latency-ms", default="200-800")
     parser.add_argument("--actors", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=256)
+    # The recipe's cap on an oracle stage's Ray Data batch (rounds.py): what a run uses.
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--sequential-requests", type=int, default=200)
     parser.add_argument("--phases", default="ours,heavy_tail,sequential,ray_http")
     parser.add_argument("--heavy-tail-latency-ms", default="1000-30000")

@@ -75,11 +75,11 @@ def test_labels_mask_every_prompt_token(smollm2):
 
 def test_tiny_llama_trains_under_zero3(ray_cluster, smollm2, vocab, tmp_path):
     result = train_round(
-        ray.data.from_items(fixed_set() * 4), train_cfg(deepspeed_stage=3), str(tmp_path / "round-1"),
+        ray.data.from_items(fixed_set() * 2), train_cfg(deepspeed_stage=3, max_steps=8), str(tmp_path / "round-1"),
         model=smollm2, model_config=tiny_config(vocab),
     )  # fmt: skip
     losses = [m["loss"] for m in result.metrics]
-    assert [m["step"] for m in result.metrics] == list(range(1, 13))
+    assert [m["step"] for m in result.metrics] == list(range(1, 9))
     assert losses[-1] < 0.85 * losses[0], losses
     assert all(
         m["tokens_per_s"] > 0 and m["samples_per_s"] > 0 and m["lr"] > 0 for m in result.metrics

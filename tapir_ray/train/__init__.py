@@ -13,6 +13,7 @@ Public surface: `train_round()`, `TrainResult`, `export_model()`.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -126,6 +127,9 @@ def train_round(
     storage.remove(cfg["heldout_path"])  # a figure of an earlier fit of this round is not this one
     storage_path = storage.join(out_dir, "checkpoints")
     storage.makedirs(storage_path)
+    # Ray Train's controller polls its workers every 2 s by default, so a finished fit is noticed
+    # up to 2 s late (every round, every resume); half a second costs a few RPCs a second.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg,
