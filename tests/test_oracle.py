@@ -146,6 +146,20 @@ def test_token_budget_binds_when_requests_are_large():
     assert buckets.reserve(1_000, now=0.0) < waits[-1] + 1_000 / 98
 
 
+def test_reservations_reach_no_further_ahead_than_the_horizon_so_a_429_slows_what_follows():
+    buckets = TokenBuckets(rpm=600, tpm=600_000, now=0.0)  # 12 at once, then 9.8 a second
+    waits = [buckets.reserve(10, now=0.0, horizon=2.0) for _ in range(100)]
+    granted = [w for w in waits if w >= 0]
+    assert len(granted) == 12 + int(2.0 * 9.8) and max(granted) <= 2.0  # the rest must ask later
+    retry = -waits[-1]
+    assert retry > 0 and buckets.reserve(10, now=retry, horizon=2.0) >= 0  # then it is granted
+    # A 429 now cuts the rate of everything not yet granted: nothing was promised beyond 2 s.
+    buckets.rate_limited(retry_after=0.0, now=retry)
+    later = [buckets.reserve(10, now=retry) for _ in range(10)]
+    gaps = [b - a for a, b in zip(later, later[1:], strict=False)]
+    assert min(gaps) == pytest.approx(1 / (0.98 * 10 * 0.8))
+
+
 def test_a_429_pauses_and_slows_then_recovers():
     buckets = TokenBuckets(rpm=600, tpm=600_000, now=0.0)
     buckets.rate_limited(retry_after=5.0, now=0.0)

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 30.0
 MALFORMED_ATTEMPTS = 3  # a 200 whose body is not a completion: asked again this many times at most
+RESERVE_HORIZON_S = 2.0  # how far ahead a request may hold a place in the endpoint's pacing
 
 
 @dataclass
@@ -156,7 +157,13 @@ class OracleClient:
                 # request can leave at its reserved time (reserving early and queueing on the slot
                 # would send bunched bursts the endpoint answers with 429s).
                 async with self.sem:
-                    wait = await self.limiter.reserve.remote(estimate)
+                    # Reservations at most RESERVE_HORIZON_S ahead: with hundreds of requests
+                    # waiting, reservations made minutes ahead would all still leave at the old
+                    # rate after a 429 asked the endpoint to slow down.
+                    while (
+                        wait := await self.limiter.reserve.remote(estimate, RESERVE_HORIZON_S)
+                    ) < 0:
+                        await asyncio.sleep(-wait * self.rng.uniform(1.0, 1.5))
                     if wait > 0:
                         await asyncio.sleep(wait)
                     # Checked again at the last moment: the budget stops everything not yet sent.

@@ -47,15 +47,21 @@ class TokenBuckets:
             self.tok = min(self.tok_cap, self.tok + (now - self.t) * t_rate)
             self.t = now
 
-    def reserve(self, tokens: float, now: float) -> float:
-        """Reserve one request and `tokens`; returns how long the caller must wait before sending."""
+    def reserve(self, tokens: float, now: float, horizon: float | None = None) -> float:
+        """Reserve one request and `tokens`; returns how long the caller must wait before sending.
+        With a `horizon`, a reservation further ahead than that is not made: the (negative) result
+        is minus the seconds after which asking again can succeed. So what is promised never
+        reaches far into the future, and a 429's cut slows the requests within `horizon`."""
         tokens = min(
             tokens, self.tpm
         )  # a request larger than the whole budget waits a full minute, not forever
         self._refill(now)
+        r_rate, t_rate = self._rates()
+        wait = max(0.0, (1 - self.req) / r_rate, (tokens - self.tok) / t_rate)
+        if horizon is not None and wait > horizon:
+            return -(wait - horizon)
         self.req -= 1
         self.tok -= tokens
-        r_rate, t_rate = self._rates()
         return max(0.0, -self.req / r_rate, -self.tok / t_rate)
 
     def reconcile(self, estimated: float, actual: float) -> None:
@@ -84,10 +90,11 @@ class RateLimiter:
         self.buckets = TokenBuckets(rpm, tpm)
         self.stats = {"reservations": 0, "rate_limited": 0, "waited_s": 0.0}
 
-    def reserve(self, tokens: float) -> float:
-        wait = self.buckets.reserve(tokens, time.monotonic())
-        self.stats["reservations"] += 1
-        self.stats["waited_s"] += wait
+    def reserve(self, tokens: float, horizon: float | None = None) -> float:
+        wait = self.buckets.reserve(tokens, time.monotonic(), horizon)
+        if wait >= 0:
+            self.stats["reservations"] += 1
+            self.stats["waited_s"] += wait
         return wait
 
     def reconcile(self, estimated: float, actual: float) -> None:
