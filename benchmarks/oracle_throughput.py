@@ -32,6 +32,7 @@ import ray
 
 from tapir_ray.config import EndpointConfig
 from tapir_ray.oracle.ledger import Ledger
+from tapir_ray.oracle.limiter import limiter_for
 from tapir_ray.oracle.local import LocalOracle
 from tapir_ray.oracle.server import request_tokens
 from tapir_ray.oracle.stage import oracle_map, read_dead_letters
@@ -78,7 +79,18 @@ def phase_result(name: str, stats: dict, wall_s: float, sent: int, dead: int, ar
         # Steady state: from the first to the last request the server admitted (no start-up).
         "steady_utilization_rpm": round(_steady(stats, stats["ok"]) / args.rpm, 4),
         "steady_utilization_tpm": round(_steady(stats, stats["tokens_admitted"]) / args.tpm, 4),
+        # Where the time went: admissions per 10 s from the first (a dip is a pause or a stall).
+        "admitted_per_10s": _per_10s(stats.get("admitted_per_s") or {}),
     }
+
+
+def _per_10s(per_s: dict) -> list[int]:
+    out: list[int] = []
+    for second, n in per_s.items():
+        k = int(second) // 10
+        out += [0] * (k + 1 - len(out))
+        out[k] += n
+    return out
 
 
 def _steady(stats: dict, amount: float) -> float:
@@ -100,14 +112,20 @@ def run_ours(
     ]
     ds = ray.data.from_items(rows).materialize()
     ledger = Ledger.remote(None, None)
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     out = oracle_map(
         ds, role="answer", endpoint=endpoint, base_url=server.base_url, run_dir=tmp, round_=1, params=params,
         ledger=ledger, actors=actors, cpus_per_actor=0.25, batch_size=args.batch_size,
     ).count()  # fmt: skip
     wall = time.monotonic() - started
     dead = len(read_dead_letters(tmp))
-    return phase_result(name, server.stats(), wall, requests, dead, args) | {
+    stats = server.stats()
+    limiter = limiter_for(f"{server.base_url}|{endpoint.model}", endpoint.rpm, endpoint.tpm)
+    return phase_result(name, stats, wall, requests, dead, args) | {
+        # reservations granted and refused (asked again later), 429s heard, the rate's scale
+        "limiter": ray.get(limiter.get_stats.remote()),
+        "first_admission_after_s": round(stats["first_admitted"] - started_at, 1),
+        "last_admission_before_end_s": round(started_at + wall - stats["last_admitted"], 1),
         "rows_out": out, "actors": actors, "latency_ms": server.args[server.args.index("--latency-ms") + 1],
     }  # fmt: skip
 

@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import openai
 
 from tapir_ray.config import EndpointConfig, redact
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 30.0
 MALFORMED_ATTEMPTS = 3  # a 200 whose body is not a completion: asked again this many times at most
 RESERVE_HORIZON_S = 2.0  # how far ahead a request may hold a place in the endpoint's pacing
+MIN_POLL_S = 0.25  # a refused reservation is asked again no sooner (the horizon is 8 times this)
+RESERVERS = 4  # requests of one client asking the limiter at once (a round trip each, ~1-2 ms)
 
 
 @dataclass
@@ -109,10 +112,23 @@ class OracleClient:
         self.limiter = limiter
         self.cache = cache
         self.key = endpoint.api_key()
-        self.client = openai.AsyncOpenAI(
-            base_url=base_url, api_key=self.key, timeout=endpoint.timeout_s, max_retries=0
+        # Every request in flight keeps its connection for the next one: the library's default
+        # keeps 100, so past 100 in flight each request opened a new connection (a TLS handshake
+        # on a hosted API), and the bursts of new connections overflowed the server's accept queue.
+        limits = httpx.Limits(
+            max_connections=max(1000, endpoint.max_concurrency),
+            max_keepalive_connections=endpoint.max_concurrency,
+            keepalive_expiry=60.0,
         )
+        self.client = openai.AsyncOpenAI(
+            base_url=base_url, api_key=self.key, timeout=endpoint.timeout_s, max_retries=0,
+            http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=endpoint.timeout_s),
+        )  # fmt: skip
         self.sem = asyncio.Semaphore(endpoint.max_concurrency)
+        # A few requests of this client at a time ask the limiter, in arrival order: hundreds of
+        # slot holders each polling for a place within the horizon kept the limiter and this
+        # event loop busy, and delayed the sends whose time had come.
+        self.reserving = asyncio.Semaphore(RESERVERS)
         self.rng = random.Random(seed)
         self.delta = Delta()
         self._inflight: dict[str, asyncio.Future] = {}
@@ -160,10 +176,13 @@ class OracleClient:
                     # Reservations at most RESERVE_HORIZON_S ahead: with hundreds of requests
                     # waiting, reservations made minutes ahead would all still leave at the old
                     # rate after a 429 asked the endpoint to slow down.
-                    while (
-                        wait := await self.limiter.reserve.remote(estimate, RESERVE_HORIZON_S)
-                    ) < 0:
-                        await asyncio.sleep(-wait * self.rng.uniform(1.0, 1.5))
+                    async with self.reserving:
+                        while (
+                            wait := await self.limiter.reserve.remote(estimate, RESERVE_HORIZON_S)
+                        ) < 0:
+                            # Refused: every waiting client would be told the same moment;
+                            # asking again no sooner than MIN_POLL_S keeps them from a herd.
+                            await asyncio.sleep(max(-wait, MIN_POLL_S) * self.rng.uniform(1.0, 1.2))
                     if wait > 0:
                         await asyncio.sleep(wait)
                     # Checked again at the last moment: the budget stops everything not yet sent.
@@ -177,9 +196,8 @@ class OracleClient:
                 reply = _reply(resp, prompt_estimate)
                 # Endpoints charge prompt + max_tokens against TPM at admission: only the prompt
                 # estimate is corrected by what the server reports.
-                self.limiter.reconcile.remote(prompt_estimate, reply.usage["prompt_tokens"])
+                self.limiter.done.remote(prompt_estimate, reply.usage["prompt_tokens"])
                 self.delta.counts["latencies"].append(time.monotonic() - started)
-                self.limiter.succeeded.remote()
                 return reply
             except openai.APIStatusError as exc:
                 code = exc.status_code

@@ -19,7 +19,14 @@ from typing import Any
 
 import ray
 
-BURST_SHARE = 0.02  # of the per-minute limit; the rest of the window is paced at (1 - share) × rate
+# A burst of BURST_SHARE of the per-minute limit, then paced at RATE_SHARE of it: a 60-second
+# window holds at most 0.99 of the limit, and the 1 % left is the slack for sends that leave a
+# little later than reserved and arrive bunched (without it, each minute's window overflowed).
+BURST_SHARE = 0.01
+RATE_SHARE = 0.98
+# The requests in flight when a window overflows come back as 429s together: one cut for all of
+# them (a cut each took the rate to its floor and minutes of successes to win it back).
+CUT_HOLD_S = 2.0
 
 
 class TokenBuckets:
@@ -28,6 +35,7 @@ class TokenBuckets:
     def __init__(self, rpm: float, tpm: float, now: float | None = None):
         self.rpm, self.tpm = float(rpm), float(tpm)
         self.scale = 1.0  # 429s cut it, successes restore it
+        self.cut_until = float("-inf")
         self.req_cap = max(1.0, BURST_SHARE * self.rpm)
         self.tok_cap = max(1.0, BURST_SHARE * self.tpm)
         self.req = self.req_cap
@@ -36,8 +44,8 @@ class TokenBuckets:
 
     def _rates(self) -> tuple[float, float]:
         return (
-            (1 - BURST_SHARE) * self.rpm / 60 * self.scale,
-            (1 - BURST_SHARE) * self.tpm / 60 * self.scale,
+            RATE_SHARE * self.rpm / 60 * self.scale,
+            RATE_SHARE * self.tpm / 60 * self.scale,
         )
 
     def _refill(self, now: float) -> None:
@@ -73,7 +81,9 @@ class TokenBuckets:
         The pause is a debt in the buckets, not a time every waiting request is released at
         (which would send the whole queue at once and earn the next 429)."""
         self._refill(now)
-        self.scale = max(0.25, self.scale * 0.8)
+        if now >= self.cut_until:
+            self.scale = max(0.25, self.scale * 0.8)
+            self.cut_until = now + CUT_HOLD_S
         r_rate, t_rate = self._rates()
         self.req = min(self.req, -retry_after * r_rate)
         self.tok = min(self.tok, -retry_after * t_rate)
@@ -84,30 +94,32 @@ class TokenBuckets:
 
 @ray.remote(num_cpus=0, max_concurrency=1000)
 class RateLimiter:
-    """The shared budget of one endpoint; look it up with `limiter_for`."""
+    """The shared budget of one endpoint; look it up with `limiter_for`. An async actor: every
+    call is arithmetic, so one event loop answers them all, with no thread per call."""
 
     def __init__(self, rpm: float, tpm: float):
         self.buckets = TokenBuckets(rpm, tpm)
-        self.stats = {"reservations": 0, "rate_limited": 0, "waited_s": 0.0}
+        self.stats = {"reservations": 0, "refused": 0, "rate_limited": 0, "waited_s": 0.0}
 
-    def reserve(self, tokens: float, horizon: float | None = None) -> float:
+    async def reserve(self, tokens: float, horizon: float | None = None) -> float:
         wait = self.buckets.reserve(tokens, time.monotonic(), horizon)
         if wait >= 0:
             self.stats["reservations"] += 1
             self.stats["waited_s"] += wait
+        else:
+            self.stats["refused"] += 1
         return wait
 
-    def reconcile(self, estimated: float, actual: float) -> None:
+    async def done(self, estimated: float, actual: float) -> None:
+        """A reply: its prompt tokens reconciled and a success counted, in one call."""
         self.buckets.reconcile(estimated, actual)
+        self.buckets.succeeded()
 
-    def rate_limited(self, retry_after: float) -> None:
+    async def rate_limited(self, retry_after: float) -> None:
         self.stats["rate_limited"] += 1
         self.buckets.rate_limited(retry_after, time.monotonic())
 
-    def succeeded(self) -> None:
-        self.buckets.succeeded()
-
-    def get_stats(self) -> dict:
+    async def get_stats(self) -> dict:
         return {**self.stats, "scale": self.buckets.scale}
 
 

@@ -292,6 +292,7 @@ class OracleServer:
             "tokens_admitted": 0,
             "first_admitted": None,
             "last_admitted": None,
+            "admitted_per_s": collections.Counter(),  # whole seconds since the first admission
         }
         self.answered: collections.Counter = collections.Counter()
         self.attempts: collections.Counter = collections.Counter()  # every request, by its key
@@ -347,6 +348,7 @@ class OracleServer:
         self.stats.update(
             requests=0, ok=0, by_status=collections.Counter(), rate_limited=0,
             tokens_admitted=0, first_admitted=None, last_admitted=None,
+            admitted_per_s=collections.Counter(),
         )  # fmt: skip
         self.answered.clear()
         self.attempts.clear()
@@ -398,6 +400,7 @@ class OracleServer:
         self.stats["tokens_admitted"] += prompt_tokens + max_tokens
         self.stats["first_admitted"] = self.stats["first_admitted"] or now
         self.stats["last_admitted"] = now
+        self.stats["admitted_per_s"][int(now - self.stats["first_admitted"])] += 1
         key = hashlib.sha256(
             json.dumps(
                 [
@@ -637,7 +640,8 @@ def serve(
     async def main() -> None:
         runner = web.AppRunner(server.app(), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        # A deep accept queue: many clients connecting at once must not wait out SYN retries.
+        site = web.TCPSite(runner, host, port, backlog=4096)
         await site.start()
         bound = site._server.sockets[0].getsockname()[1]
         log.info(
