@@ -38,7 +38,10 @@ class TokenBuckets:
         self.cut_until = float("-inf")
         self.req_cap = max(1.0, BURST_SHARE * self.rpm)
         self.tok_cap = max(1.0, BURST_SHARE * self.tpm)
-        self.req = self.req_cap
+        # A fresh limiter starts without its burst: a stage's actors start over several seconds
+        # and their first sends leave late and bunched, which is what the first minute's slack is
+        # for (starting full put a cluster of 429s at the 60 s mark). Idle later, it refills.
+        self.req = 1.0
         self.tok = self.tok_cap
         self.t = time.monotonic() if now is None else now
 
