@@ -77,6 +77,22 @@ def _prefix(key: str) -> int:
     return int(key[:16], 16)
 
 
+def _prefixes(keys) -> np.ndarray:
+    """`_prefix` of every key of a segment's key column, read from its Arrow buffers: no Python
+    string per entry (an index over tens of millions of replies)."""
+    import pyarrow as pa
+
+    arr = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    arr = arr.cast(pa.string())
+    if len(arr) == 0:
+        return np.zeros(0, np.uint64)
+    offsets = np.frombuffer(arr.buffers()[1], np.int32)[arr.offset : arr.offset + len(arr)]
+    data = np.frombuffer(arr.buffers()[2], np.uint8)
+    hexes = data[offsets[:, None] + np.arange(16)].astype(np.uint64)  # 16 hex digits each
+    nibbles = np.where(hexes >= ord("a"), hexes - ord("a") + 10, hexes - ord("0"))
+    return (nibbles << (np.arange(15, -1, -1, dtype=np.uint64) * 4)).sum(axis=1, dtype=np.uint64)
+
+
 def _count(path: str) -> int:
     """Entries in a segment, from its name (`...-n<count>.parquet`)."""
     try:
@@ -130,8 +146,8 @@ class ResponseCache:
             return
         paths = self._segment_files()
         with ThreadPoolExecutor(16) as pool:  # object stores: one request per segment, in parallel
-            keys = list(pool.map(lambda p: self._read(p, ["key"])["key"].to_pylist(), paths))
-        prefixes = np.fromiter((_prefix(k) for ks in keys for k in ks), np.uint64)
+            keys = list(pool.map(lambda p: _prefixes(self._read(p, ["key"])["key"]), paths))
+        prefixes = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
         owners = np.repeat(np.arange(len(paths), dtype=np.int32), [len(ks) for ks in keys])
         order = np.argsort(prefixes, kind="stable")
         self._prefixes, self._owners, self._paths = prefixes[order], owners[order], paths
@@ -192,7 +208,7 @@ class ResponseCache:
         tables = [self._read(p, ["key", "usd"]) for p in self._segment_files()]
         if not tables:
             return 0.0
-        keys = np.fromiter((_prefix(k) for t in tables for k in t["key"].to_pylist()), np.uint64)
+        keys = np.concatenate([_prefixes(t["key"]) for t in tables])
         usd = np.concatenate([t["usd"].to_numpy() for t in tables])
         return float(usd[np.unique(keys, return_index=True)[1]].sum())
 
@@ -307,14 +323,20 @@ class ResponseCache:
                 usd.append(float(json.loads(text).get("usd") or 0.0))
                 keys.append(path.rsplit("/", 1)[1][: -len(".json")])
                 texts.append(text)
-        for path in small:
-            t = self._read(path)
-            keys += t["key"].to_pylist()
-            usd += t["usd"].to_pylist()
-            texts += t["entry"].to_pylist()
-        for start in range(0, len(keys), COMPACT_BELOW):  # written before any file goes
-            end = start + COMPACT_BELOW
-            self._write_rows(keys[start:end], usd[start:end], texts[start:end], MERGE_LEVELS + 1)
+        # Every merged segment is written before any file goes; at most COMPACT_BELOW entries
+        # (plus one segment's) are held at a time.
+        for path in [None, *small]:
+            if path is not None:
+                t = self._read(path)
+                keys += t["key"].to_pylist()
+                usd += t["usd"].to_pylist()
+                texts += t["entry"].to_pylist()
+            while len(keys) >= COMPACT_BELOW:
+                n = COMPACT_BELOW
+                self._write_rows(keys[:n], usd[:n], texts[:n], MERGE_LEVELS + 1)
+                del keys[:n], usd[:n], texts[:n]
+        if keys:
+            self._write_rows(keys, usd, texts, MERGE_LEVELS + 1)
         for path in legacy + small:
             fs.rm(path)
         for folder in {p.rsplit("/", 1)[0] for p in legacy}:
