@@ -14,9 +14,13 @@ env:
 demo: env
 	@bash scripts/demo.sh $(VENV)
 
+# Two pytest workers, each with its own local Ray cluster, one test file at a time: the slowest
+# files (the end-to-end runs) start first so that neither worker is left with a long tail.
+TEST_WORKERS ?= 2
+FIRST := tests/test_tapir.py tests/test_citing.py tests/test_oracle.py tests/test_student.py
 test: env
 	$(VENV)/bin/ruff check tapir_ray tests benchmarks
-	$(PY) -m pytest -q --durations=12 tests
+	$(PY) -m pytest -q --durations=12 -n $(TEST_WORKERS) --dist loadfile $(FIRST) tests
 
 lint: env
 	$(VENV)/bin/ruff check tapir_ray tests benchmarks

@@ -35,8 +35,10 @@ from ingest_throughput import PeakRSS as DriverRSS
 from tapir_ray import frames, storage
 from tapir_ray.rounds import (
     ITEMS,
+    JUDGE_CONTEXT,
     PLAN,
-    write_judge_inputs,
+    REQUESTS,
+    _judge_requests,
     write_plan,
     write_refine_inputs,
     write_scores,
@@ -86,6 +88,18 @@ def _student(batch: pa.Table) -> pa.Table:
     return pa.table({"id": batch["id"], "response": pa.array([f"A short student answer to {i}." for i in batch["id"].to_pylist()])})  # fmt: skip
 
 
+def judge_requests(run: str) -> int:
+    """The judge requests of the streaming scoring phase: in a run they are built from each block
+    of answers as it leaves the engine, with the judge's context carried by the student's requests
+    (no join); here the answers are the synthetic ones `_student` writes."""
+    answered = frames.read(f"{run}/round-1/student_in", ["id", *JUDGE_CONTEXT]).map_batches(
+        lambda b: b.append_column("student", _student(b)["response"]), batch_format="pyarrow")  # fmt: skip
+    requests = answered.map_batches(
+        _judge_requests, fn_args=("single", True), batch_format="pyarrow"
+    )
+    return frames.write(requests, f"{run}/round-1/judge_in", REQUESTS)
+
+
 def _judged(batch: pa.Table) -> pa.Table:
     ids = batch["id"].to_pylist()
     t, s = 6 + 4 * _coin(np.array(ids), "t"), 1 + 9 * _coin(np.array(ids), "s")
@@ -132,7 +146,7 @@ def glue(run: str, candidates: int, size: int) -> list[dict]:
 
     scores = f"{run}/round-1/scores"
     step("student requests", lambda: write_student_inputs(run, 1), "student_in")
-    step("judge requests", lambda: write_judge_inputs(run, 1, "single", True), "judge_in")
+    step("judge requests", lambda: judge_requests(run), "judge_in")
     step("scores", lambda: write_scores(run, 1, "single", 1.0), "scores")
     step("plan", lambda: write_plan(run, 1, scores, size, 0.5, RATIOS, 0), "plan")
     # plan_final = the plan (no expansion: every category has enough candidates here)

@@ -14,7 +14,7 @@ from tapir_ray.tables import num as _num
 from tapir_ray.tables import save_figure as _save
 from tapir_ray.tables import table as _table
 
-STAGE_ORDER = ("student", "judge", "scores", "plan", "expand", "plan_final", "refine", "train_set", "train", "nll")  # fmt: skip
+STAGE_ORDER = ("student_judge", "student", "judge", "scores", "plan", "expand", "plan_final", "refine", "train_set", "train", "nll")  # fmt: skip
 
 
 def _round_stages(state: dict, r: int) -> list[tuple[str, dict]]:
@@ -40,6 +40,8 @@ def _throughput(name: str, info: dict) -> dict[str, Any]:
     out["rows_per_s"] = round(rows / seconds, 2) if rows and seconds >= 1 else None
     if name == "student":
         out["tokens_per_s"] = info.get("generated_tokens_per_s")
+    elif name == "student_judge":  # the streaming scoring phase: its student half's figures
+        out["tokens_per_s"] = info.get("student", {}).get("generated_tokens_per_s")
     elif name == "train":
         out["tokens_per_s"] = info.get("tokens_per_s")
     if info.get("requests_per_s") is not None:
@@ -131,7 +133,9 @@ def summary_table(run_dir: str) -> str:
         ledger = state.get("ledger", {}).get("rounds", {}).get(str(r), {})
         train = info.get("train", {})
         by_source = info.get("final", {}).get("by_source", {})
-        student = state["stages"].get(f"round-{r}/student", {})
+        student = state["stages"].get(f"round-{r}/student_judge", {}).get("student") or state[
+            "stages"
+        ].get(f"round-{r}/student", {})
         loss = (f"{train['first_loss']:.3f} → {train['final_loss']:.3f}"
                 if train.get("first_loss") is not None and train.get("final_loss") is not None else None)  # fmt: skip
         rows.append([

@@ -28,6 +28,7 @@ import contextlib
 import json
 import math
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -76,6 +77,10 @@ def _messages(instruction: str, input_text: str) -> str:
 ITEMS = pa.schema([("id", pa.string()), ("instruction", pa.string()), ("input", pa.string()),
                    ("teacher", pa.string()), ("category", pa.string()), ("heldout", pa.bool_())])  # fmt: skip
 REQUESTS = pa.schema([("id", pa.string()), ("messages", pa.string())])
+# What the judge needs of a candidate besides the student's answer: it rides with the student's
+# request through the engine, so judge requests are built as answers arrive (no join).
+JUDGE_CONTEXT = ["instruction", "input", "teacher"]
+STUDENT_IN = pa.schema([*REQUESTS, *((c, pa.string()) for c in JUDGE_CONTEXT)])
 SCORES = pa.schema([("id", pa.string()), ("category", pa.string()), ("score_teacher", pa.float64()),
                     ("score_student", pa.float64()), ("mfd", pa.float64()), ("hard", pa.bool_()),
                     ("consistent", pa.bool_())])  # fmt: skip
@@ -138,17 +143,18 @@ def _candidates(run_dir: str, columns: list[str]) -> ray.data.Dataset:
 
 def _student_requests(batch: pa.Table) -> pa.Table:
     msgs = [_messages(i, x) for i, x in zip(batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True)]  # fmt: skip
-    return pa.table({"id": batch["id"], "messages": pa.array(msgs, pa.string())})
+    context = {c: batch[c].cast(pa.string()) for c in JUDGE_CONTEXT}
+    return pa.table({"id": batch["id"], "messages": pa.array(msgs, pa.string()), **context})
 
 
 def write_student_inputs(run_dir: str, round_: int) -> int:
-    """student_in/: the unused candidates, as chat requests."""
-    ds = _candidates(run_dir, ["id", "instruction", "input"])
+    """student_in/: the unused candidates, as chat requests with the judge's context."""
+    ds = _candidates(run_dir, ["id", *JUDGE_CONTEXT])
     used = _used(run_dir, round_)
     if used is not None:
         ds = frames.join(ds, used, "left_anti", size=frames.rows(storage.join(run_dir, "items")))
     ds = ds.map_batches(_student_requests, batch_format="pyarrow")
-    return frames.write(ds, storage.join(run_dir, f"round-{round_}", "student_in"), REQUESTS)
+    return frames.write(ds, storage.join(run_dir, f"round-{round_}", "student_in"), STUDENT_IN)
 
 
 def _judge_requests(batch: pa.Table, mode: str, prefill: bool) -> pa.Table:
@@ -177,15 +183,18 @@ def _judge_requests(batch: pa.Table, mode: str, prefill: bool) -> pa.Table:
     return pa.table({"id": pa.array(ids, pa.string()), "messages": pa.array(msgs, pa.string())})
 
 
-def write_judge_inputs(run_dir: str, round_: int, mode: str, prefill: bool) -> int:
-    """judge_in/: for each answered candidate, its teacher and student answers to be judged
-    (single: one request each; pairwise: both orders)."""
-    student_dir = storage.join(run_dir, f"round-{round_}", "student")
-    items = frames.read(storage.join(run_dir, "items"), ["id", "instruction", "input", "teacher"])
-    student = frames.read(student_dir, ["id", "response"]).rename_columns({"response": "student"})
-    ds = frames.join(items, student, "inner", size=frames.rows(student_dir))
-    ds = ds.map_batches(_judge_requests, fn_args=(mode, prefill), batch_format="pyarrow")
-    return frames.write(ds, storage.join(run_dir, f"round-{round_}", "judge_in"), REQUESTS)
+def resume_split(
+    student_in: str, student_dir: str, n: int
+) -> tuple[ray.data.Dataset, ray.data.Dataset | None, int]:
+    """The scoring phase's rows: (still to answer, already answered with their judge context,
+    how many were answered). Answers a killed attempt wrote are judged again, not generated."""
+    inputs = frames.read(student_in, STUDENT_IN.names)
+    kept = frames.rows(student_dir)
+    if not kept:
+        return inputs, None, 0
+    done = frames.read(student_dir, ["id", "response"])
+    todo = frames.join(inputs, done.select_columns(["id"]), "left_anti", size=n)
+    return todo, frames.join(inputs.drop_columns(["messages"]), done, "inner", size=n), kept
 
 
 def _verdicts(batch: pa.Table, tag: str, columns: tuple[str, ...]) -> pa.Table:
@@ -717,6 +726,17 @@ class TapirRun:
         More dead letters than `max_dead_share` (default oracle.max_dead_letter_share) of the rows
         fail the stage in one line; a rerun (--resume) asks them again, the rest from the cache.
         Stages with a designed fallback for missing replies pass 1.0."""
+        total = storage.parquet_rows(in_dir)
+        return self.ask_stream(label, lambda: ray.data.read_parquet(in_dir), total, out_dir, role=role,
+                               endpoint=endpoint, params=params, parse=parse, round_=round_,
+                               max_dead_share=max_dead_share)  # fmt: skip
+
+    def ask_stream(self, label: str, requests: Callable[[], ray.data.Dataset], total: int, out_dir: str, *,
+                   role: str, endpoint: str, params: dict, parse: Callable | None, round_: int,
+                   max_dead_share: float | None = None, sent: Callable[[], int] | None = None) -> dict[str, Any]:  # fmt: skip
+        """`ask` for requests that a pipeline makes as it goes (`requests()` builds the lazy
+        Dataset): `total` is what the progress line counts toward, `sent()` (default `total`),
+        read when the stage is over, what the dead letters are counted against."""
         from tapir_ray.oracle.cache import ResponseCache
         from tapir_ray.oracle.limiter import limiter_for
         from tapir_ray.oracle.stage import (
@@ -731,7 +751,6 @@ class TapirRun:
         key = f"{identity}|{ep.model}"
         if key not in self.limiters:  # one per endpoint for the whole run, shared by every stage
             self.limiters[key] = limiter_for(key, ep.rpm, ep.tpm)
-        total = storage.parquet_rows(in_dir)
         storage.remove(out_dir)
         stage = f"{getattr(self, 'stage_name', label)}/{out_dir.rstrip('/').rsplit('/', 1)[-1]}"
         clear_dead_letters(self.run_dir, stage)
@@ -739,9 +758,10 @@ class TapirRun:
             return {"rows_in": 0, "rows_out": 0, "dead_lettered": 0}
         # No actor writes now: merge what earlier stages and killed runs left into large segments.
         ResponseCache(self.path("oracle-cache")).compact()
+        ray.get(self.ledger.settle.remote(round_, role))  # rows a killed attempt left unfinished
         before = ray.get(self.ledger.done.remote(round_, role))
         ds = oracle_map(
-            ray.data.read_parquet(in_dir), role=role, endpoint=ep, base_url=url, identity=identity, stage=stage,
+            requests(), role=role, endpoint=ep, base_url=url, identity=identity, stage=stage,
             run_dir=self.run_dir, round_=round_, params=params, ledger=self.ledger, parse=parse,
             limiter=self.limiters[key], actors=self.cfg.oracle.actors, cpus_per_actor=self.cfg.oracle.cpus_per_actor,
             batch_size=max(8, min(64, math.ceil(total / self.cfg.oracle.actors))), mode=self.cfg.oracle.mode_for(role),
@@ -752,6 +772,7 @@ class TapirRun:
             ds.write_parquet(out_dir)
         seconds = time.perf_counter() - started
         rows_out = storage.parquet_rows(out_dir)
+        total = sent() if sent is not None else total
         budget_left(self.ledger)  # the stage stays undone: --resume sends what the budget stopped
         share = self.cfg.oracle.max_dead_letter_share if max_dead_share is None else max_dead_share
         try:
@@ -988,8 +1009,6 @@ class TapirRun:
         return s["adapter"], s["model"]
 
     def round(self, r: int, size: int, alpha: float) -> None:
-        from tapir_ray.student import Adapter, run_student
-
         tapir, rd = self.tapir, f"round-{r}"
         student = self.student_after(r - 1)
         ray.get(
@@ -1006,30 +1025,13 @@ class TapirRun:
                 r,
                 lambda: {"rows": write_student_inputs(self.run_dir, r)},
             )["rows"]
-
-            def answer() -> dict:
-                adapter = (Adapter.load(f"round-{r - 1}", student["adapter"], student["adapter_sha256"])
-                           if student["adapter"] else None)  # fmt: skip
-                counter = {"n": 0}
-                cfg = self.cfg.student.model_copy(update={"model": student["model"]})
-                with Progress(f"{rd} · student answers", n, lambda: counter["n"], log=self.log):
-                    m = run_student(ray.data.read_parquet(self.path(rd, "student_in")), cfg, self.path(rd, "student"),
-                                    run_dir=self.run_dir, round_=r, adapter=adapter, use_gpu=self.use_gpu,
-                                    on_rows=lambda k: counter.__setitem__("n", k))  # fmt: skip
-                return {**m, "rows_in": n, "dead_lettered": m.get("dead_lettered", 0)}
-
-            self.step(f"{rd}/student", r, answer, total=n)
-            mode, prefill = tapir.judge.mode, self.prefill("judge")
             self.step(
-                f"{rd}/judge_in",
-                r,
-                lambda: {"rows": write_judge_inputs(self.run_dir, r, mode, prefill)},
+                f"{rd}/student_judge", r, lambda: self.answer_and_judge(r, student, n), total=n
             )
-            self.step(f"{rd}/judge", r, lambda: self.ask(
-                f"{rd} · judge", self.path(rd, "judge_in"), self.path(rd, "judge"), role="judge", endpoint="judge",
-                params=self._judge_params(prefill), parse=P.JudgeParser(mode, tapir.judge.logprob_scoring, prefill, tapir.judge.min_valid_mass, report_mass=True), round_=r))  # fmt: skip
             scored = self.step(
-                f"{rd}/scores", r, lambda: write_scores(self.run_dir, r, mode, tapir.delta)
+                f"{rd}/scores",
+                r,
+                lambda: write_scores(self.run_dir, r, tapir.judge.mode, tapir.delta),
             )
             for warning in scored.get("judge", {}).get("warnings", []):
                 self.log(f"warning: {rd}: the judge looks degenerate: {warning}")
@@ -1082,6 +1084,48 @@ class TapirRun:
         from tapir_ray.report import write_round_metrics
 
         write_round_metrics(self.run_dir, r)
+
+    def answer_and_judge(self, r: int, student: dict, n: int) -> dict[str, Any]:
+        """Unused candidates → student → judge requests → judge, as one streaming pipeline: the
+        judge works while the student generates. Each block of answers is written to student/
+        as it passes, so a rerun after a kill generates only the rows not answered yet; the
+        verdicts on rows already answered come from the oracle cache."""
+        from tapir_ray.student import Adapter, answer, answers_metrics, persist
+
+        rd, judge = f"round-{r}", self.tapir.judge
+        student_dir, prefill = self.path(rd, "student"), self.prefill("judge")
+        todo, before, kept = resume_split(self.path(rd, "student_in"), student_dir, n)
+        adapter = (Adapter.load(f"round-{r - 1}", student["adapter"], student["adapter_sha256"])
+                   if student["adapter"] else None)  # fmt: skip
+        cfg = self.cfg.student.model_copy(update={"model": student["model"]})
+        tag, started = uuid.uuid4().hex[:12], time.time()
+
+        def requests() -> ray.data.Dataset:
+            columns = ["id", "response", *JUDGE_CONTEXT]
+            parts = [before.select_columns(columns)] if before is not None else []
+            if kept < n:  # the engine starts only when there is something left to answer
+                fresh, facts["engine"] = answer(todo, cfg, run_dir=self.run_dir, round_=r, adapter=adapter,
+                                                use_gpu=self.use_gpu, carry=tuple(JUDGE_CONTEXT))  # fmt: skip
+                parts.insert(0, persist(fresh, student_dir, tag).select_columns(columns))
+            answers = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+            return answers.rename_columns({"response": "student"}).map_batches(
+                _judge_requests, fn_args=(judge.mode, prefill), batch_format="pyarrow")  # fmt: skip
+
+        facts: dict[str, Any] = {"engine": {}}
+        info = self.ask_stream(
+            f"{rd} · student answers → judge verdicts", requests, 2 * n, self.path(rd, "judge"), role="judge",
+            endpoint="judge", params=self._judge_params(prefill), round_=r,
+            parse=P.JudgeParser(judge.mode, judge.logprob_scoring, prefill, judge.min_valid_mass, report_mass=True),
+            sent=lambda: 2 * frames.rows(student_dir),
+        )  # fmt: skip
+        answered = frames.rows(student_dir)
+        metrics = answers_metrics(
+            student_dir, tag, started, round=r, **facts["engine"], rows_in=n, rows_out=answered,
+            adapter_id=adapter.id if adapter else "base", adapter_sha256=adapter.sha256 if adapter else "",
+        )  # fmt: skip
+        storage.write_json_atomic(storage.join(student_dir, "_METRICS.json"), metrics)
+        storage.mark_success(student_dir, {"rows": answered})
+        return {**info, "student": metrics}
 
     def _judge_params(self, prefill: bool) -> dict[str, Any]:
         j = self.tapir.judge

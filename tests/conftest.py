@@ -25,7 +25,8 @@ def asset_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster(asset_cache):
-    """A real local Ray cluster (2 CPUs) shared by every test of the session."""
+    """A real local Ray cluster (2 CPUs) shared by every test of the session (under `make test`,
+    each of the two pytest-xdist workers has its own)."""
     import ray
 
     ray.init(

@@ -274,7 +274,8 @@ def _stage(run_dir: str) -> str | None:
 @pytest.fixture(scope="module")
 def finished_run(ray_cluster, tiny_llama, scripted, tmp_path_factory):
     """One two-round run, driven as a user drives it: `tapir-ray run --until ingest`, then
-    `--resume` in a subprocess, SIGKILLed mid-oracle (teacher answers) and mid-training (after a checkpoint), each
+    `--resume` in a subprocess, SIGKILLed mid-scoring (student answers streaming into the judge) and mid-training
+    (after a checkpoint), each
     time resumed with `--resume`, the last time to the end. Every end-to-end test here reads it."""
     tmp = tmp_path_factory.mktemp("tapir")
     run_dir = str(tmp / "run")
@@ -298,8 +299,14 @@ def finished_run(ray_cluster, tiny_llama, scripted, tmp_path_factory):
         ok = scripted.stats()["ok"]
         return ok - seen.setdefault(stage, ok) >= n
 
+    def scoring_half_way() -> bool:
+        """The scoring phase has kept some student answers and the judge has answered some."""
+        return any(
+            (Path(run_dir) / "round-1" / "student").glob("part-*.parquet")
+        ) and answered_since("round-1/student_judge", 6)
+
     kills = [
-        ("teacher", lambda: answered_since("teacher", 8)),
+        ("round-1/student_judge", scoring_half_way),
         ("round-1/train", lambda: _stage(run_dir) == "round-1/train" and any(checkpoints.glob("checkpoint-*"))),
     ]  # fmt: skip
     # `--until`: the run stops after the named stage, status stopped, and --resume goes on.
@@ -395,13 +402,23 @@ def test_the_killed_run_resumed_without_loss(finished_run):
     from tapir_ray.curriculum.plan import select_round
 
     run_dir, state, stats = finished_run["dir"], finished_run["state"], finished_run["stats"]
-    assert all(state["stages"][s]["attempts"] == 2 for s in ("teacher", "round-1/train"))
+    assert all(
+        state["stages"][s]["attempts"] == 2 for s in ("round-1/student_judge", "round-1/train")
+    )
     assert state["stages"]["ingest"]["attempts"] == 1  # done before --until stopped the run
     items = storage.read_table(f"{run_dir}/items", ["id", "category", "heldout"])
     pool = storage.read_table(f"{run_dir}/ingest/pool", ["id"])["id"].to_pylist()
     teacher = storage.read_table(f"{run_dir}/teacher", ["id"])["id"].to_pylist()
     assert sorted(teacher) == sorted(pool)  # every pool row answered once, none lost or doubled
     candidates = items.filter(pa.compute.invert(items["heldout"]))
+    # The scoring phase resumed at row level: the answers kept before the kill were judged again
+    # (from the cache), not generated again; every candidate was answered exactly once.
+    student = state["stages"]["round-1/student_judge"]["student"]
+    answered = storage.read_table(f"{run_dir}/round-1/student", ["id"])["id"].to_pylist()
+    assert sorted(answered) == sorted(candidates["id"].to_pylist())
+    assert student["rows_resumed"] > 0 and student["rows_resumed"] + student[
+        "rows_generated"
+    ] == len(answered)
     scores = storage.read_table(f"{run_dir}/round-1/scores", ["id", "hard"])
     assert sorted(scores["id"].to_pylist()) == sorted(candidates["id"].to_pylist())
     hard = dict(zip(scores["id"].to_pylist(), scores["hard"].to_pylist(), strict=True))
@@ -615,6 +632,58 @@ def test_selection_at_scale_takes_the_same_ids_with_exact_totals_from_a_dataset(
         want = select_random(candidates, size=900, ratios=quota, seed=5, round_=1)
         got, _ = select_dataset(ds, size=900, alpha=None, ratios=quota, seed=5, round_=1)
         assert [i for i, _ in taken(got)] == sorted(want.ids) and len(want.ids) == 900
+
+
+def _answers(batch: pa.Table, fail_after: int | None = None) -> pa.Table:
+    """Stands in for the engine: an answer per row with the engine's output columns."""
+    from tapir_ray.student import OUTPUT_COLUMNS
+
+    n = batch.num_rows
+    if fail_after is not None and int(batch["id"][0].as_py()[1:]) >= fail_after:
+        time.sleep(2)  # the earlier blocks are kept first, whatever order the tasks run in
+        raise RuntimeError("killed")
+    out = {c: pa.array([0] * n, pa.int64()) for c in OUTPUT_COLUMNS}
+    out.update(id=batch["id"], response=pa.array([f"answer to {i}" for i in batch["id"].to_pylist()]),
+               finish_reason=pa.array(["stop"] * n), engine=pa.array(["test"] * n),
+               adapter_id=pa.array(["base"] * n), adapter_sha256=pa.array([""] * n),
+               latency_s=pa.array([0.0] * n), truncated=pa.array([False] * n),
+               completion_tokens=pa.array([3] * n, pa.int64()))  # fmt: skip
+    return pa.table({**out, **{c: batch[c] for c in ("instruction", "input", "teacher")}})
+
+
+def test_the_scoring_phase_keeps_each_block_of_answers_and_a_rerun_answers_only_the_rest(
+    ray_cluster, tmp_path
+):
+    """`persist` writes every block of answers as it passes (whole files only); after a failure
+    half way, `resume_split` hands the engine only the rows without an answer and the judge the
+    kept answers with their context; the second attempt's figures count only its own rows."""
+    from tapir_ray.rounds import STUDENT_IN, resume_split
+    from tapir_ray.student import answers_metrics, persist
+
+    ids = [f"q{i:02d}" for i in range(40)]
+    storage.write_table(pa.table({"id": ids, "messages": ["[]"] * 40, "instruction": [f"do {i}" for i in ids],
+                                  "input": [""] * 40, "teacher": [f"best {i}" for i in ids]}, schema=STUDENT_IN),
+                        f"{tmp_path}/student_in")  # fmt: skip
+    out = f"{tmp_path}/student"
+    source = ray.data.read_parquet(f"{tmp_path}/student_in").repartition(4)  # blocks of 10 rows
+    with pytest.raises(Exception, match="killed"):
+        persist(source.map_batches(_answers, fn_args=(20,), batch_format="pyarrow", batch_size=10),
+                out, "first").materialize()  # fmt: skip
+    kept = sorted(storage.read_table(out, ["id"])["id"].to_pylist())
+    assert kept and len(kept) < 40 and len(set(kept)) == len(kept)
+    assert all(i < "q20" for i in kept)  # only whole blocks that were answered before the failure
+    todo, before, n_kept = resume_split(f"{tmp_path}/student_in", out, 40)
+    assert n_kept == len(kept)
+    assert sorted(todo.to_pandas()["id"]) == sorted(set(ids) - set(kept))
+    old = {r["id"]: r for r in before.take_all()}
+    assert sorted(old) == kept and old[kept[0]]["teacher"] == f"best {kept[0]}"
+    assert old[kept[0]]["response"] == f"answer to {kept[0]}" and "messages" not in old[kept[0]]
+    started = time.time()
+    persist(todo.map_batches(_answers, batch_format="pyarrow"), out, "second").materialize()
+    assert sorted(storage.read_table(out, ["id"])["id"].to_pylist()) == ids  # each exactly once
+    m = answers_metrics(out, "second", started)
+    assert m["rows_generated"] == 40 - len(kept) and m["rows_resumed"] == len(kept)
+    assert m["generated_tokens"] == 3 * m["rows_generated"] and m["time_to_first_output_s"] >= 0
 
 
 def test_joins_by_id_agree_between_the_one_task_path_and_ray_datas_hash_join(

@@ -89,6 +89,14 @@ class Ledger:
             self.flush()
         return self.allowed()
 
+    def settle(self, round_: int, role: str) -> None:
+        """Before a stage (re)starts: rows that a killed attempt had taken (`sent`) but neither
+        answered nor dead-lettered are taken back, as this attempt sends them again; what was paid
+        (requests, tokens, USD) stays."""
+        with self.lock:
+            entry = self.entries[str(round_)][role]
+            entry["sent"] = min(entry["sent"], entry["succeeded"] + entry["dead_lettered"])
+
     def done(self, round_: int, role: str) -> int:
         """Rows of a role finished (answered or dead-lettered) in a round, and lines of its batches
         in flight that the provider has finished: the stage's progress."""

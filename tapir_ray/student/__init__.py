@@ -6,7 +6,9 @@
                                adapter id and sha256, latency
 
 `student.engine: auto` takes vLLM when it is importable. Public surface: `answer()` (lazy
-Dataset) and `run_student()` (writes `<dir>/` Parquet + metrics and returns them).
+Dataset), `persist()` (an operator that writes each block of answers as it passes, for a stage
+that streams on into the judge and resumes row by row), `answers_metrics()` (a folder's
+throughput figures) and `run_student()` (writes `<dir>/` Parquet + metrics and returns them).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from tapir_ray.runtime import cached_udf, map_batches_once
 from tapir_ray.student.adapter import Adapter, adapter_sha256
 from tapir_ray.student.prepare import PreparePrompts
 
-__all__ = ["Adapter", "adapter_sha256", "answer", "pick_engine", "run_student"]
+__all__ = ["Adapter", "adapter_sha256", "answer", "answers_metrics", "persist", "pick_engine",
+           "run_student"]  # fmt: skip
 
 OUTPUT_COLUMNS = ["id", "response", "prompt_tokens", "completion_tokens", "finish_reason", "engine",
                   "adapter_id", "adapter_sha256", "latency_s", "truncated"]  # fmt: skip
@@ -87,8 +90,10 @@ def answer(
     round_: int,
     adapter: Adapter | None = None,
     use_gpu: bool = False,
+    carry: tuple[str, ...] = (),
 ) -> tuple[ray.data.Dataset, dict[str, Any]]:
-    """The student's answers to `ds` (id, messages) as a lazy Dataset, and facts about the run."""
+    """The student's answers to `ds` (id, messages) as a lazy Dataset, and facts about the run.
+    The `carry` columns of `ds` come through unchanged next to the answers."""
     model_path = resolve_model(student.model)
     sampling = student.sampling.model_dump()
     limit = student.max_model_len - sampling["max_tokens"]
@@ -118,7 +123,7 @@ def answer(
             replicas=student.replicas, tensor_parallel_size=student.tensor_parallel_size, use_gpu=use_gpu,
             cpus_per_replica=student.cpus_per_replica, max_lora_rank=student.max_lora_rank,
             adapter_path=adapter.path if adapter else None, dtype=student.dtype,
-            accelerator_type=student.accelerator_type,
+            accelerator_type=student.accelerator_type, carry=carry,
         )  # fmt: skip
         out = processor(good.drop_columns(["messages"]))
     else:
@@ -138,9 +143,62 @@ def answer(
         n = len(batch["id"])
         batch["adapter_id"] = np.array([adapter_id] * n, dtype=object)
         batch["adapter_sha256"] = np.array([adapter_sha] * n, dtype=object)
-        return {k: batch[k] for k in OUTPUT_COLUMNS}
+        return {k: batch[k] for k in (*OUTPUT_COLUMNS, *carry)}
 
     return out.map_batches(stamp, batch_format="numpy"), {"engine": engine, "dead_lettered": dead}
+
+
+def _persist_block(batch: Any, folder: str, tag: str) -> Any:
+    """Writes a block's answers (OUTPUT_COLUMNS) as one Parquet file of `folder` named after the
+    attempt (`tag`) and the time, atomically (written under a `_`-name that every reader skips,
+    then renamed; on object stores a put is atomic), and passes the block on."""
+    import uuid
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = batch if isinstance(batch, pa.Table) else pa.table(batch)
+    if table.num_rows:
+        fs, path = storage.fs_and_path(folder)
+        name = f"part-{tag}-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+        sink = pa.BufferOutputStream()
+        pq.write_table(table.select(OUTPUT_COLUMNS), sink)
+        with fs.open(f"{path}/_{name}", "wb") as f:
+            f.write(sink.getvalue().to_pybytes())
+        fs.mv(f"{path}/_{name}", f"{path}/{name}")
+    return table
+
+
+def persist(answers: ray.data.Dataset, folder: str, tag: str) -> ray.data.Dataset:
+    """`answers` with every block written to `folder` as it passes (one file per block, named
+    after the attempt `tag`): a stage killed half way keeps the answers it had, and a rerun
+    generates only the rest."""
+    storage.makedirs(folder)
+    return answers.map_batches(_persist_block, fn_args=(folder, tag), batch_size=None,
+                               batch_format="pyarrow", num_cpus=0.1)  # fmt: skip
+
+
+def answers_metrics(folder: str, tag: str, started: float, **facts: Any) -> dict[str, Any]:
+    """Throughput of the answers `persist` wrote to `folder` in attempt `tag`, which began at
+    `started` (time.time()), up to its last block; rows of earlier attempts are `rows_resumed`.
+    Read from the files' names and footers, not through the driver."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.fs_and_path(folder)
+    ours = [f for f in sorted(fs.find(path)) if f"/part-{tag}-" in f and f.endswith(".parquet")]
+    rows = tokens = 0
+    for f in ours:
+        with fs.open(f, "rb") as fh:
+            t = pq.read_table(fh, columns=["completion_tokens"])
+        rows, tokens = rows + t.num_rows, tokens + int(t["completion_tokens"].to_numpy().sum())
+    stamps = [int(f.rsplit("-", 2)[1]) / 1e9 for f in ours]  # when each block was written
+    # The student's own time: until its last block, though the stage streams on into the judge.
+    seconds = max(stamps) - started if stamps else 0.0
+    first = min(stamps, default=None)
+    return {"stage": "student", **facts, "rows_generated": rows,
+            "rows_resumed": storage.parquet_rows(folder) - rows, "seconds": round(seconds, 2),
+            "generated_tokens": tokens, "generated_tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
+            "time_to_first_output_s": round(first - started, 2) if first else None}  # fmt: skip
 
 
 def run_student(

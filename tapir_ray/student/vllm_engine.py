@@ -90,20 +90,24 @@ def engine_config(
     return config, lora_name
 
 
-def build_vllm_processor(model_path: str, *, sampling: dict[str, Any], **engine: Any):
-    """A ray.data.llm processor: `engine` holds engine_config's arguments."""
+def build_vllm_processor(
+    model_path: str, *, sampling: dict[str, Any], carry: tuple[str, ...] = (), **engine: Any
+):
+    """A ray.data.llm processor: `engine` holds engine_config's arguments; the `carry` columns
+    pass through the engine unchanged (a round's next operator reads them)."""
     from ray.data.llm import build_processor
 
     from tapir_ray.runtime import quiet_ray_console
 
     config, lora_name = engine_config(model_path, **engine)
     params = {k: v for k, v in sampling.items() if v is not None}
+    carried = (*CARRIED, *carry)
 
     def preprocess(row: dict) -> dict:
         out = {
             "tokenized_prompt": [int(t) for t in row["prompt_ids"]],
             "sampling_params": params,
-            **{k: row[k] for k in CARRIED},  # passed through the engine to postprocess
+            **{k: row[k] for k in carried},  # passed through the engine to postprocess
         }
         if lora_name:
             out["model"] = lora_name
@@ -120,7 +124,7 @@ def build_vllm_processor(model_path: str, *, sampling: dict[str, Any], **engine:
             "finish_reason": "length" if n_out >= params["max_tokens"] else "stop",
             "latency_s": float(row.get("time_taken_llm") or 0.0),
             "engine": "vllm",
-            **{k: row[k] for k in CARRIED},
+            **{k: row[k] for k in carried},
         }
 
     processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
