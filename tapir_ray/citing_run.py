@@ -9,8 +9,8 @@ ingest → teacher answers (the pool's own outputs where it has them) → split 
 → rubric retrieval: MiniLM embeddings (a Ray Data stage), type centroids of the teacher-typed
   curriculum questions, argmax <e(q), μ_c> for every other question (agreement reported)
 round k = 1..K:  the student answers (k = 1: the plain question with S_0; k > 1: S_{k-1} revises its
-                 previous answer with the rubric) → the teacher revises that answer against the
-                 rubric (edit distance logged) → LoRA S_k = SFT(S_{k-1}) on (question, rubric,
+                 previous answer with the rubric) → the teacher revises each answer as it
+                 arrives (one streaming phase) against the rubric (edit distance logged) → LoRA S_k = SFT(S_{k-1}) on (question, rubric,
                  previous answer) → revision → evaluation on the test split: S_k answers and
                  self-revises T_inf times; the judge compares with the SFT warm-up student per
                  criterion, in both orders (win / tie / lose)
@@ -51,6 +51,9 @@ from tapir_ray.rounds import TapirRun, _messages, _task, _write_requests
 
 ITEMS = pa.schema([("id", pa.string()), ("instruction", pa.string()), ("input", pa.string()),
                    ("teacher", pa.string()), ("split", pa.string())])  # fmt: skip
+# A round's student requests carry the question and its rubric for the teacher's revision request.
+STUDENT_IN = pa.schema([("id", pa.string()), ("messages", pa.string()), ("question", pa.string()),
+                        ("rubric", pa.string())])  # fmt: skip
 
 
 def _with_split(batch: pa.Table, seed: int, ratios: list[float]) -> pa.Table:
@@ -363,18 +366,21 @@ def write_round_student_inputs(run_dir: str, round_: int, ids: list[str]) -> int
             if i in prev
             else [{"role": "user", "content": text[i]}]
         )
-        rows.append({"id": i, "messages": json.dumps(msgs)})
-    _write_requests(rows, storage.join(run_dir, f"round-{round_}", "student_in"))
+        rows.append(
+            {"id": i, "messages": json.dumps(msgs), "question": text[i], "rubric": rubric[i]}
+        )
+    # The question and its rubric ride with each request through the engine: the teacher's
+    # revision request is built from each block of answers as it arrives (`_revise_requests`).
+    storage.write_table(pa.Table.from_pylist(rows, schema=STUDENT_IN),
+                        storage.join(run_dir, f"round-{round_}", "student_in"))  # fmt: skip
     return len(rows)
 
 
-def write_revise_requests(run_dir: str, round_: int) -> int:
-    answers = _responses(storage.join(run_dir, f"round-{round_}", "student"))
-    text, rubric = _texts(run_dir, list(answers)), _rubrics(run_dir, list(answers))
-    rows = [{"id": i, "messages": json.dumps(P.revise(text[i], rubric[i], a).messages)}
-            for i, a in sorted(answers.items())]  # fmt: skip
-    _write_requests(rows, storage.join(run_dir, f"round-{round_}", "revise_in"))
-    return len(rows)
+def _revise_requests(batch: pa.Table) -> pa.Table:
+    """A block of the student's answers (with question and rubric) → the teacher's revision requests."""
+    msgs = [json.dumps(P.revise(q, rubric, a).messages) for q, rubric, a in
+            zip(batch["question"].to_pylist(), batch["rubric"].to_pylist(), batch["student"].to_pylist(), strict=True)]  # fmt: skip
+    return pa.table({"id": batch["id"], "messages": pa.array(msgs, pa.string())})
 
 
 def write_revision_train_set(run_dir: str, round_: int) -> dict[str, Any]:
@@ -654,24 +660,16 @@ class CitingRun(TapirRun):
         c, rd = self.citing, f"round-{k}"
         ray.get(self.actor.update_round.remote(k, {"questions": c.curriculum_questions}))
         ids = self.questions(k)
-        self.step(
+        n = self.step(
             f"{rd}/student_in",
             k,
             lambda: {"rows": write_round_student_inputs(self.run_dir, k, ids)},
-        )
-        self.step(
-            f"{rd}/student",
-            k,
-            lambda: self.students(
-                f"{rd} · student answers",
-                self.path(rd, "student_in"),
-                self.path(rd, "student"),
-                k - 1,
-            ),
-        )
-        self.step(f"{rd}/revise_in", k, lambda: {"rows": write_revise_requests(self.run_dir, k)})
-        revised = self.step(f"{rd}/revise", k, lambda: self.ask(f"{rd} · teacher revisions", self.path(rd, "revise_in"), self.path(rd, "revise"),
-                            role="revise", endpoint="teacher", params=self.teacher_params(), parse=P.parse_answer, round_=k))  # fmt: skip
+        )["rows"]
+        # The student answers and the teacher revises each answer as it arrives (one pipeline).
+        revised = self.step(f"{rd}/student_revise", k, lambda: self.answer_and_ask(
+            f"{rd} · student answers → teacher revisions", k, self.student_after(k - 1), n, folder=self.path(rd),
+            to_requests=_revise_requests, fn_args=(), per_row=1, out="revise", role="revise", endpoint="teacher",
+            params=self.teacher_params(), parse=P.parse_answer))  # fmt: skip
         train_set = self.step(
             f"{rd}/train_set", k, lambda: write_revision_train_set(self.run_dir, k)
         )

@@ -14,7 +14,7 @@ from tapir_ray.tables import num as _num
 from tapir_ray.tables import save_figure as _save
 from tapir_ray.tables import table as _table
 
-STAGE_ORDER = ("student_judge", "student", "judge", "scores", "plan", "expand", "plan_final", "refine", "train_set", "train", "nll")  # fmt: skip
+STAGE_ORDER = ("student_judge", "student_revise", "student", "judge", "scores", "plan", "expand", "plan_final", "refine", "train_set", "train", "nll")  # fmt: skip
 
 
 def _round_stages(state: dict, r: int) -> list[tuple[str, dict]]:
@@ -40,7 +40,7 @@ def _throughput(name: str, info: dict) -> dict[str, Any]:
     out["rows_per_s"] = round(rows / seconds, 2) if rows and seconds >= 1 else None
     if name == "student":
         out["tokens_per_s"] = info.get("generated_tokens_per_s")
-    elif name == "student_judge":  # the streaming scoring phase: its student half's figures
+    elif name in ("student_judge", "student_revise"):  # a streaming phase: its student's figures
         out["tokens_per_s"] = info.get("student", {}).get("generated_tokens_per_s")
     elif name == "train":
         out["tokens_per_s"] = info.get("tokens_per_s")

@@ -5,7 +5,8 @@ TAPIR (ALGORITHMS.md), one row's path through the run directory:
     ingest/pool ─► teacher/ (y_T) ─► labels/ (task category) ─► items/ (+ held-out flag)
       [round-0: warm-up LoRA on a slice → S_0]
       round r = 1..R:
-        student/ (S_{r-1} answers the unused candidates) ─► judge/ (f_J of y_T and y_S)
+        student/ (S_{r-1} answers the unused candidates) ─► judge/ (f_J of y_T and y_S),
+                      one streaming phase: the judge works while the student generates
         ─► scores/ (MFD = f_J(y_T) − f_J(y_S); hard iff MFD ≥ δ)
         ─► plan/ (per-category quotas N_r·π*, hard share α_r, easy = unused easy + replay)
         ─► expand-*/ (teacher-written instructions for short categories, label re-checked,
@@ -16,8 +17,9 @@ TAPIR (ALGORITHMS.md), one row's path through the run directory:
 
 Every stage writes Parquet under `<run>/` and is recorded done in `state.json` by the
 CurriculumActor, so `--resume` skips what is done. Inside an unfinished oracle stage the response
-cache answers every request that had returned (nothing is paid twice); an unfinished training
-resumes from its last checkpoint. The glue between stages (joins of answers to items by id,
+cache answers every request that had returned (nothing is paid twice), an unfinished streaming
+phase generates only the answers it had not written, and an unfinished training resumes from its
+last checkpoint. The glue between stages (joins of answers to items by id,
 requests, scores, the plan, the training set) is Ray Data over blocks (tapir_ray/frames.py); the
 driver sees per-block summaries (counts, sums, histograms), never the rows.
 """
@@ -188,7 +190,7 @@ def resume_split(
 ) -> tuple[ray.data.Dataset, ray.data.Dataset | None, int]:
     """The scoring phase's rows: (still to answer, already answered with their judge context,
     how many were answered). Answers a killed attempt wrote are judged again, not generated."""
-    inputs = frames.read(student_in, STUDENT_IN.names)
+    inputs = frames.read(student_in, frames.column_names(student_in) or STUDENT_IN.names)
     kept = frames.rows(student_dir)
     if not kept:
         return inputs, None, 0
@@ -1086,38 +1088,50 @@ class TapirRun:
         write_round_metrics(self.run_dir, r)
 
     def answer_and_judge(self, r: int, student: dict, n: int) -> dict[str, Any]:
-        """Unused candidates → student → judge requests → judge, as one streaming pipeline: the
-        judge works while the student generates. Each block of answers is written to student/
-        as it passes, so a rerun after a kill generates only the rows not answered yet; the
-        verdicts on rows already answered come from the oracle cache."""
+        """TAPIR's scoring phase: unused candidates → student → judge (both answers of each)."""
+        rd, judge, prefill = f"round-{r}", self.tapir.judge, self.prefill("judge")
+        return self.answer_and_ask(
+            f"{rd} · student answers → judge verdicts", r, student, n, folder=self.path(rd),
+            to_requests=_judge_requests, fn_args=(judge.mode, prefill), per_row=2, out="judge",
+            role="judge", endpoint="judge", params=self._judge_params(prefill),
+            parse=P.JudgeParser(judge.mode, judge.logprob_scoring, prefill, judge.min_valid_mass, report_mass=True),
+        )  # fmt: skip
+
+    def answer_and_ask(self, label: str, r: int, student: dict, n: int, *, folder: str, to_requests: Callable,
+                       fn_args: tuple, per_row: int, out: str, **ask: Any) -> dict[str, Any]:  # fmt: skip
+        """`folder`/student_in → the student → `to_requests` → the oracle → `folder`/`out`, as one
+        streaming pipeline: the oracle works while the student generates. The requests of
+        student_in carry the columns `to_requests` needs besides the answer (`student`) through the
+        engine, so no join is needed. Each block of answers is written to `folder`/student as it
+        passes: a rerun after a kill generates only the rows not answered yet, and the oracle's
+        replies on rows already answered come from the cache. `per_row`: requests per answer."""
         from tapir_ray.student import Adapter, answer, answers_metrics, persist
 
-        rd, judge = f"round-{r}", self.tapir.judge
-        student_dir, prefill = self.path(rd, "student"), self.prefill("judge")
-        todo, before, kept = resume_split(self.path(rd, "student_in"), student_dir, n)
+        student_in, student_dir = (
+            storage.join(folder, "student_in"),
+            storage.join(folder, "student"),
+        )
+        context = [c for c in frames.column_names(student_in) if c not in ("id", "messages")]
+        todo, before, kept = resume_split(student_in, student_dir, n)
         adapter = (Adapter.load(f"round-{r - 1}", student["adapter"], student["adapter_sha256"])
                    if student["adapter"] else None)  # fmt: skip
         cfg = self.cfg.student.model_copy(update={"model": student["model"]})
         tag, started = uuid.uuid4().hex[:12], time.time()
+        facts: dict[str, Any] = {"engine": {}}
 
         def requests() -> ray.data.Dataset:
-            columns = ["id", "response", *JUDGE_CONTEXT]
+            columns = ["id", "response", *context]
             parts = [before.select_columns(columns)] if before is not None else []
             if kept < n:  # the engine starts only when there is something left to answer
                 fresh, facts["engine"] = answer(todo, cfg, run_dir=self.run_dir, round_=r, adapter=adapter,
-                                                use_gpu=self.use_gpu, carry=tuple(JUDGE_CONTEXT))  # fmt: skip
+                                                use_gpu=self.use_gpu, carry=tuple(context))  # fmt: skip
                 parts.insert(0, persist(fresh, student_dir, tag).select_columns(columns))
             answers = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
             return answers.rename_columns({"response": "student"}).map_batches(
-                _judge_requests, fn_args=(judge.mode, prefill), batch_format="pyarrow")  # fmt: skip
+                to_requests, fn_args=fn_args, batch_format="pyarrow")  # fmt: skip
 
-        facts: dict[str, Any] = {"engine": {}}
-        info = self.ask_stream(
-            f"{rd} · student answers → judge verdicts", requests, 2 * n, self.path(rd, "judge"), role="judge",
-            endpoint="judge", params=self._judge_params(prefill), round_=r,
-            parse=P.JudgeParser(judge.mode, judge.logprob_scoring, prefill, judge.min_valid_mass, report_mass=True),
-            sent=lambda: 2 * frames.rows(student_dir),
-        )  # fmt: skip
+        info = self.ask_stream(label, requests, per_row * n, storage.join(folder, out), round_=r,
+                               sent=lambda: per_row * frames.rows(student_dir), **ask)  # fmt: skip
         answered = frames.rows(student_dir)
         metrics = answers_metrics(
             student_dir, tag, started, round=r, **facts["engine"], rows_in=n, rows_out=answered,

@@ -323,6 +323,9 @@ def test_one_citing_round_end_to_end_killed_and_resumed(ray_cluster, tiny_llama,
     }
     train = storage.read_table(f"{run_dir}/round-1/train_set").to_pylist()
     assert len(train) == 8 == len(student)
+    # One streaming phase: the teacher revised each answer as the student's blocks arrived.
+    phase = state["stages"]["round-1/student_revise"]
+    assert phase["rows_in"] == phase["rows_out"] == 8 and phase["student"]["rows_generated"] == 8
     for r in train:
         content = json.loads(r["messages"])[0]["content"]
         assert "[Rubric]\n1. " in content and f"[Previous answer]\n{student[r['id']]}" in content
