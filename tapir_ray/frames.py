@@ -61,11 +61,13 @@ def column_names(folder: str) -> list[str]:
 
 
 def read(
-    folder: str | Iterable[str], columns: list[str], types: dict[str, pa.DataType] | None = None
-) -> ray.data.Dataset:
+    folder: str | Iterable[str], columns: list[str], types: dict[str, pa.DataType] | None = None,
+    num_cpus: float | None = None,
+) -> ray.data.Dataset:  # fmt: skip
     """One stage's table (or the union of several folders) as a Dataset of `columns`. A folder
     that is missing or holds no rows reads as an empty table of those columns (strings unless
-    `types` says otherwise)."""
+    `types` says otherwise). `num_cpus`: per read task (a pipeline sharing a small node with
+    engine and oracle actors reads with a fraction of a CPU)."""
     folders = [folder] if isinstance(folder, str) else list(folder)
     files = [f for d in folders for f in _files(d)]
     if not files:
@@ -74,7 +76,7 @@ def read(
             pa.table({c: pa.array([], types.get(c, pa.string())) for c in columns})
         )
     fs, _ = storage.fs_and_path(folders[0])
-    return ray.data.read_parquet(files, columns=columns, filesystem=fs)
+    return ray.data.read_parquet(files, columns=columns, filesystem=fs, num_cpus=num_cpus)
 
 
 def rows(folder: str) -> int:

@@ -185,12 +185,20 @@ def _judge_requests(batch: pa.Table, mode: str, prefill: bool) -> pa.Table:
     return pa.table({"id": pa.array(ids, pa.string()), "messages": pa.array(msgs, pa.string())})
 
 
+def _requests_from_answers(batch: pa.Table, to_requests: Callable, args: tuple) -> pa.Table:
+    """A block of answers (`response`, with the request's context columns) → oracle requests."""
+    return to_requests(batch.rename_columns(["student" if c == "response" else c for c in batch.column_names]), *args)  # fmt: skip
+
+
 def resume_split(
     student_in: str, student_dir: str, n: int
 ) -> tuple[ray.data.Dataset, ray.data.Dataset | None, int]:
     """The scoring phase's rows: (still to answer, already answered with their judge context,
     how many were answered). Answers a killed attempt wrote are judged again, not generated."""
-    inputs = frames.read(student_in, frames.column_names(student_in) or STUDENT_IN.names)
+    from tapir_ray.student import LIGHT_CPUS
+
+    columns = frames.column_names(student_in) or STUDENT_IN.names
+    inputs = frames.read(student_in, columns, num_cpus=LIGHT_CPUS)
     kept = frames.rows(student_dir)
     if not kept:
         return inputs, None, 0
@@ -771,7 +779,7 @@ class TapirRun:
         started = time.perf_counter()
         done = lambda: min(total, ray.get(self.ledger.done.remote(round_, role)) - before)  # noqa: E731
         with Progress(label, total, done, log=self.log):
-            ds.write_parquet(out_dir)
+            ds.write_parquet(out_dir, ray_remote_args={"num_cpus": 0.25})  # next to the actors
         seconds = time.perf_counter() - started
         rows_out = storage.parquet_rows(out_dir)
         total = sent() if sent is not None else total
@@ -1105,7 +1113,7 @@ class TapirRun:
         engine, so no join is needed. Each block of answers is written to `folder`/student as it
         passes: a rerun after a kill generates only the rows not answered yet, and the oracle's
         replies on rows already answered come from the cache. `per_row`: requests per answer."""
-        from tapir_ray.student import Adapter, answer, answers_metrics, persist
+        from tapir_ray.student import LIGHT_CPUS, Adapter, answer, answers_metrics, persist
 
         student_in, student_dir = (
             storage.join(folder, "student_in"),
@@ -1120,15 +1128,15 @@ class TapirRun:
         facts: dict[str, Any] = {"engine": {}}
 
         def requests() -> ray.data.Dataset:
-            columns = ["id", "response", *context]
-            parts = [before.select_columns(columns)] if before is not None else []
+            parts = [before] if before is not None else []
             if kept < n:  # the engine starts only when there is something left to answer
                 fresh, facts["engine"] = answer(todo, cfg, run_dir=self.run_dir, round_=r, adapter=adapter,
                                                 use_gpu=self.use_gpu, carry=tuple(context))  # fmt: skip
-                parts.insert(0, persist(fresh, student_dir, tag).select_columns(columns))
+                parts.insert(0, persist(fresh, student_dir, tag))
             answers = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-            return answers.rename_columns({"response": "student"}).map_batches(
-                to_requests, fn_args=fn_args, batch_format="pyarrow")  # fmt: skip
+            # One light task per block (select/rename would each be a whole-CPU operator).
+            return answers.map_batches(_requests_from_answers, fn_args=(to_requests, fn_args),
+                                       batch_format="pyarrow", num_cpus=LIGHT_CPUS)  # fmt: skip
 
         info = self.ask_stream(label, requests, per_row * n, storage.join(folder, out), round_=r,
                                sent=lambda: per_row * frames.rows(student_dir), **ask)  # fmt: skip

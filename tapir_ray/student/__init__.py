@@ -34,6 +34,12 @@ from tapir_ray.student.prepare import PreparePrompts
 __all__ = ["Adapter", "adapter_sha256", "answer", "answers_metrics", "persist", "pick_engine",
            "run_student"]  # fmt: skip
 
+# CPUs of each light per-block task (prompt rendering, output columns, persisting): a fraction,
+# so that a streaming phase's glue still runs on a 2-CPU node next to an engine actor holding a
+# CPU and the oracle's actors (whole-CPU tasks could not be placed there, and the phase would
+# wait forever).
+LIGHT_CPUS = 0.25
+
 OUTPUT_COLUMNS = ["id", "response", "prompt_tokens", "completion_tokens", "finish_reason", "engine",
                   "adapter_id", "adapter_sha256", "latency_s", "truncated"]  # fmt: skip
 
@@ -82,6 +88,11 @@ def _fn_filters():
         yield
 
 
+def _without_messages(batch: Any) -> Any:
+    """The rendered prompt ids go on; the chat messages they came from stay behind."""
+    return batch.drop_columns(["messages"])
+
+
 def answer(
     ds: ray.data.Dataset,
     student: StudentConfig,
@@ -101,7 +112,7 @@ def answer(
         cached_udf,
         fn_args=(PreparePrompts, (model_path, limit, student.over_length, student.chat_template)),
         batch_size=64,
-        num_cpus=0.25,
+        num_cpus=LIGHT_CPUS,
     )
     if student.over_length == "truncate":
         # Every prompt fits once shortened: no row can go to the dead-letter, so the rows stream
@@ -123,9 +134,11 @@ def answer(
             replicas=student.replicas, tensor_parallel_size=student.tensor_parallel_size, use_gpu=use_gpu,
             cpus_per_replica=student.cpus_per_replica, max_lora_rank=student.max_lora_rank,
             adapter_path=adapter.path if adapter else None, dtype=student.dtype,
-            accelerator_type=student.accelerator_type, carry=carry,
+            accelerator_type=student.accelerator_type, carry=carry, light_cpus=LIGHT_CPUS,
         )  # fmt: skip
-        out = processor(good.drop_columns(["messages"]))
+        out = processor(
+            good.map_batches(_without_messages, batch_format="pyarrow", num_cpus=LIGHT_CPUS)
+        )
     else:
         from tapir_ray.student.hf_engine import HFStudent
 
@@ -145,7 +158,10 @@ def answer(
         batch["adapter_sha256"] = np.array([adapter_sha] * n, dtype=object)
         return {k: batch[k] for k in (*OUTPUT_COLUMNS, *carry)}
 
-    return out.map_batches(stamp, batch_format="numpy"), {"engine": engine, "dead_lettered": dead}
+    return out.map_batches(stamp, batch_format="numpy", num_cpus=LIGHT_CPUS), {
+        "engine": engine,
+        "dead_lettered": dead,
+    }
 
 
 def _persist_block(batch: Any, folder: str, tag: str) -> Any:
@@ -175,7 +191,7 @@ def persist(answers: ray.data.Dataset, folder: str, tag: str) -> ray.data.Datase
     generates only the rest."""
     storage.makedirs(folder)
     return answers.map_batches(_persist_block, fn_args=(folder, tag), batch_size=None,
-                               batch_format="pyarrow", num_cpus=0.1)  # fmt: skip
+                               batch_format="pyarrow", num_cpus=LIGHT_CPUS)  # fmt: skip
 
 
 def answers_metrics(folder: str, tag: str, started: float, **facts: Any) -> dict[str, Any]:

@@ -91,10 +91,12 @@ def engine_config(
 
 
 def build_vllm_processor(
-    model_path: str, *, sampling: dict[str, Any], carry: tuple[str, ...] = (), **engine: Any
-):
+    model_path: str, *, sampling: dict[str, Any], carry: tuple[str, ...] = (),
+    light_cpus: float = 1.0, **engine: Any,
+):  # fmt: skip
     """A ray.data.llm processor: `engine` holds engine_config's arguments; the `carry` columns
-    pass through the engine unchanged (a round's next operator reads them)."""
+    pass through the engine unchanged (a round's next operator reads them); `light_cpus`: the CPUs
+    of each task of the row preparation and output steps around the engine."""
     from ray.data.llm import build_processor
 
     from tapir_ray.runtime import quiet_ray_console
@@ -127,7 +129,9 @@ def build_vllm_processor(
             **{k: row[k] for k in carried},
         }
 
-    processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    light = {"num_cpus": light_cpus}
+    processor = build_processor(config, preprocess=preprocess, postprocess=postprocess,
+                                preprocess_map_kwargs=light, postprocess_map_kwargs=light)  # fmt: skip
     # A lost engine actor fails the stage (`--resume` reruns it) instead of being restarted forever,
     # as in our other pools (runtime.map_batches_once): Ray's core worker otherwise prints an error
     # line for the engine actor in every healthy run. ray.data.llm has no option for it.
