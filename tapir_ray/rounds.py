@@ -427,18 +427,26 @@ def write_expansion_requests(
     return len(rows)
 
 
+def _label_requests(batch: pa.Table, labels: list[str], prefill: bool) -> pa.Table:
+    msgs = []
+    for parsed in batch["parsed"].to_pylist():  # one block of the teacher's expansions
+        prompt = P.classify(json.loads(parsed), labels)
+        msgs.append(
+            json.dumps(P.prefilled(prompt, P.LABEL_PREFILL) if prefill else prompt.messages)
+        )
+    return pa.table({"id": batch["id"], "messages": pa.array(msgs, pa.string())})
+
+
 def write_expansion_labels_in(
     run_dir: str, round_: int, attempt: int, labels: list[str], prefill: bool
 ) -> int:
+    """label_requests/: a classification request per expansion the teacher wrote, block by block."""
     folder = storage.join(run_dir, f"round-{round_}", f"expand-{attempt}")
-    out = storage.read_table(storage.join(folder, "answers"), ["id", "parsed"]).to_pylist()
-    rows = []
-    for r in out:
-        prompt = P.classify(json.loads(r["parsed"]), labels)
-        msgs = P.prefilled(prompt, P.LABEL_PREFILL) if prefill else prompt.messages
-        rows.append({"id": r["id"], "messages": json.dumps(msgs)})
-    _write_requests(rows, storage.join(folder, "label_requests"))
-    return len(rows)
+    answers = frames.read(storage.join(folder, "answers"), ["id", "parsed"])
+    requests = answers.map_batches(
+        _label_requests, fn_args=(labels, prefill), batch_format="pyarrow"
+    )
+    return frames.write(requests, storage.join(folder, "label_requests"), REQUESTS)
 
 
 def accept_expansions(
@@ -756,6 +764,7 @@ class TapirRun:
             clear_dead_letters,
             oracle_map,
         )
+        from tapir_ray.student import LIGHT_CPUS
 
         ep, url, identity = self.endpoints[endpoint]
         key = f"{identity}|{ep.model}"
@@ -779,7 +788,9 @@ class TapirRun:
         started = time.perf_counter()
         done = lambda: min(total, ray.get(self.ledger.done.remote(round_, role)) - before)  # noqa: E731
         with Progress(label, total, done, log=self.log):
-            ds.write_parquet(out_dir, ray_remote_args={"num_cpus": 0.25})  # next to the actors
+            ds.write_parquet(
+                out_dir, ray_remote_args={"num_cpus": LIGHT_CPUS}
+            )  # next to the actors
         seconds = time.perf_counter() - started
         rows_out = storage.parquet_rows(out_dir)
         total = sent() if sent is not None else total
@@ -1175,7 +1186,7 @@ class TapirRun:
                          role="expand", endpoint="teacher", params={"max_tokens": self.tapir.expansion_max_tokens, "temperature": 0.0},
                          parse=P.parse_instruction, round_=r, max_dead_share=1.0)  # fmt: skip
         prefill = self.prefill("teacher")
-        _task(write_expansion_labels_in, self.run_dir, r, attempt, self.labels, prefill)
+        write_expansion_labels_in(self.run_dir, r, attempt, self.labels, prefill)
         self.ask(f"{rd} · expansion labels", storage.join(folder, "label_requests"), storage.join(folder, "labels"),
                  role="classify", endpoint="teacher", params=self.label_params(self.labels),
                  parse=_label_parser(self.labels), round_=r, max_dead_share=1.0)  # fmt: skip
