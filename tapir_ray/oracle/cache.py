@@ -204,8 +204,16 @@ class ResponseCache:
 
     def total_usd(self) -> float:
         """What every cached reply cost: the spend a ledger can be rebuilt from (a reply in two
-        segments, as a compaction killed midway leaves it, counts once)."""
-        tables = [self._read(p, ["key", "usd"]) for p in self._segment_files()]
+        segments, as a compaction killed midway leaves it, counts once). A segment merged away
+        while it is read (another process's writer) means reading the listing again: a merge
+        writes its output before it deletes its inputs."""
+        for attempt in range(8):
+            try:
+                tables = [self._read(p, ["key", "usd"]) for p in self._segment_files()]
+                break
+            except FileNotFoundError:
+                if attempt == 7:
+                    raise
         if not tables:
             return 0.0
         keys = np.concatenate([_prefixes(t["key"]) for t in tables])
