@@ -1,7 +1,7 @@
 """Does the curriculum help? TAPIR against random selection on instructions a program can check.
 
-    python benchmarks/quality_verifiable.py [--seeds 3] [--pool 480] [--test-per-family 20]
-        [--arms tapir,random] [--round-sizes 96,160] [--keep DIR]
+    python benchmarks/quality_verifiable.py [--seeds 3] [--pool 240] [--test-per-family 20]
+        [--arms tapir,random] [--round-sizes 48,80] [--keep DIR]
 
 For each seed: a pool and a held-out test set of the reference oracle's task families
 (tapir_ray.oracle.reference: arithmetic, date arithmetic, sorting, reversal, counting, CSV→JSON,
@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -97,10 +98,14 @@ def answer_test(run_dir: Path, test: list[dict], args) -> list[str]:
     return [got[r["id"]] for r in test]
 
 
-def ledger_requests(run_dir: Path) -> int:
+def ledger_requests(run_dir: Path) -> dict[str, int]:
+    """The run's oracle requests by role (teacher, judge, classify, expand, refine, ...)."""
     state = json.loads((run_dir / "state.json").read_text())
-    rounds = state.get("ledger", {}).get("rounds", {})
-    return sum(e.get("requests", 0) for per in rounds.values() for e in per.values())
+    by_role: Counter = Counter()
+    for per in state.get("ledger", {}).get("rounds", {}).values():
+        for role, e in per.items():
+            by_role[role] += int(e.get("requests", 0))
+    return dict(sorted(by_role.items()))
 
 
 def train_rows(run_dir: Path) -> int:
@@ -111,10 +116,10 @@ def train_rows(run_dir: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--pool", type=int, default=480)
+    parser.add_argument("--pool", type=int, default=240)
     parser.add_argument("--test-per-family", type=int, default=20)
     parser.add_argument("--arms", default="tapir,random")
-    parser.add_argument("--round-sizes", default="96,160")
+    parser.add_argument("--round-sizes", default="48,80")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--keep", default=None, help="keep the runs under DIR")
@@ -126,7 +131,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     correct: dict[str, list[np.ndarray]] = {a: [] for a in ["base", *arms]}
     per_family: dict[str, dict[str, list[bool]]] = {a: {f: [] for f in FAMILIES} for a in correct}
-    spend: dict[str, list[int]] = {a: [] for a in arms}
+    spend: dict[str, list[dict[str, int]]] = {a: [] for a in arms}
     rows: dict[str, list[int]] = {a: [] for a in arms}
     started = time.perf_counter()
     ensure_ray()  # one cluster: the runs attach to it, as a Ray Job's driver would
@@ -147,9 +152,15 @@ def main() -> None:
                             arm_config(arm, run_dir, pool_path, server.base_url, seed, args)
                         )
                     )
-                    done = subprocess.run(
-                        [sys.executable, "-m", "tapir_ray.cli", "run", str(cfg)], cwd=REPO, env=env
+                    state = run_dir / "state.json"
+                    finished = (
+                        state.exists() and json.loads(state.read_text()).get("status") == "done"
                     )
+                    # With --keep, a rerun reuses the arms that finished and resumes the others.
+                    resume = ["--resume"] if state.exists() and not finished else []
+                    done = subprocess.run(
+                        [sys.executable, "-m", "tapir_ray.cli", "run", str(cfg), *resume], cwd=REPO, env=env
+                    ) if not finished else subprocess.CompletedProcess([], 0)  # fmt: skip
                     if done.returncode != 0:
                         sys.exit(
                             f"the {arm} run of seed {seed} failed ({done.returncode}): {run_dir}"
@@ -164,13 +175,26 @@ def main() -> None:
                 for r, hit in zip(test, ok, strict=True):
                     per_family[arm][r["family"]].append(bool(hit))
                 print(f"seed {seed} {arm}: accuracy {ok.mean():.3f}", flush=True)
+            # Written after every seed: a long benchmark that stops keeps what it measured.
+            report = summarise(args, arms, correct, per_family, spend, rows, started)
+            write_results(Path(args.out), report)
+            plot(report, Path(args.out).with_suffix(".png"))
+    print_table(["arm", "accuracy", *FAMILIES],
+                [[a, v["accuracy"], *(v["by_family"].get(f, "") for f in FAMILIES)] for a, v in report["arms"].items()])  # fmt: skip
+    if "tapir_minus_random" in report:
+        print("TAPIR − random:", report["tapir_minus_random"])
+
+
+def summarise(args, arms: list[str], correct: dict, per_family: dict, spend: dict, rows: dict,
+              started: float) -> dict:  # fmt: skip
     report = {
         "benchmark": "quality_verifiable",
         "command": command_line("quality_verifiable.py", args),
         "device": device_name(),
         "seconds": round(time.perf_counter() - started, 1),
-        "seeds": args.seeds,
+        "seeds": len(correct["base"]),
         "pool": args.pool,
+        "round_sizes": [int(x) for x in args.round_sizes.split(",")],
         "test_per_family": args.test_per_family,
         "arms": {
             arm: {
@@ -179,29 +203,34 @@ def main() -> None:
                 "by_family": {
                     f: round(float(np.mean(v)), 4) for f, v in per_family[arm].items() if v
                 },
-                "oracle_requests": spend.get(arm),
+                # Per seed: all requests, and by role (where the arms' spend differs).
+                "oracle_requests": [sum(s.values()) for s in spend[arm]] if arm in spend else None,
+                "oracle_requests_by_role": spend.get(arm),
                 "train_rows": rows.get(arm),
             }
             for arm in correct
+            if correct[arm]
         },
     }
-    if "tapir" in arms and "random" in arms:
+    done = (
+        min(len(correct["tapir"]), len(correct["random"]))
+        if {"tapir", "random"} <= set(arms)
+        else 0
+    )
+    if done:
         # Paired by test item within each seed; the interval resamples items (and so seeds).
         diff = np.concatenate(
-            [t.astype(float) - r for t, r in zip(correct["tapir"], correct["random"], strict=True)]
+            [
+                t.astype(float) - r
+                for t, r in zip(correct["tapir"][:done], correct["random"][:done], strict=True)
+            ]
         )
         draws = np.random.default_rng(0).integers(0, len(diff), size=(4000, len(diff)))
         means = diff[draws].mean(axis=1)
         report["tapir_minus_random"] = {"mean": round(float(diff.mean()), 4),
                                         "ci_low": round(float(np.quantile(means, 0.025)), 4),
                                         "ci_high": round(float(np.quantile(means, 0.975)), 4)}  # fmt: skip
-    out = Path(args.out)
-    write_results(out, report)
-    plot(report, out.with_suffix(".png"))
-    print_table(["arm", "accuracy", *FAMILIES],
-                [[a, v["accuracy"], *(v["by_family"].get(f, "") for f in FAMILIES)] for a, v in report["arms"].items()])  # fmt: skip
-    if "tapir_minus_random" in report:
-        print("TAPIR − random:", report["tapir_minus_random"])
+    return report
 
 
 def plot(report: dict, path: Path) -> None:

@@ -129,6 +129,59 @@ def smollm2_folder() -> Path:
     return target
 
 
+# A tiny Llama (random weights) with the bundled model's tokenizer, chat template and generation
+# config: the real engines and trainer at a negligible model cost, for smoke runs of a cluster,
+# scale benchmarks and end-to-end tests whose answers come from a scripted oracle.
+TINY_LLAMA = dict(
+    model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+)  # fmt: skip
+
+
+# vLLM's CPU attention has kernels for head sizes from 32 up: TINY_LLAMA's 16 runs on
+# transformers only, this one on both.
+TINY_LLAMA_VLLM = {
+    **TINY_LLAMA,
+    "hidden_size": 128,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+}
+
+
+def tiny_llama(folder: str | Path | None = None, config: dict | None = None) -> str:
+    """A model folder holding TINY_LLAMA (or `config`) with seeded random weights, built once
+    under a lock (default folder: the cache directory's `models/tiny-llama[-<hidden size>]`)."""
+    config = config or TINY_LLAMA
+    name = "tiny-llama" if config == TINY_LLAMA else f"tiny-llama-{config['hidden_size']}"
+    target = Path(folder) if folder else cache_dir() / "models" / name
+    if (target / _COMPLETE).exists():
+        return str(target)
+    source = smollm2_folder()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock", timeout=900):
+        if (target / _COMPLETE).exists():
+            return str(target)
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok = AutoTokenizer.from_pretrained(source)
+        # Weights drawn wider than the usual 0.02: LoRA then moves the loss within a few steps.
+        hf_config = AutoConfig.for_model(**config, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                         eos_token_id=tok.eos_token_id, initializer_range=0.2)  # fmt: skip
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(hf_config).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.copy(source / "generation_config.json", tmp / "generation_config.json")
+        (tmp / _COMPLETE).write_text("random weights, seed 0\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    return str(target)
+
+
 def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> None:
     import torch
 

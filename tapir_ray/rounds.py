@@ -751,10 +751,12 @@ class TapirRun:
 
     def ask_stream(self, label: str, requests: Callable[[], ray.data.Dataset], total: int, out_dir: str, *,
                    role: str, endpoint: str, params: dict, parse: Callable | None, round_: int,
-                   max_dead_share: float | None = None, sent: Callable[[], int] | None = None) -> dict[str, Any]:  # fmt: skip
+                   max_dead_share: float | None = None, sent: Callable[[], int] | None = None,
+                   detail: Callable[[], str] | None = None) -> dict[str, Any]:  # fmt: skip
         """`ask` for requests that a pipeline makes as it goes (`requests()` builds the lazy
         Dataset): `total` is what the progress line counts toward, `sent()` (default `total`),
-        read when the stage is over, what the dead letters are counted against."""
+        read when the stage is over, what the dead letters are counted against; `detail()`: the
+        pipeline's earlier steps, for the progress line."""
         from tapir_ray.oracle.cache import ResponseCache
         from tapir_ray.oracle.limiter import limiter_for
         from tapir_ray.oracle.stage import (
@@ -787,7 +789,7 @@ class TapirRun:
         )  # fmt: skip
         started = time.perf_counter()
         done = lambda: min(total, ray.get(self.ledger.done.remote(round_, role)) - before)  # noqa: E731
-        with Progress(label, total, done, log=self.log):
+        with Progress(label, total, done, log=self.log, detail=detail):
             ds.write_parquet(
                 out_dir, ray_remote_args={"num_cpus": LIGHT_CPUS}
             )  # next to the actors
@@ -1149,8 +1151,10 @@ class TapirRun:
             return answers.map_batches(_requests_from_answers, fn_args=(to_requests, fn_args),
                                        batch_format="pyarrow", num_cpus=LIGHT_CPUS)  # fmt: skip
 
+        # The engine answers in blocks: the progress line counts them as they are kept.
+        answered = lambda: f"{frames.rows(student_dir)}/{n} answered"  # noqa: E731
         info = self.ask_stream(label, requests, per_row * n, storage.join(folder, out), round_=r,
-                               sent=lambda: per_row * frames.rows(student_dir), **ask)  # fmt: skip
+                               sent=lambda: per_row * frames.rows(student_dir), detail=answered, **ask)  # fmt: skip
         answered = frames.rows(student_dir)
         metrics = answers_metrics(
             student_dir, tag, started, round=r, **facts["engine"], rows_in=n, rows_out=answered,

@@ -69,33 +69,13 @@ def smollm2(asset_cache) -> str:
     return folders.pop()
 
 
-# A tiny Llama (random weights) with the bundled tokenizer: the real engines and trainer at a
-# negligible model cost, for the end-to-end runs whose answers come from a scripted oracle.
-TINY_LLAMA = dict(
-    model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-)  # fmt: skip
-
-
 @pytest.fixture(scope="session")
 def tiny_llama(smollm2, asset_cache) -> str:
-    """A model folder: TINY_LLAMA with seeded random weights, the bundled model's tokenizer, chat
-    template and generation config. Built once per session, next to the converted model."""
-    import shutil
+    """A model folder: tapir_ray.assets.TINY_LLAMA with seeded random weights and the bundled
+    model's tokenizer. Built once per session, next to the converted model."""
+    from tapir_ray.assets import tiny_llama
 
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    folder = asset_cache / "tiny-llama"
-    tok = AutoTokenizer.from_pretrained(smollm2)
-    # Weights drawn wider than the usual 0.02: LoRA then moves the loss within a few steps.
-    config = AutoConfig.for_model(**TINY_LLAMA, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                                  eos_token_id=tok.eos_token_id, initializer_range=0.2)  # fmt: skip
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    shutil.copy(Path(smollm2) / "generation_config.json", folder / "generation_config.json")
-    return str(folder)
+    return tiny_llama(asset_cache / "tiny-llama")
 
 
 def run_cli(

@@ -6,6 +6,7 @@ exported, and the evaluation suites on it."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -360,9 +361,13 @@ def test_two_tapir_rounds_end_to_end(finished_run):
         )
         metrics = json.loads((Path(run_dir) / f"metrics/round-{r}.json").read_text())
         assert metrics["heldout_nll"] is not None and metrics["train"]["steps"] > 0
-        # LoRA under ZeRO-2 on 2 workers learns the teacher's answers: the loss falls in the round
-        # (and the held-out NLL round after round, below).
-        assert metrics["train"]["final_loss"] < metrics["train"]["first_loss"], metrics["train"]
+        # LoRA under ZeRO-2 on 2 workers learns the teacher's answers: the loss falls in round 1,
+        # which starts from the base model. Round 2 starts from round 1's adapter, and its few
+        # steps over different batches go up or down by chance; the held-out NLL on fixed texts
+        # (below) is the check that it keeps learning.
+        losses = (metrics["train"]["first_loss"], metrics["train"]["final_loss"])
+        assert all(math.isfinite(x) for x in losses), metrics["train"]
+        assert r == 2 or losses[1] < losses[0], metrics["train"]
         for stage in metrics["stages"]:  # counts reconcile in every stage that sends rows on
             if stage["rows_in"] is not None and stage["dead_lettered"] is not None:
                 assert stage["rows_in"] == stage["rows_out"] + stage["dead_lettered"], stage

@@ -17,10 +17,10 @@ import os
 import pytest
 import ray
 
+from tapir_ray.assets import TINY_LLAMA
 from tapir_ray.chat import IGNORE_INDEX, prompt_ids
 from tapir_ray.config import TrainConfig
 from tapir_ray.train import Tokenize, train_round
-from tests.conftest import TINY_LLAMA
 
 pytestmark = pytest.mark.timeout(900)
 

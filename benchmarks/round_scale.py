@@ -1,0 +1,258 @@
+"""A whole TAPIR round at pool scale: `tapir-ray run` end to end, the real engines, one machine.
+
+    python benchmarks/round_scale.py --rows 10000 100000 [--round-share 0.01] [--cpus 2]
+
+For each pool size N: a synthetic pool of N distinct instructions with reference answers, skewed
+over task types; the student is a tiny random-weight Llama with the bundled tokenizer
+(`tapir_ray.assets.tiny_llama`, head size 64 for vLLM's CPU kernels) on the real vLLM engine (transformers where vllm is not
+installed); the oracle is the scripted OpenAI-compatible server (`tapir-ray oracle serve
+--backend scripted`, a few ms per reply) as classifier, expander, refiner and judge. One TAPIR
+round runs as a user runs it (`tapir-ray run`, attached to one Ray cluster): ingest, labels (the
+embedding classifier, trained on an oracle-labelled sample), items, the streaming scoring phase
+(student answers → judge verdicts), scores, plan, expansion, refinement, training set, a LoRA fit
+under DeepSpeed ZeRO-2 and the held-out NLL.
+
+Measured per size:
+- each stage's seconds (from state.json) and the scoring phase's rows/s;
+- peak resident memory of the driver (the `tapir-ray run` process), of the largest Ray worker
+  and of all this cluster's Ray workers together (RSS, so shared pages count in each), and the
+  node's memory in use, sampled every 0.5 s;
+- the scoring phase's overlap: the share of the phase's judge requests that the server had
+  received when the engine wrote its last block of answers. 0 means the stages ran one after the
+  other; near 1, the judge kept pace with the engine.
+Results: benchmarks/results/round_scale.json (or --out) and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import ray
+import yaml
+from common import device_name, print_table, write_results
+
+from tapir_ray.assets import TINY_LLAMA_VLLM, tiny_llama
+from tapir_ray.oracle.local import LocalOracle
+from tapir_ray.runtime import ensure_ray
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results" / "round_scale.json"
+# Task types the scripted classifier recognises by their words, skewed as real pools are.
+TEMPLATES = [
+    (0.30, "Explain why topic {i} about {t} matters, and give two examples."),
+    (0.20, "Write a function in python that returns the {i}-th item of a list about {t}."),
+    (0.15, "Calculate the sum of {a} and {b}, then explain the steps (case {i})."),
+    (0.15, "Write a story about {t} in which the number {i} plays a part."),
+    (0.10, "Rewrite this sentence about {t} more formally: item {i} is fine."),
+    (0.05, "Fix the code: def f{i}(x): return x +* 1  # a bug about {t}"),
+    (0.05, "Correct the sentence about {t}: there is {i} error in it's grammar."),
+]
+TOPICS = ["rivers", "markets", "proteins", "compilers", "poetry", "orbits", "bridges", "tariffs"]
+
+
+def write_pool(path: Path, rows: int) -> None:
+    weights = [w for w, _ in TEMPLATES]
+    bounds = [sum(weights[: k + 1]) for k in range(len(weights))]
+    with path.open("w") as f:
+        for i in range(rows):
+            u = ((i * 2654435761) % 2**32) / 2**32  # a fixed spread over the types
+            k = next(j for j, b in enumerate(bounds) if u < b)
+            t = TOPICS[(i // 7) % len(TOPICS)]
+            instruction = TEMPLATES[k][1].format(i=i, t=t, a=i % 997, b=(i * 7) % 991)
+            words = 8 + (i % 5) * 6  # reference answers of varied richness: the judge's scores vary
+            output = " ".join(f"point{j}-{t}" for j in range(words)) + f" (answer {i})."
+            f.write(json.dumps({"instruction": instruction, "input": "", "output": output}) + "\n")
+
+
+def run_config(run_dir: Path, pool: Path, base_url: str, model: str, rows: int, args) -> dict:
+    size = max(16, round(args.round_share * rows))
+    return {
+        "run": {"dir": str(run_dir), "seed": 0},
+        "pool": {"paths": [str(pool)]},
+        "student": {"model": model, "engine": "auto", "max_model_len": 256, "batch_size": 256,
+                    "sampling": {"temperature": 0.0, "max_tokens": args.max_tokens}, "gpus_per_replica": 0},
+        "oracle": {"teacher": {"base_url": base_url, "model": "local", "api_key_env": None, "rpm": 10**7,
+                               "tpm": 10**10, "max_concurrency": 64, "continue_final_message": True},
+                   "actors": 1, "teacher_max_tokens": 64},
+        "curriculum": {"algorithm": "tapir", "tapir": {
+            "rounds": 1, "alpha": [0.5], "round_sizes": [size], "warmup": False, "heldout_fraction": 0.01,
+            "nll_max_rows": 16, "expansion_attempts": 1, "reuse_reference_outputs": True,
+            "classifier": {"method": "embedding", "label_sample": 1000}, "judge": {"mode": "single"}}},
+        "train": {"deepspeed_stage": 2, "num_workers": 2, "micro_batch_size": 8, "global_batch_size": 16,
+                  "epochs": 1, "max_length": 128, "lora": {"r": 8, "alpha": 16}},
+        "resources": {"num_cpus": args.cpus},
+    }  # fmt: skip
+
+
+class Sampler:
+    """Sampled in a thread every `interval`: peak RSS of the driver and of this cluster's Ray
+    workers (the processes under this benchmark's raylet), the node's memory in use, and the
+    oracle server's request count over time."""
+
+    def __init__(self, pid: int, server: LocalOracle, interval: float = 0.5):
+        self.pid, self.server, self.interval = pid, server, interval
+        self.driver = self.worker = self.workers = self.node = 0
+        self.requests: list[tuple[float, int]] = []  # (wall time, requests the server received)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            with contextlib.suppress(psutil.NoSuchProcess):
+                self.driver = max(self.driver, psutil.Process(self.pid).memory_info().rss)
+            for p in me.children(recursive=True):
+                try:
+                    if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::"):
+                        rss = p.memory_info().rss
+                        self.worker, total = max(self.worker, rss), total + rss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            self.workers = max(self.workers, total)
+            vm = psutil.virtual_memory()
+            self.node = max(self.node, vm.total - vm.available)
+            self.requests.append((time.time(), int(self.server.stats()["requests"])))
+            time.sleep(self.interval)
+
+    def requests_at(self, t: float) -> int:
+        """Requests the server had received at wall time t (the last sample at or before it)."""
+        before = [n for ts, n in self.requests if ts <= t]
+        return before[-1] if before else 0
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _written(folder: Path) -> list[float]:
+    return sorted(
+        p.stat().st_mtime for p in folder.rglob("*.parquet") if not p.name.startswith("_")
+    )
+
+
+def overlap(run_dir: Path, stage: dict, sampler: Sampler) -> dict:
+    """How much of the judge's work the scoring phase did while the engine was still answering:
+    the judge requests the server had received when the last block of answers was written, as a
+    share of the phase's judge requests (0: one after the other)."""
+    answers = _written(run_dir / "round-1" / "student")
+    end = stage["finished_at"]
+    start = end - stage["seconds"]
+    if not answers:
+        return {"answer_blocks": 0, "overlap": None}
+    at_start, at_last, at_end = (sampler.requests_at(t) for t in (start, answers[-1], end))
+    return {
+        "answer_blocks": len(answers),
+        "first_answers_after_s": round(answers[0] - start, 1),
+        "last_answers_after_s": round(answers[-1] - start, 1),
+        "judge_requests": at_end - at_start,
+        "overlap": round((at_last - at_start) / max(1, at_end - at_start), 3),
+    }
+
+
+def one_size(rows: int, work: Path, server: LocalOracle, model: str, env: dict, args) -> dict:
+    pool = work / f"pool-{rows}.jsonl"
+    write_pool(pool, rows)
+    run_dir = work / f"run-{rows}"
+    cfg = work / f"run-{rows}.yaml"
+    cfg.write_text(yaml.safe_dump(run_config(run_dir, pool, server.base_url, model, rows, args)))
+    started = time.perf_counter()
+    driver = subprocess.Popen([sys.executable, "-m", "tapir_ray.cli", "run", str(cfg)], cwd=REPO,
+                              env=env)  # fmt: skip
+    with Sampler(driver.pid, server) as sampled:
+        code = driver.wait()
+    wall = time.perf_counter() - started
+    if code != 0:
+        sys.exit(f"the run of {rows:,} rows failed ({code}): {run_dir}")
+    state = json.loads((run_dir / "state.json").read_text())
+    stages = {k: round(v.get("seconds") or 0.0, 1) for k, v in state["stages"].items()}
+    phase = state["stages"].get("round-1/student_judge", {})
+    candidates = state["stages"].get("round-1/student_in", {}).get("rows")
+    return {
+        "pool": rows,
+        "candidates": candidates,
+        "round_size": state["rounds"]["1"].get("size"),
+        "wall_s": round(wall, 1),
+        "stage_seconds": stages,
+        "scoring_phase": {
+            "seconds": stages.get("round-1/student_judge"),
+            "candidates_per_s": round(candidates / phase["seconds"], 1)
+            if candidates and phase.get("seconds")
+            else None,
+            **overlap(run_dir, phase, sampled),
+        },
+        "peak_rss_driver_mb": round(sampled.driver / 2**20),
+        "peak_rss_worker_mb": round(sampled.worker / 2**20),
+        "peak_rss_workers_total_mb": round(sampled.workers / 2**20),
+        "peak_node_memory_in_use_mb": round(sampled.node / 2**20),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument(
+        "--round-share", type=float, default=0.01, help="N_1 as a share of the pool"
+    )
+    parser.add_argument("--max-tokens", type=int, default=8, help="student answer length")
+    parser.add_argument("--cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--keep", default=None, help="keep the runs under DIR")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    work = Path(args.keep or tempfile.mkdtemp(prefix="round-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = tiny_llama(config=TINY_LLAMA_VLLM)
+    ensure_ray()  # one cluster: each run attaches to it, as a Ray Job's driver would
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    command = (
+        f"python benchmarks/round_scale.py --rows {' '.join(map(str, args.rows))} "
+        f"--round-share {args.round_share} --max-tokens {args.max_tokens} --cpus {args.cpus}"
+    )
+    runs = []
+    with LocalOracle("--backend", "scripted", "--latency-ms", "5-20") as server:
+        for rows in args.rows:
+            runs.append(one_size(rows, work, server, model, env, args))
+            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+            report = {"benchmark": "round_scale", "command": command, "device": device_name(),
+                      "ray": ray.__version__, "runs": runs}  # fmt: skip
+            if len(runs) > 1:
+                first, last = runs[0], runs[-1]
+                for key in (
+                    "peak_rss_driver_mb",
+                    "peak_rss_worker_mb",
+                    "peak_rss_workers_total_mb",
+                ):
+                    report[key.replace("peak_", "ratio_")] = round(
+                        last[key] / max(1, first[key]), 2
+                    )
+                report["pool_ratio"] = round(last["pool"] / first["pool"], 1)
+            write_results(args.out, report)  # after every size: a long run keeps what it measured
+    print_table(
+        ["pool", "wall s", "scoring s", "cand./s", "overlap", "driver MB", "worker MB", "workers MB"],
+        [[r["pool"], r["wall_s"], r["scoring_phase"]["seconds"], r["scoring_phase"]["candidates_per_s"],
+          r["scoring_phase"]["overlap"], r["peak_rss_driver_mb"], r["peak_rss_worker_mb"],
+          r["peak_rss_workers_total_mb"]] for r in runs],
+    )  # fmt: skip
+    stage_names = list(dict.fromkeys(k for r in runs for k in r["stage_seconds"]))
+    print_table(["stage", *(f"{r['pool']:,}" for r in runs)],
+                [[s, *(r["stage_seconds"].get(s, "") for r in runs)] for s in stage_names])  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
