@@ -32,7 +32,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import psutil
 import ray
 import yaml
 from common import device_name, print_table, write_results
+from ingest_throughput import PeakRSS
 
 from tapir_ray.assets import TINY_LLAMA_VLLM, tiny_llama
 from tapir_ray.oracle.local import LocalOracle
@@ -94,49 +94,37 @@ def run_config(run_dir: Path, pool: Path, base_url: str, model: str, rows: int, 
     }  # fmt: skip
 
 
-class Sampler:
+class Sampler(PeakRSS):
     """Sampled in a thread every `interval`: peak RSS of the driver and of this cluster's Ray
     workers (the processes under this benchmark's raylet), the node's memory in use, and the
     oracle server's request count over time."""
 
     def __init__(self, pid: int, server: LocalOracle, interval: float = 0.5):
-        self.pid, self.server, self.interval = pid, server, interval
+        super().__init__(interval)
+        self.pid, self.server = pid, server
         self.driver = self.worker = self.workers = self.node = 0
         self.requests: list[tuple[float, int]] = []  # (wall time, requests the server received)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            with contextlib.suppress(psutil.NoSuchProcess):
-                self.driver = max(self.driver, psutil.Process(self.pid).memory_info().rss)
-            for p in me.children(recursive=True):
-                try:
-                    if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::"):
-                        rss = p.memory_info().rss
-                        self.worker, total = max(self.worker, rss), total + rss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-            self.workers = max(self.workers, total)
-            vm = psutil.virtual_memory()
-            self.node = max(self.node, vm.total - vm.available)
-            self.requests.append((time.time(), int(self.server.stats()["requests"])))
-            time.sleep(self.interval)
+    def sample(self) -> None:
+        total = 0
+        with contextlib.suppress(psutil.NoSuchProcess):
+            self.driver = max(self.driver, psutil.Process(self.pid).memory_info().rss)
+        for p in self.proc.children(recursive=True):
+            try:
+                if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::"):
+                    rss = p.memory_info().rss
+                    self.worker, total = max(self.worker, rss), total + rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        self.workers = max(self.workers, total)
+        vm = psutil.virtual_memory()
+        self.node = max(self.node, vm.total - vm.available)
+        self.requests.append((time.time(), int(self.server.stats()["requests"])))
 
     def requests_at(self, t: float) -> int:
         """Requests the server had received at wall time t (the last sample at or before it)."""
         before = [n for ts, n in self.requests if ts <= t]
         return before[-1] if before else 0
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _written(folder: Path) -> list[float]:
