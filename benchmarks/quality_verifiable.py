@@ -167,7 +167,12 @@ def main() -> None:
                         )
                     spend[arm].append(ledger_requests(run_dir))
                     rows[arm].append(train_rows(run_dir))
-                answers = answer_test(run_dir, test, args)
+                saved = work / f"seed-{seed}" / f"{arm}-answers.json"
+                if saved.exists():  # with --keep, an arm's test answers are given once
+                    answers = json.loads(saved.read_text())
+                else:
+                    answers = answer_test(run_dir, test, args)
+                    saved.write_text(json.dumps(answers))
                 ok = np.array(
                     [is_correct(r["instruction"], a) for r, a in zip(test, answers, strict=True)]
                 )
