@@ -143,10 +143,12 @@ def overlap(run_dir: Path, stage: dict, sampler: Sampler) -> dict:
     if not answers:
         return {"answer_blocks": 0, "overlap": None}
     at_start, at_last, at_end = (sampler.requests_at(t) for t in (start, answers[-1], end))
+    asked = [t for t, k in sampler.requests if start <= t <= end and k > at_start]
     return {
         "answer_blocks": len(answers),
         "first_answers_after_s": round(answers[0] - start, 1),
         "last_answers_after_s": round(answers[-1] - start, 1),
+        "first_judge_request_after_s": round(asked[0] - start, 1) if asked else None,
         "judge_requests": at_end - at_start,
         "overlap": round((at_last - at_start) / max(1, at_end - at_start), 3),
     }
