@@ -27,9 +27,29 @@ __all__ = ["RunError", "oracle_endpoints", "run", "runner_class"]
 # --- the oracle endpoints of a run -----------------------------------------------------------------
 
 
+class Endpoints(dict):
+    """role → (EndpointConfig, base_url, cache identity). `wait()`, called before each request is
+    sent, returns once a local server that is still starting answers."""
+
+    def __init__(self, roles: dict, server=None, log: Callable[[str], None] = print):
+        super().__init__(roles)
+        self.server, self.log, self.started = server, log, time.perf_counter()
+
+    def wait(self) -> None:
+        if self.server is not None and not getattr(self.server, "ready", True):
+            try:
+                self.server.wait_ready()
+            except RuntimeError as exc:  # exited or never answered: one line naming its log
+                raise RunError(str(exc)) from None
+            self.log(
+                f"local oracle ready ({time.perf_counter() - self.started:.0f} s after its start)"
+            )
+
+
 @contextlib.contextmanager
-def oracle_endpoints(cfg: Config, run_dir: str, log: Callable[[str], None]) -> Iterator[dict]:
-    """role → (EndpointConfig, base_url, cache identity); starts the local server when asked."""
+def oracle_endpoints(cfg: Config, run_dir: str, log: Callable[[str], None]) -> Iterator[Endpoints]:
+    """The run's Endpoints; starts the local server when asked (vLLM's in the background: the run
+    ingests meanwhile, and the first request waits for it)."""
     from tapir_ray.oracle.local import LocalOracle, VLLMOracle
 
     roles = {"teacher": cfg.oracle.endpoint("teacher"), "judge": cfg.oracle.endpoint("judge")}
@@ -60,8 +80,12 @@ def oracle_endpoints(cfg: Config, run_dir: str, log: Callable[[str], None]) -> I
                 if backend == "hf":
                     args += ["--model", cfg.oracle.local_model]
                 server = LocalOracle(*args, startup_timeout=600, log_path=log_path)
-            server.__enter__()
-            log(f"local oracle listening at {server.base_url}")
+            if backend == "vllm":
+                server.start()
+                log(f"local oracle starting at {server.base_url} (log: {log_path})")
+            else:
+                server.__enter__()
+                log(f"local oracle listening at {server.base_url}")
         out = {}
         for role, ep in roles.items():
             if ep.base_url is None:
@@ -75,7 +99,7 @@ def oracle_endpoints(cfg: Config, run_dir: str, log: Callable[[str], None]) -> I
                 out[role] = (ep, server.base_url, identity)
             else:
                 out[role] = (ep, ep.base_url, ep.base_url)
-        yield out
+        yield Endpoints(out, server, log)
     finally:
         if server is not None:
             server.stop()

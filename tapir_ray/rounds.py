@@ -159,13 +159,17 @@ def write_student_inputs(run_dir: str, round_: int) -> int:
     return frames.write(ds, storage.join(run_dir, f"round-{round_}", "student_in"), STUDENT_IN)
 
 
-def _judge_requests(batch: pa.Table, mode: str, prefill: bool) -> pa.Table:
+def _judge_requests(
+    batch: pa.Table, mode: str, prefill: bool, answers: tuple[str, ...] = ("T", "S")
+) -> pa.Table:
+    """Judge requests of a block of candidates. Single mode: one per answer in `answers` (T:
+    the teacher's, which needs no student answer, S: the student's); pairwise: both orders."""
     ids, msgs = [], []
-    for r in batch.to_pylist():  # one block of the round's answered candidates
+    for r in batch.to_pylist():  # one block of the round's candidates
         text = P.user_content(r["instruction"], r["input"])
         if mode == "single":
-            for tag, answer in (("T", r["teacher"]), ("S", r["student"])):
-                prompt = P.judge_single(text, answer)
+            for tag in answers:
+                prompt = P.judge_single(text, r["teacher"] if tag == "T" else r["student"])
                 ids.append(f"{r['id']}|{tag}")
                 msgs.append(
                     json.dumps(
@@ -188,6 +192,27 @@ def _judge_requests(batch: pa.Table, mode: str, prefill: bool) -> pa.Table:
 def _requests_from_answers(batch: pa.Table, to_requests: Callable, args: tuple) -> pa.Table:
     """A block of answers (`response`, with the request's context columns) → oracle requests."""
     return to_requests(batch.rename_columns(["student" if c == "response" else c for c in batch.column_names]), *args)  # fmt: skip
+
+
+def scoring_requests(
+    answers: ray.data.Dataset, student_in: str, context: list[str],
+    late: tuple[Callable, tuple], early: tuple[Callable, tuple] | None,
+) -> ray.data.Dataset:  # fmt: skip
+    """The oracle requests of a scoring phase: `late` (fn, args) on each block of the student's
+    answers, and `early` on each row of `student_in` (requests that need no student answer, e.g.
+    the verdicts on the teacher's answers), which flow from the start, while the engine loads."""
+    from tapir_ray.student import LIGHT_CPUS
+
+    # One light task per block (select/rename would each be a whole-CPU operator).
+    asks = answers.map_batches(_requests_from_answers, fn_args=late, batch_format="pyarrow",
+                               num_cpus=LIGHT_CPUS)  # fmt: skip
+    if early is None:
+        return asks
+    rows = frames.read(student_in, ["id", *context], num_cpus=LIGHT_CPUS)
+    first = rows.map_batches(
+        early[0], fn_args=early[1], batch_format="pyarrow", num_cpus=LIGHT_CPUS
+    )
+    return first.union(asks)  # Ray Data's union passes blocks on as either side makes them
 
 
 def resume_split(
@@ -777,15 +802,19 @@ class TapirRun:
         clear_dead_letters(self.run_dir, stage)
         if total == 0:
             return {"rows_in": 0, "rows_out": 0, "dead_lettered": 0}
+        getattr(self.endpoints, "wait", lambda: None)()  # a local server may still be starting
         # No actor writes now: merge what earlier stages and killed runs left into large segments.
         ResponseCache(self.path("oracle-cache")).compact()
         ray.get(self.ledger.settle.remote(round_, role))  # rows a killed attempt left unfinished
         before = ray.get(self.ledger.done.remote(round_, role))
+        # Batches of at most a quarter of an actor's share: an actor pool waits for a full batch, so
+        # requests that arrive early in a streaming stage (the teacher's verdicts) would otherwise
+        # wait for the later ones (the student's), and a small stage keeps every actor busy.
         ds = oracle_map(
             requests(), role=role, endpoint=ep, base_url=url, identity=identity, stage=stage,
             run_dir=self.run_dir, round_=round_, params=params, ledger=self.ledger, parse=parse,
             limiter=self.limiters[key], actors=self.cfg.oracle.actors, cpus_per_actor=self.cfg.oracle.cpus_per_actor,
-            batch_size=max(8, min(64, math.ceil(total / self.cfg.oracle.actors))), mode=self.cfg.oracle.mode_for(role),
+            batch_size=max(8, min(64, math.ceil(total / (4 * self.cfg.oracle.actors)))), mode=self.cfg.oracle.mode_for(role),
         )  # fmt: skip
         started = time.perf_counter()
         done = lambda: min(total, ray.get(self.ledger.done.remote(round_, role)) - before)  # noqa: E731
@@ -946,7 +975,8 @@ class TapirRun:
 
     # -- training --
 
-    def train(self, round_: int, student: dict) -> dict:
+    def train(self, round_: int, student: dict, before: bool = False) -> dict:
+        """Round `round_`'s fit; `before`: also the held-out NLL of the model it starts from."""
         from tapir_ray.train import train_round
 
         ds = ray.data.read_parquet(self.path(f"round-{round_}", "train_set"))
@@ -955,13 +985,14 @@ class TapirRun:
             ds, self.cfg.train, self.path(f"round-{round_}"), model=student["model"],
             init_adapter=None if full else student["adapter"], seed=self.seed + round_,
             chat_template=self.cfg.student.chat_template,
-            heldout=self.fit_heldout(),
+            heldout=self.fit_heldout(), heldout_before=before,
         )  # fmt: skip
         losses = [m["loss"] for m in result.metrics if m.get("loss") is not None]
         tps = [m["tokens_per_s"] for m in result.metrics if m.get("tokens_per_s")]
         return {"steps": result.steps, "first_loss": losses[0] if losses else None, "final_loss": result.final_loss,
                 "tokens_per_s": round(sum(tps) / len(tps), 1) if tps else None,
                 "adapter": result.adapter_dir, "adapter_sha256": result.adapter_sha256, "heldout": result.heldout,
+                "heldout_before": result.heldout_before,
                 "rows": storage.parquet_rows(self.path(f"round-{round_}", "train_set"))}  # fmt: skip
 
     def student_after(self, round_: int) -> dict:
@@ -990,9 +1021,9 @@ class TapirRun:
             "items", 0, lambda: build_items(self.run_dir, self.seed, tapir.heldout_fraction)
         )
         base = self.student_after(-1)
-        nll0 = self.step("round-0/nll-base", 0, lambda: self.nll(0, None, base["model"]))
-        ray.get(self.actor.update_round.remote(0, {"nll_base": nll0.get("nll")}))
-        if tapir.warmup:
+        if not tapir.warmup:
+            self.base_nll(base)
+        else:
             self.step(
                 "round-0/plan",
                 0,
@@ -1003,12 +1034,13 @@ class TapirRun:
                 0,
                 lambda: write_train_set(self.run_dir, 0, self.path("items"), "teacher", {}),
             )
-            trained = self.step("round-0/train", 0, lambda: self.train(0, base))
+            trained = self.step("round-0/train", 0, lambda: self.train(0, base, before=True))
             ray.get(
                 self.actor.update_round.remote(
                     0, {"adapter": trained["adapter"], "adapter_sha256": trained["adapter_sha256"]}
                 )
             )
+            self.base_nll(base, trained.get("heldout_before"))
             nll = self.step("round-0/nll", 0, lambda: self.round_nll(0, trained))
             ray.get(self.actor.update_round.remote(0, {"nll": nll.get("nll"), "train": trained}))
         sizes = round_sizes(tapir, items["candidates"])
@@ -1017,6 +1049,14 @@ class TapirRun:
         ray.get(self.actor.finish.remote("done"))
         ray.get(self.actor.set_ledger.remote(ray.get(self.ledger.flush.remote())))
         return ray.get(self.actor.get.remote())
+
+    def base_nll(self, base: dict, from_fit: dict | None = None) -> None:
+        """The base student's held-out NLL: the warm-up fit computes it before its first step;
+        a task loads the base model when there is no warm-up (or its fit resumed mid-way)."""
+        nll = (from_fit or {}).get("nll")
+        if nll is None:
+            nll = self.step("round-0/nll-base", 0, lambda: self.nll(0, None, base["model"])).get("nll")  # fmt: skip
+        ray.get(self.actor.update_round.remote(0, {"nll_base": nll}))
 
     def fit_heldout(self) -> list[dict[str, Any]] | None:
         """Rows whose NLL each fit computes after training: the per-round held-out NLL."""
@@ -1111,22 +1151,30 @@ class TapirRun:
     def answer_and_judge(self, r: int, student: dict, n: int) -> dict[str, Any]:
         """TAPIR's scoring phase: unused candidates → student → judge (both answers of each)."""
         rd, judge, prefill = f"round-{r}", self.tapir.judge, self.prefill("judge")
+        # A single-answer judge rates the teacher's answers while the student engine starts and
+        # generates (they need no student answer); a pairwise judge needs both answers.
+        single = judge.mode == "single"
         return self.answer_and_ask(
             f"{rd} · student answers → judge verdicts", r, student, n, folder=self.path(rd),
-            to_requests=_judge_requests, fn_args=(judge.mode, prefill), per_row=2, out="judge",
+            to_requests=_judge_requests, fn_args=(judge.mode, prefill, ("S",) if single else ()),
+            per_row=1 if single else 2, out="judge",
+            early=(_judge_requests, (judge.mode, prefill, ("T",))) if single else None,
             role="judge", endpoint="judge", params=self._judge_params(prefill),
             parse=P.JudgeParser(judge.mode, judge.logprob_scoring, prefill, judge.min_valid_mass, report_mass=True),
         )  # fmt: skip
 
     def answer_and_ask(self, label: str, r: int, student: dict, n: int, *, folder: str, to_requests: Callable,
-                       fn_args: tuple, per_row: int, out: str, **ask: Any) -> dict[str, Any]:  # fmt: skip
+                       fn_args: tuple, per_row: int, out: str, early: tuple[Callable, tuple] | None = None,
+                       **ask: Any) -> dict[str, Any]:  # fmt: skip
         """`folder`/student_in → the student → `to_requests` → the oracle → `folder`/`out`, as one
         streaming pipeline: the oracle works while the student generates. The requests of
         student_in carry the columns `to_requests` needs besides the answer (`student`) through the
         engine, so no join is needed. Each block of answers is written to `folder`/student as it
         passes: a rerun after a kill generates only the rows not answered yet, and the oracle's
-        replies on rows already answered come from the cache. `per_row`: requests per answer."""
-        from tapir_ray.student import LIGHT_CPUS, Adapter, answer, answers_metrics, persist
+        replies on rows already answered come from the cache. `per_row`: requests per answer.
+        `early` (fn, args): one request per row of student_in that needs no student answer, sent
+        from the stage's start (while the engine starts), merged into the same output."""
+        from tapir_ray.student import Adapter, answer, answers_metrics, persist
 
         student_in, student_dir = (
             storage.join(folder, "student_in"),
@@ -1147,14 +1195,13 @@ class TapirRun:
                                                 use_gpu=self.use_gpu, carry=tuple(context))  # fmt: skip
                 parts.insert(0, persist(fresh, student_dir, tag))
             answers = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-            # One light task per block (select/rename would each be a whole-CPU operator).
-            return answers.map_batches(_requests_from_answers, fn_args=(to_requests, fn_args),
-                                       batch_format="pyarrow", num_cpus=LIGHT_CPUS)  # fmt: skip
+            return scoring_requests(answers, student_in, context, (to_requests, fn_args), early)
 
         # The engine answers in blocks: the progress line counts them as they are kept.
         answered = lambda: f"{frames.rows(student_dir)}/{n} answered"  # noqa: E731
-        info = self.ask_stream(label, requests, per_row * n, storage.join(folder, out), round_=r,
-                               sent=lambda: per_row * frames.rows(student_dir), detail=answered, **ask)  # fmt: skip
+        pre = n if early is not None else 0
+        info = self.ask_stream(label, requests, pre + per_row * n, storage.join(folder, out), round_=r,
+                               sent=lambda: pre + per_row * frames.rows(student_dir), detail=answered, **ask)  # fmt: skip
         answered = frames.rows(student_dir)
         metrics = answers_metrics(
             student_dir, tag, started, round=r, **facts["engine"], rows_in=n, rows_out=answered,

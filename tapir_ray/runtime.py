@@ -93,6 +93,9 @@ def ensure_ray(resources: ResourcesConfig | None = None) -> None:
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
     env_vars = {k: os.environ[k] for k in (*OFFLINE_ENV, "TAPIR_RAY_CACHE") if k in os.environ}
+    # The V1 Parquet path (configure_data) in every worker too: a task that reads a stage's output
+    # (expansion checks, lookups) otherwise pays V2's ListFiles round trips, ~4 s per read.
+    env_vars["RAY_DATA_USE_DATASOURCE_V2"] = "0"
     address = resources.ray_address or os.environ.get("RAY_ADDRESS")
     verbose = _CONSOLE["verbose"]
     kwargs: dict = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": verbose}

@@ -76,11 +76,16 @@ def test_labels_mask_every_prompt_token(smollm2):
 def test_tiny_llama_trains_under_zero3(ray_cluster, smollm2, vocab, tmp_path):
     result = train_round(
         ray.data.from_items(fixed_set() * 2), train_cfg(deepspeed_stage=3, max_steps=8), str(tmp_path / "round-1"),
-        model=smollm2, model_config=tiny_config(vocab),
+        model=smollm2, model_config=tiny_config(vocab), heldout=fixed_set(4), heldout_before=True,
     )  # fmt: skip
     losses = [m["loss"] for m in result.metrics]
     assert [m["step"] for m in result.metrics] == list(range(1, 9))
     assert losses[-1] < 0.85 * losses[0], losses
+    # The held-out NLL before the first step is the starting model's (a warm-up fit reports the
+    # base student's this way), computed by every ZeRO-3 rank together; after the fit it has fallen.
+    before, after = result.heldout_before["nll"], result.heldout["nll"]
+    assert before == pytest.approx(losses[0], rel=0.1) and after < 0.85 * before, (before, after)
+    assert result.heldout_before["rows"] == result.heldout["rows"] == 4
     assert all(
         m["tokens_per_s"] > 0 and m["samples_per_s"] > 0 and m["lr"] > 0 for m in result.metrics
     )

@@ -86,6 +86,9 @@ class LocalOracle:
             self.port = int(f.read())
         return self
 
+    def wait_ready(self) -> None:
+        """Ready once `__enter__` returns (VLLMOracle can also start without waiting)."""
+
     def _wait_until(self, ready: Callable[[], bool], what: str, poll_s: float) -> None:
         """Until `ready()`: one line naming the log if the child exits or outlasts the timeout."""
         deadline = time.monotonic() + self.startup_timeout
@@ -147,6 +150,13 @@ class VLLMOracle(LocalOracle):
         return cmd
 
     def __enter__(self) -> VLLMOracle:
+        self.start()
+        self.wait_ready()
+        return self
+
+    def start(self) -> VLLMOracle:
+        """Starts the server and returns at once (`wait_ready` waits for it): a run ingests its pool
+        while vLLM loads."""
         self.port = self.want_port or _free_port()
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = dict(os.environ)
@@ -159,8 +169,13 @@ class VLLMOracle(LocalOracle):
         )
         cmd = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *self.command()]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
-        self._wait_until(self._healthy, "the local vLLM oracle server", 0.5)
+        self.ready = False
         return self
+
+    def wait_ready(self) -> None:
+        if not self.ready:
+            self._wait_until(self._healthy, "the local vLLM oracle server", 0.5)
+            self.ready = True
 
     def _healthy(self) -> bool:
         try:

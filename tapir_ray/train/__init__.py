@@ -38,6 +38,7 @@ class TrainResult:
     seconds: float
     metrics: list[dict[str, Any]]
     heldout: dict[str, Any] | None = None  # {nll, tokens, rows} when held-out rows were given
+    heldout_before: dict[str, Any] | None = None  # the same, before the first step (heldout_before)
 
 
 def scaling_config(train: TrainConfig):
@@ -67,10 +68,13 @@ def train_round(
     peak_flops_per_device: float | None = None,
     chat_template: str | None = None,
     heldout: list[dict[str, Any]] | None = None,
+    heldout_before: bool = False,
 ) -> TrainResult:
     """Fine-tune on `ds` (messages JSON + response) and write `<out_dir>/adapter/`; prompts are
     rendered with `chat_template` (see tapir_ray.chat.load_tokenizer), as inference renders them.
-    `heldout` rows (messages, response): the trained model's held-out NLL, computed in the fit."""
+    `heldout` rows (messages, response): the trained model's held-out NLL, computed in the fit;
+    with `heldout_before`, also the starting model's (the base student's, for a fit without
+    `init_adapter`), unless the fit resumes from a checkpoint."""
     from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -123,6 +127,9 @@ def train_round(
         "peak_flops_per_device": peak_flops_per_device,
         "heldout": heldout or [],
         "heldout_path": storage.join(out_dir, "heldout_nll.json"),
+        "heldout_before_path": storage.join(out_dir, "heldout_nll_before.json")
+        if heldout_before
+        else None,
     }
     storage.remove(cfg["heldout_path"])  # a figure of an earlier fit of this round is not this one
     storage_path = storage.join(out_dir, "checkpoints")
@@ -149,6 +156,8 @@ def train_round(
         if heldout and storage.exists(cfg["heldout_path"])
         else None
     )
+    before = cfg["heldout_before_path"]
+    nll_before = storage.read_json(before) if before and storage.exists(before) else None
     sha = adapter_sha256(cfg["adapter_dir"]) if not train.full_finetune else ""
     if sha:
         storage.write_text_atomic(storage.join(cfg["adapter_dir"], "SHA256"), sha + "\n")
@@ -160,6 +169,7 @@ def train_round(
         seconds=time.perf_counter() - started,
         metrics=metrics,
         heldout=nll,
+        heldout_before=nll_before,
     )
 
 

@@ -232,6 +232,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     fpt = flops_per_token(engine.module)
     peak = cfg.get("peak_flops_per_device")
     collate_fn = TokenizeCollate(cfg["model_path"], cfg["max_length"], cfg["chat_template"])
+    if cfg.get("heldout_before_path") and cfg.get("heldout") and checkpoint is None:
+        # The model as the fit starts (a fresh LoRA adapter changes nothing): the base student's
+        # held-out NLL, computed where it is loaded instead of by a task that loads it again.
+        _heldout_nll(engine, cfg, collate_fn, rank, cfg["heldout_before_path"])
+        engine.module.train()
     window_tokens = window_response_tokens = window_samples = 0
     window_start = time.perf_counter()
     losses: list[float] = []
@@ -297,10 +302,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     _save_adapter(engine, cfg, rank)
     if cfg.get("heldout"):
-        _heldout_nll(engine, cfg, collate_fn, rank)
+        _heldout_nll(engine, cfg, collate_fn, rank, cfg["heldout_path"])
 
 
-def _heldout_nll(engine, cfg: dict[str, Any], collate_fn: TokenizeCollate, rank: int) -> None:
+def _heldout_nll(
+    engine, cfg: dict[str, Any], collate_fn: TokenizeCollate, rank: int, path: str
+) -> None:
     """The held-out NLL of the model just trained, computed where it is already loaded (rather
     than by a task that loads it again). Every rank runs the same forwards, as ZeRO-3 gathers each
     layer's weights collectively; rank 0 writes the figure (as eval.nll.heldout_nll computes it)."""
@@ -312,9 +319,7 @@ def _heldout_nll(engine, cfg: dict[str, Any], collate_fn: TokenizeCollate, rank:
         total, count = token_nll(engine.module, examples, collate_fn.pad_id)
     if rank == 0:
         nll = round(total / count, 5) if count else None
-        storage.write_json_atomic(
-            cfg["heldout_path"], {"nll": nll, "tokens": count, "rows": len(cfg["heldout"])}
-        )
+        storage.write_json_atomic(path, {"nll": nll, "tokens": count, "rows": len(cfg["heldout"])})
 
 
 def _report_with_checkpoint(
