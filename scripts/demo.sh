@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# The offline demo (`make demo`): 2 TAPIR rounds on 64 bundled Alpaca instructions, end to end,
-# with a local teacher/judge, ending with the report table (doctor checks the config and the
-# machine first). An interrupted demo resumes.
+# The offline demo (`make demo`): 2 TAPIR rounds on 48 bundled Alpaca instructions, end to end,
+# with a local teacher/judge, ending with the report table (`tapir-ray doctor` tells what the
+# machine can run; the run checks its config itself). An interrupted demo resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv}
 T="$VENV/bin/tapir-ray"
 RUN=runs/demo
-"$T" doctor --config jobs/demo_cpu.yaml --no-endpoints
 if [ -f "$RUN/state.json" ] && ! grep -q '"status": "done"' "$RUN/state.json"; then
   echo "resuming the interrupted demo in $RUN"
   exec "$T" run jobs/demo_cpu.yaml --resume

@@ -54,5 +54,9 @@ t=$(date +%s)
 echo "[setup] bytecode compiled in $(( $(date +%s) - t )) s"
 "$PY" -c "import torch, ray, transformers, peft, deepspeed, openai, pydantic, tapir_ray" \
   || { echo "[setup] the environment does not import; see the messages above" >&2; exit 1; }
+# The bundled student ships as GGUF: converted to safetensors once, here, rather than by the
+# first run (a demo or test would otherwise spend its first ~30 s on it).
+"$PY" -c "from tapir_ray.assets import resolve_model; resolve_model('bundled:smollm2-135m')" \
+  || { echo "[setup] could not convert the bundled SmolLM2 model" >&2; exit 1; }
 echo "$WANT" > "$STAMP"
 echo "[setup] environment ready in $(( $(date +%s) - start )) s"
