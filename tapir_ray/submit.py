@@ -203,10 +203,29 @@ def _call(what: str, fn, *args, **kwargs):
         raise SubmitError(f"{what}: {message}") from None
 
 
+AGENT_WAIT_S = 60.0
+
+
+def _until_agent(send, **kwargs):
+    """`send(**kwargs)`, asked again while a head that has just started answers "No available agent
+    to submit job, please try again later" (its job agent is not up yet), for up to a minute."""
+    import time
+
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return send(**kwargs)
+        except Exception as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
 def submit(spec: JobSpec, address: str) -> str:
     c = client(address)
     return _call(
         "submitting the job",
+        _until_agent,
         c.submit_job,
         entrypoint=spec.entrypoint,
         runtime_env=spec.runtime_env,
