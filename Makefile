@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: env demo test lint bench-demo bench-quality bench-ingest bench-oracle-batch bench-glue bench-scale bench-gpu clean-demo
+.PHONY: env demo test lint bench-demo bench-quality bench-ingest bench-oracle-batch bench-glue bench-round bench-scale bench-gpu clean-demo
 
 env:
 	@bash scripts/setup_env.sh $(VENV)
@@ -40,8 +40,11 @@ bench-ingest: env
 bench-glue: env
 	$(PY) benchmarks/round_glue.py --rows 100000 1000000
 
-bench-scale: env
+# one whole TAPIR round at 10,000 and 100,000 rows (tiny models, scripted oracle; ~25 min on 2 cores)
+bench-round: env
 	$(PY) benchmarks/round_scale.py --rows 10000 100000
+
+bench-scale: bench-round
 
 # on a machine with a GPU (no Ray or vLLM needed there): generation, LoRA steps, embeddings
 bench-gpu: env

@@ -4,9 +4,11 @@
 
 For each pool size N: a synthetic pool of N distinct instructions with reference answers, skewed
 over task types; the student is a tiny random-weight Llama with the bundled tokenizer
-(`tapir_ray.assets.tiny_llama`, head size 64 for vLLM's CPU kernels) on the real vLLM engine (transformers where vllm is not
-installed); the oracle is the scripted OpenAI-compatible server (`tapir-ray oracle serve
---backend scripted`, a few ms per reply) as classifier, expander, refiner and judge. One TAPIR
+(`tapir_ray.assets.tiny_llama`, head size 64 for vLLM's CPU kernels) on the real vLLM engine
+(transformers where vllm is not installed); the sentence encoder is a tiny random-weight one with
+the bundled MiniLM's tokenizer (`tapir_ray.assets.tiny_encoder`; `--encoder minilm`: the real
+one); the oracle is the scripted OpenAI-compatible server (`tapir-ray oracle serve --backend
+scripted`, a few ms per reply) as classifier, expander, refiner and judge. One TAPIR
 round runs as a user runs it (`tapir-ray run`, attached to one Ray cluster): ingest, labels (the
 embedding classifier, trained on an oracle-labelled sample), items, the streaming scoring phase
 (student answers → judge verdicts), scores, plan, expansion, refinement, training set, a LoRA fit
@@ -41,7 +43,7 @@ import yaml
 from common import device_name, print_table, write_results
 from ingest_throughput import PeakRSS
 
-from tapir_ray.assets import TINY_LLAMA_VLLM, tiny_llama
+from tapir_ray.assets import TINY_LLAMA_VLLM, tiny_encoder, tiny_llama
 from tapir_ray.oracle.local import LocalOracle
 from tapir_ray.runtime import ensure_ray
 
@@ -74,7 +76,9 @@ def write_pool(path: Path, rows: int) -> None:
             f.write(json.dumps({"instruction": instruction, "input": "", "output": output}) + "\n")
 
 
-def run_config(run_dir: Path, pool: Path, base_url: str, model: str, rows: int, args) -> dict:
+def run_config(
+    run_dir: Path, pool: Path, base_url: str, model: str, encoder: str, rows: int, args
+) -> dict:
     size = max(16, round(args.round_share * rows))
     return {
         "run": {"dir": str(run_dir), "seed": 0},
@@ -87,7 +91,7 @@ def run_config(run_dir: Path, pool: Path, base_url: str, model: str, rows: int, 
         "curriculum": {"algorithm": "tapir", "tapir": {
             "rounds": 1, "alpha": [0.5], "round_sizes": [size], "warmup": False, "heldout_fraction": 0.01,
             "nll_max_rows": 16, "expansion_attempts": 1, "reuse_reference_outputs": True,
-            "classifier": {"method": "embedding", "label_sample": 1000}, "judge": {"mode": "single"}}},
+            "classifier": {"method": "embedding", "label_sample": 1000, "embedding_model": encoder}, "judge": {"mode": "single"}}},
         "train": {"deepspeed_stage": 2, "num_workers": 2, "micro_batch_size": 8, "global_batch_size": 16,
                   "epochs": 1, "max_length": 128, "lora": {"r": 8, "alpha": 16}},
         "resources": {"num_cpus": args.cpus},
@@ -154,12 +158,16 @@ def overlap(run_dir: Path, stage: dict, sampler: Sampler) -> dict:
     }
 
 
-def one_size(rows: int, work: Path, server: LocalOracle, model: str, env: dict, args) -> dict:
+def one_size(
+    rows: int, work: Path, server: LocalOracle, model: str, encoder: str, env: dict, args
+) -> dict:
     pool = work / f"pool-{rows}.jsonl"
     write_pool(pool, rows)
     run_dir = work / f"run-{rows}"
     cfg = work / f"run-{rows}.yaml"
-    cfg.write_text(yaml.safe_dump(run_config(run_dir, pool, server.base_url, model, rows, args)))
+    cfg.write_text(
+        yaml.safe_dump(run_config(run_dir, pool, server.base_url, model, encoder, rows, args))
+    )
     started = time.perf_counter()
     driver = subprocess.Popen([sys.executable, "-m", "tapir_ray.cli", "run", str(cfg)], cwd=REPO,
                               env=env)  # fmt: skip
@@ -202,22 +210,28 @@ def main() -> None:
     )
     parser.add_argument("--max-tokens", type=int, default=8, help="student answer length")
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--encoder", choices=["tiny", "minilm"], default="tiny",
+        help="sentence encoder: a tiny random-weight one (tapir_ray.assets.tiny_encoder) or the bundled MiniLM",
+    )  # fmt: skip
     parser.add_argument("--keep", default=None, help="keep the runs under DIR")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix="round-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     model = tiny_llama(config=TINY_LLAMA_VLLM)
+    encoder = tiny_encoder() if args.encoder == "tiny" else "bundled:all-minilm-l6-v2"
     ensure_ray()  # one cluster: each run attaches to it, as a Ray Job's driver would
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     command = (
         f"python benchmarks/round_scale.py --rows {' '.join(map(str, args.rows))} "
-        f"--round-share {args.round_share} --max-tokens {args.max_tokens} --cpus {args.cpus}"
+        f"--round-share {args.round_share} --max-tokens {args.max_tokens} --cpus {args.cpus} "
+        f"--encoder {args.encoder}"
     )
     runs = []
     with LocalOracle("--backend", "scripted", "--latency-ms", "5-20") as server:
         for rows in args.rows:
-            runs.append(one_size(rows, work, server, model, env, args))
+            runs.append(one_size(rows, work, server, model, encoder, env, args))
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
             report = {"benchmark": "round_scale", "command": command, "device": device_name(),
                       "ray": ray.__version__, "runs": runs}  # fmt: skip

@@ -182,6 +182,54 @@ def tiny_llama(folder: str | Path | None = None, config: dict | None = None) -> 
     return str(target)
 
 
+# A tiny sentence encoder (random weights) with the bundled MiniLM's tokenizer: the embedding
+# stages (classifier, near-duplicate checks, rubric retrieval) at a negligible model cost, for
+# scale benchmarks. Its vectors carry no meaning.
+TINY_ENCODER = dict(
+    model_type="bert", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    max_position_embeddings=512,
+)  # fmt: skip
+
+
+def tiny_encoder(folder: str | Path | None = None) -> str:
+    """A sentence-transformers folder holding TINY_ENCODER (mean pooling, unit norm) with seeded
+    random weights, built once under a lock (default: the cache directory's models/tiny-encoder)."""
+    target = Path(folder) if folder else cache_dir() / "models" / "tiny-encoder"
+    if (target / _COMPLETE).exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock", timeout=900):
+        if (target / _COMPLETE).exists():
+            return str(target)
+        import torch
+        from sentence_transformers import SentenceTransformer, models
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok = AutoTokenizer.from_pretrained(resolve_model("bundled:all-minilm-l6-v2"))
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            AutoModel.from_config(
+                AutoConfig.for_model(**TINY_ENCODER, vocab_size=len(tok))
+            ).save_pretrained(tmp / "bert")
+        tok.save_pretrained(tmp / "bert")
+        word = models.Transformer(str(tmp / "bert"), max_seq_length=128)
+        dimension = (
+            getattr(word, "get_embedding_dimension", None) or word.get_word_embedding_dimension
+        )
+        pooling = models.Pooling(dimension(), pooling_mode="mean")
+        SentenceTransformer(modules=[word, pooling, models.Normalize()], device="cpu").save(
+            str(tmp)
+        )
+        shutil.rmtree(tmp / "bert")
+        (tmp / _COMPLETE).write_text("random weights, seed 0\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    return str(target)
+
+
 def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> None:
     import torch
 

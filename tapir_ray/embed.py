@@ -23,6 +23,7 @@ import ray
 from tapir_ray.assets import resolve_model
 
 _ENCODERS: dict[str, Any] = {}
+EMBED_BLOCK_ROWS = 2048  # rows per embedding task
 
 
 def load_encoder(model: str):
@@ -64,7 +65,9 @@ class Embed:
 def embed(ds: ray.data.Dataset, model: str, text_column: str = "text") -> ray.data.Dataset:
     from tapir_ray.runtime import cached_udf
 
-    return ds.map_batches(
+    # Blocks of at most EMBED_BLOCK_ROWS, split as they stream by: a pool's Parquet file is one
+    # block of up to 100,000 rows, and its embeddings were one task on one core.
+    return ds.repartition(target_num_rows_per_block=EMBED_BLOCK_ROWS).map_batches(
         cached_udf, fn_args=(Embed, (model, text_column)), batch_size=256, batch_format="pyarrow",
         num_cpus=0.5,
     )  # fmt: skip

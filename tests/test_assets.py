@@ -64,6 +64,18 @@ def test_bundled_minilm_embeds():
     assert float(a @ b) > float(a @ c)  # related questions are closer
 
 
+def test_the_tiny_encoder_is_a_seeded_sentence_encoder_with_the_bundled_tokenizer(tmp_path):
+    from tapir_ray.embed import encode, load_encoder
+
+    first, second = assets.tiny_encoder(tmp_path / "a"), assets.tiny_encoder(tmp_path / "b")
+    texts = ["How do I bake bread?", "Solve x + 2 = 5.", "How do I bake bread?"]
+    a, b = encode(load_encoder(first), texts), encode(load_encoder(second), texts)
+    assert a.shape == (3, assets.TINY_ENCODER["hidden_size"])
+    assert abs(float(a[0] @ a[0]) - 1.0) < 1e-5 and float(a[0] @ a[1]) < 0.9999
+    assert (a[0] == a[2]).all() and abs(a - b).max() < 1e-6  # the same weights, built twice
+    assert not [n for n in os.listdir(tmp_path) if "tmp" in n]  # no half-built folder is left
+
+
 def test_bundled_data_is_shipped_with_licenses():
     alpaca = json.loads(Path(assets.resolve_data("bundled:alpaca-5k")).read_text())
     assert len(alpaca) == 5000 and {"instruction", "input", "output"} <= set(alpaca[0])

@@ -302,32 +302,32 @@ class _CountingLimiter:
     """The limiter's arithmetic behind the actor's call shape (`.remote`), counting what is asked."""
 
     def __init__(self, rpm: float):
-        self.buckets = TokenBuckets(rpm, 10**9)
-        self.asked = 0
+        from tapir_ray.oracle.limiter import RateLimiter
+
+        self.limiter = RateLimiter.__ray_actor_class__(rpm, 10**9)
+        self.calls = 0
 
         def call(fn):
-            async def remote(*args):
-                return fn(*args)
-
-            return type("Method", (), {"remote": staticmethod(remote)})
+            return type("Method", (), {"remote": staticmethod(fn)})
 
         self.reserve = call(self._reserve)
-        self.done = call(lambda *_: self.buckets.succeeded())
-        self.rate_limited = call(lambda retry_after: None)
+        self.settled = call(self.limiter.settled)
+        self.rate_limited = call(self.limiter.rate_limited)
 
-    def _reserve(self, tokens, horizon=None):
-        self.asked += 1
-        return self.buckets.reserve(tokens, time.monotonic(), horizon)
+    async def _reserve(self, tokens, horizon=None, settled=None):
+        self.calls += 1
+        return await self.limiter.reserve(tokens, horizon, settled)
 
 
-def test_requests_waiting_for_the_pace_do_not_poll_the_limiter_in_a_herd():
-    """A client with many requests queued behind the endpoint's pace asks the limiter about once
-    per request plus a few pollers' retries, not once per waiting request every few milliseconds
-    (8,440 asks for these 400 requests: the limiter actor was kept busy and the sends whose time
-    had come left late, together)."""
+def test_waiting_requests_are_reserved_together_and_do_not_poll_the_limiter_in_a_herd():
+    """A client with many requests queued behind the endpoint's pace asks the limiter for all of
+    them in one call, and again only after the pause a refusal names: not once per request (a
+    round trip to the limiter actor and a second one per reply cost more CPU than the requests),
+    and not once per waiting request every few milliseconds (8,440 asks for these 400 requests
+    once kept the limiter busy and the sends whose time had come left late, together)."""
     import asyncio
 
-    from tapir_ray.oracle.client import MIN_POLL_S, RESERVERS, OracleClient
+    from tapir_ray.oracle.client import MIN_POLL_S, OracleClient
 
     with LocalOracle("--backend", "scripted", "--latency-ms", "0") as server:
         limiter = _CountingLimiter(rpm=6000)  # 98 a second
@@ -345,7 +345,10 @@ def test_requests_waiting_for_the_pace_do_not_poll_the_limiter_in_a_herd():
         answers = asyncio.run(many())
         elapsed = time.monotonic() - started
     assert len(answers) == 400 and elapsed >= 400 / 98 * 0.9  # paced, not all at once
-    assert limiter.asked <= 400 + RESERVERS * elapsed / MIN_POLL_S + 10, limiter.asked
+    stats = limiter.limiter.stats
+    assert stats["reservations"] == 400  # each request reserved once
+    assert limiter.calls <= elapsed / MIN_POLL_S + 5, limiter.calls
+    assert stats["refused"] >= limiter.calls - 5  # nearly every call but the last ends refused
 
 
 def test_client_errors_are_not_retried_and_are_dead_lettered(ray_cluster, tmp_path):

@@ -33,12 +33,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import openai
-from openai.types.chat import ChatCompletion
 
 from tapir_ray import storage
 from tapir_ray.config import EndpointConfig
 from tapir_ray.oracle.ledger import BudgetExceeded
-from tapir_ray.oracle.reply import RETRY_STATUSES, _Malformed, _reply
+from tapir_ray.oracle.reply import RETRY_STATUSES, _Malformed, _reply, request_body
 from tapir_ray.oracle.server import estimate_tokens
 
 log = logging.getLogger(__name__)
@@ -88,10 +87,8 @@ class Failed(Exception):
 
 
 def request_line(key: str, model: str, convo: list[dict], params: dict[str, Any]) -> str:
-    """One Batch API input line; `extra_body` (vLLM's options) goes into the body, as the
-    `openai` client puts it there online."""
-    body = {"model": model, "messages": convo,
-            **{k: v for k, v in params.items() if k != "extra_body"}, **params.get("extra_body", {})}  # fmt: skip
+    """One Batch API input line, its body as an online request's."""
+    body = request_body(model, convo, params)
     return json.dumps({"custom_id": key, "method": "POST", "url": ENDPOINT, "body": body},
                       ensure_ascii=False)  # fmt: skip
 
@@ -364,8 +361,8 @@ class BatchSubmitter:
         if hit is not None:  # collected before a kill: counted then
             return key, hit
         try:  # a reply without usage is estimated from its text (the prompt is not at hand here)
-            reply = _reply(ChatCompletion.model_validate(body), 0)
-        except (_Malformed, ValueError, TypeError, AttributeError):
+            reply = _reply(body, 0)
+        except (_Malformed, ValueError, TypeError, AttributeError, KeyError):
             return key, None
         online = self.client._cost(reply.usage)
         usd = online * self.settings.price_factor

@@ -4,7 +4,8 @@ Every reply ends as an Answer or a DeadLetter, never an exception out of the sta
 made-up value:
 
     cache hit? → the cached reply (an answer, or a refusal that was paid for): no request, no cost
-    reserve from the endpoint's limiter → send (openai async client, many in flight)
+    reserve from the endpoint's limiter (the waiting requests together, one call)
+      → send (openai async client, many in flight)
       429                   → pause the whole endpoint for Retry-After (capped), retry
       408, 409, 5xx,
       timeout, dropped conn. → capped exponential backoff with jitter (Retry-After honoured, capped)
@@ -40,7 +41,7 @@ from tapir_ray.oracle import batch
 from tapir_ray.oracle.cache import ResponseCache, cache_key
 from tapir_ray.oracle.ledger import BudgetExceeded, empty_entry
 from tapir_ray.oracle.prompts import CONTINUE_PARAMS, ParseError
-from tapir_ray.oracle.reply import RETRY_STATUSES, Reply, _Malformed, _reply
+from tapir_ray.oracle.reply import RETRY_STATUSES, Reply, _Malformed, _reply, request_body
 from tapir_ray.oracle.server import estimate_tokens
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 30.0
 MALFORMED_ATTEMPTS = 3  # a 200 whose body is not a completion: asked again this many times at most
 RESERVE_HORIZON_S = 2.0  # how far ahead a request may hold a place in the endpoint's pacing
 MIN_POLL_S = 0.25  # a refused reservation is asked again no sooner (the horizon is 8 times this)
-RESERVERS = 4  # requests of one client asking the limiter at once (a round trip each, ~1-2 ms)
+RESERVE_BATCH = 256  # waiting requests of one client reserved in one call to the limiter
 
 
 @dataclass
@@ -125,10 +126,11 @@ class OracleClient:
             http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=endpoint.timeout_s),
         )  # fmt: skip
         self.sem = asyncio.Semaphore(endpoint.max_concurrency)
-        # A few requests of this client at a time ask the limiter, in arrival order: hundreds of
-        # slot holders each polling for a place within the horizon kept the limiter and this
-        # event loop busy, and delayed the sends whose time had come.
-        self.reserving = asyncio.Semaphore(RESERVERS)
+        # This client's requests waiting for a reservation, asked for together by one task in
+        # arrival order; and what its replies reported since (see _reserve, _settle).
+        self._waiting: list[tuple[float, asyncio.Future]] = []
+        self._reserver: asyncio.Task | None = None
+        self._settled = [0.0, 0.0, 0]
         self.rng = random.Random(seed)
         self.delta = Delta()
         self._inflight: dict[str, asyncio.Future] = {}
@@ -157,6 +159,67 @@ class OracleClient:
             )  # fmt: skip
         return min(retry_after, cap)
 
+    async def _reserve(self, estimate: float) -> float:
+        """The wait before this request may leave (its place in the endpoint's pacing)."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((estimate, future))
+        if self._reserver is None or self._reserver.done():
+            self._reserver = asyncio.ensure_future(self._reserve_waiting())
+        return await future
+
+    async def _reserve_waiting(self) -> None:
+        """Reserves the waiting requests, many per call to the limiter; a refusal leaves the rest
+        waiting in order. Reservations reach at most RESERVE_HORIZON_S ahead: with hundreds of
+        requests waiting, reservations made minutes ahead would all still leave at the old rate
+        after a 429 asked the endpoint to slow down."""
+        try:
+            while self._waiting:
+                self._waiting = [(e, f) for e, f in self._waiting if not f.done()]  # cancelled
+                group = self._waiting[:RESERVE_BATCH]
+                if not group:
+                    break
+                waits = await self.limiter.reserve.remote(
+                    [e for e, _ in group], RESERVE_HORIZON_S, self._take_settled()
+                )
+                granted = [w for w in waits if w >= 0]
+                for (_, future), wait in zip(group, granted, strict=False):
+                    if not future.done():
+                        future.set_result(wait)
+                del self._waiting[: len(granted)]
+                if len(granted) < len(group):
+                    # Refused: every waiting client would be told the same moment; asking again
+                    # no sooner than MIN_POLL_S keeps them from a herd.
+                    refused = waits[len(granted)]
+                    await asyncio.sleep(max(-refused, MIN_POLL_S) * self.rng.uniform(1.0, 1.2))
+        except BaseException as exc:  # the limiter is gone: every waiting request hears it
+            for _, future in self._waiting:
+                if future.done():
+                    continue
+                if isinstance(exc, Exception):
+                    future.set_exception(exc)
+                else:
+                    future.cancel()
+            self._waiting.clear()
+            if not isinstance(exc, Exception):
+                raise
+
+    def _settle(self, estimated: float, reported: float) -> None:
+        """A reply's reported prompt tokens and its success, for the limiter's next call: endpoints
+        charge prompt + max_tokens against TPM at admission, and only the prompt estimate is
+        corrected by what the server reports."""
+        self._settled[0] += estimated
+        self._settled[1] += reported
+        self._settled[2] += 1
+
+    def _take_settled(self) -> tuple[float, float, int] | None:
+        taken, self._settled = tuple(self._settled), [0.0, 0.0, 0]
+        return taken if taken[2] else None
+
+    def flush(self) -> None:
+        """Hands the limiter what the replies since the last reservation reported."""
+        if (taken := self._take_settled()) is not None:
+            self.limiter.settled.remote(*taken)
+
     async def _send(
         self, messages: list[dict], params: dict[str, Any], allowed: Callable[[], bool]
     ) -> Reply:
@@ -173,16 +236,7 @@ class OracleClient:
                 # request can leave at its reserved time (reserving early and queueing on the slot
                 # would send bunched bursts the endpoint answers with 429s).
                 async with self.sem:
-                    # Reservations at most RESERVE_HORIZON_S ahead: with hundreds of requests
-                    # waiting, reservations made minutes ahead would all still leave at the old
-                    # rate after a 429 asked the endpoint to slow down.
-                    async with self.reserving:
-                        while (
-                            wait := await self.limiter.reserve.remote(estimate, RESERVE_HORIZON_S)
-                        ) < 0:
-                            # Refused: every waiting client would be told the same moment;
-                            # asking again no sooner than MIN_POLL_S keeps them from a herd.
-                            await asyncio.sleep(max(-wait, MIN_POLL_S) * self.rng.uniform(1.0, 1.2))
+                    wait = await self._reserve(estimate)
                     if wait > 0:
                         await asyncio.sleep(wait)
                     # Checked again at the last moment: the budget stops everything not yet sent.
@@ -190,13 +244,16 @@ class OracleClient:
                         raise BudgetExceeded("oracle.max_usd reached")
                     self.delta.add("requests")
                     started = time.monotonic()
-                    resp = await self.client.chat.completions.create(
-                        model=ep.model, messages=messages, **params
-                    )
-                reply = _reply(resp, prompt_estimate)
-                # Endpoints charge prompt + max_tokens against TPM at admission: only the prompt
-                # estimate is corrected by what the server reports.
-                self.limiter.done.remote(prompt_estimate, reply.usage["prompt_tokens"])
+                    # The library's `post` sends the body as it is and raises its status
+                    # errors. `chat.completions.create` also walks every message through its
+                    # typed-dict transform and validates the reply into typed models, which we
+                    # do not read: ~0.7 ms of CPU a request (6.3 → 5.6 ms in one client).
+                    resp = await self.client.post(
+                        "/chat/completions", cast_to=httpx.Response,
+                        body=request_body(ep.model, messages, params),
+                    )  # fmt: skip
+                reply = _reply(resp.json(), prompt_estimate)
+                self._settle(prompt_estimate, reply.usage["prompt_tokens"])
                 self.delta.counts["latencies"].append(time.monotonic() - started)
                 return reply
             except openai.APIStatusError as exc:
@@ -215,7 +272,7 @@ class OracleClient:
             except (openai.APITimeoutError, openai.APIConnectionError) as exc:
                 status, reason = type(exc).__name__, type(exc).__name__
             except (_Malformed, openai.APIResponseValidationError, json.JSONDecodeError,
-                    ValueError, TypeError, AttributeError) as exc:  # fmt: skip
+                    ValueError, TypeError, AttributeError, KeyError) as exc:  # fmt: skip
                 malformed += 1
                 status = "malformed"
                 reason = f"malformed response ({exc if isinstance(exc, _Malformed) else type(exc).__name__})"

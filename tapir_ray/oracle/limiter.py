@@ -3,7 +3,9 @@
 Ray's `HttpRequestProcessorConfig` paces requests per actor (qps) and has no token budget: N
 actors each at limit/N waste whatever one of them does not use, and a TPM limit cannot be expressed
 at all. Here every oracle actor on every node asks one actor for a reservation before it sends, so
-the endpoint's whole budget is shared, first come first served.
+the endpoint's whole budget is shared, first come first served. A client asks for all of its
+waiting requests in one call and reports its replies' usage with the next one: a call per request
+and another per reply cost more CPU, here and in each client, than the requests themselves.
 
 Budgets are token buckets refilled continuously. A bucket's capacity is a small share of the
 per-minute limit, so that no 60-second window ever holds more than the limit (a hosted API's
@@ -18,6 +20,8 @@ import time
 from typing import Any
 
 import ray
+
+Settled = tuple[float, float, int]  # replies' (estimated, reported prompt tokens, successes)
 
 # A burst of BURST_SHARE of the per-minute limit, then paced at RATE_SHARE of it: a 60-second
 # window holds at most 0.99 of the limit, and the 1 % left is the slack for sends that leave a
@@ -104,19 +108,35 @@ class RateLimiter:
         self.buckets = TokenBuckets(rpm, tpm)
         self.stats = {"reservations": 0, "refused": 0, "rate_limited": 0, "waited_s": 0.0}
 
-    async def reserve(self, tokens: float, horizon: float | None = None) -> float:
-        wait = self.buckets.reserve(tokens, time.monotonic(), horizon)
-        if wait >= 0:
+    async def reserve(
+        self, tokens: list[float], horizon: float | None = None, settled: Settled | None = None
+    ) -> list[float]:
+        """Reservations for a client's waiting requests, in their order: each one's wait, up to
+        and including the first refusal (negative: see TokenBuckets.reserve); the requests after
+        it are not reserved. `settled` carries what the client's replies since its last call
+        reported (one call a round trip for many requests: a call per request and a second per
+        reply cost more CPU here and in each client than the requests themselves)."""
+        if settled is not None:
+            self.settle(*settled)
+        now, waits = time.monotonic(), []
+        for t in tokens:
+            wait = self.buckets.reserve(t, now, horizon)
+            waits.append(wait)
+            if wait < 0:
+                self.stats["refused"] += 1
+                break
             self.stats["reservations"] += 1
             self.stats["waited_s"] += wait
-        else:
-            self.stats["refused"] += 1
-        return wait
+        return waits
 
-    async def done(self, estimated: float, actual: float) -> None:
-        """A reply: its prompt tokens reconciled and a success counted, in one call."""
+    def settle(self, estimated: float, actual: float, successes: int) -> None:
+        """Replies: their prompt tokens reconciled and their successes counted."""
         self.buckets.reconcile(estimated, actual)
-        self.buckets.succeeded()
+        for _ in range(successes):
+            self.buckets.succeeded()
+
+    async def settled(self, estimated: float, actual: float, successes: int) -> None:
+        self.settle(estimated, actual, successes)
 
     async def rate_limited(self, retry_after: float) -> None:
         self.stats["rate_limited"] += 1

@@ -156,7 +156,9 @@ class OracleStage:
         return [t.exception() or t.result() for t in tasks]
 
     async def _report(self) -> None:
-        """Hands the ledger what was spent since the last report; learns whether budget is left."""
+        """Hands the ledger what was spent since the last report; learns whether budget is left.
+        Hands the limiter what the replies reported."""
+        self.client.flush()
         delta = self.client.delta.counts
         if not any(delta[k] for k in COUNTERS) and not delta["latencies"]:
             return
