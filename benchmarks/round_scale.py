@@ -22,7 +22,10 @@ Measured per size:
 - the scoring phase's overlap: the share of the phase's judge requests that the server had
   received when the engine wrote its last block of answers. 0 means the stages ran one after the
   other; near 1, the judge kept pace with the engine.
-Results: benchmarks/results/round_scale.json (or --out) and a table on stdout.
+- with `--alone`: the student engine alone and the judge alone on the same work, after the run;
+  `overlap_ratio` = the phase's wall / the larger of the two (1.0: perfect overlap).
+Results: benchmarks/results/round_scale.json (or --out), a plot of rows/s per stage next to it
+(.png) and tables on stdout.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -158,16 +164,42 @@ def overlap(run_dir: Path, stage: dict, sampler: Sampler) -> dict:
     }
 
 
+ROWS_KEYS = ("rows_in", "rows", "items", "scored", "size")  # what each stage's state calls its rows
+
+
+def stage_figures(state: dict) -> dict:
+    """Each stage's rows, seconds and rows/s, from the run's state.json."""
+    out = {}
+    for name, v in state["stages"].items():
+        rows = next((v[k] for k in ROWS_KEYS if isinstance(v.get(k), int)), None)
+        seconds = round(v.get("seconds") or 0.0, 1)
+        rate = round(rows / seconds, 1) if rows and seconds else None
+        out[name] = {"rows": rows, "seconds": seconds, "rows_per_s": rate}
+    return out
+
+
+def spilled_mb() -> float:
+    """What the cluster's object store has spilled to disk so far (MiB), from Ray's memory summary."""
+    from ray._private.internal_api import memory_summary
+
+    found = re.search(r"Spilled (\d+) MiB", memory_summary(stats_only=True))
+    return float(found.group(1)) if found else 0.0
+
+
 def one_size(
     rows: int, work: Path, server: LocalOracle, model: str, encoder: str, env: dict, args
 ) -> dict:
+    run_dir = work / f"run-{rows}"
+    measured = run_dir / "measured.json"
+    if args.reuse and measured.exists():  # a finished run of an earlier invocation (--keep)
+        print(f"reusing the run of {rows:,} rows measured in {run_dir}", file=sys.stderr)
+        return json.loads(measured.read_text())
     pool = work / f"pool-{rows}.jsonl"
     write_pool(pool, rows)
-    run_dir = work / f"run-{rows}"
+    config = run_config(run_dir, pool, server.base_url, model, encoder, rows, args)
     cfg = work / f"run-{rows}.yaml"
-    cfg.write_text(
-        yaml.safe_dump(run_config(run_dir, pool, server.base_url, model, encoder, rows, args))
-    )
+    cfg.write_text(yaml.safe_dump(config))
+    spilled_before = spilled_mb()
     started = time.perf_counter()
     driver = subprocess.Popen([sys.executable, "-m", "tapir_ray.cli", "run", str(cfg)], cwd=REPO,
                               env=env)  # fmt: skip
@@ -177,17 +209,19 @@ def one_size(
     if code != 0:
         sys.exit(f"the run of {rows:,} rows failed ({code}): {run_dir}")
     state = json.loads((run_dir / "state.json").read_text())
-    stages = {k: round(v.get("seconds") or 0.0, 1) for k, v in state["stages"].items()}
+    stages = stage_figures(state)
     phase = state["stages"].get("round-1/student_judge", {})
     candidates = state["stages"].get("round-1/student_in", {}).get("rows")
-    return {
+    result = {
         "pool": rows,
         "candidates": candidates,
+        "completed": True,
         "round_size": state["rounds"]["1"].get("size"),
         "wall_s": round(wall, 1),
-        "stage_seconds": stages,
+        "stage_seconds": {k: v["seconds"] for k, v in stages.items()},
+        "stages": stages,
         "scoring_phase": {
-            "seconds": stages.get("round-1/student_judge"),
+            "seconds": stages["round-1/student_judge"]["seconds"],
             "candidates_per_s": round(candidates / phase["seconds"], 1)
             if candidates and phase.get("seconds")
             else None,
@@ -197,7 +231,95 @@ def one_size(
         "peak_rss_worker_mb": round(sampled.worker / 2**20),
         "peak_rss_workers_total_mb": round(sampled.workers / 2**20),
         "peak_node_memory_in_use_mb": round(sampled.node / 2**20),
+        "object_store_spilled_mb": spilled_mb() - spilled_before,
+        "config": {k: config[k] for k in ("student", "oracle", "train")},
     }
+    measured.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def alone(rows: int, work: Path, server: LocalOracle) -> dict:
+    """The scoring phase's two halves, each alone on the same cluster after the run: the student
+    engine on the phase's candidates (start-up included, answers written to Parquet as the phase
+    writes them) and the judge on the phase's own requests, with a fresh cache so every one is
+    sent. Their larger time is what a perfectly overlapped phase would take."""
+    from tapir_ray.config import parse_config
+    from tapir_ray.oracle import prompts as P
+    from tapir_ray.oracle.ledger import Ledger
+    from tapir_ray.oracle.stage import oracle_map
+    from tapir_ray.student import answer
+
+    run_dir, out = work / f"run-{rows}", work / f"alone-{rows}"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = parse_config(yaml.safe_load((work / f"run-{rows}.yaml").read_text()))
+    candidates = ray.data.read_parquet(str(run_dir / "round-1" / "student_in"))
+    started = time.perf_counter()
+    answers, _ = answer(candidates.select_columns(["id", "messages"]), cfg.student,
+                        run_dir=str(out), round_=1)  # fmt: skip
+    answers.write_parquet(str(out / "student"))
+    student_s = time.perf_counter() - started
+    requests = ray.data.read_parquet(str(run_dir / "round-1" / "judge")).select_columns(
+        ["id", "messages"]
+    )
+    total = requests.count()
+    judge = cfg.curriculum.tapir.judge
+    prefill = cfg.oracle.endpoint("judge").continue_final_message
+    started = time.perf_counter()
+    judged = oracle_map(
+        requests, role="judge", endpoint=cfg.oracle.endpoint("judge"), base_url=server.base_url,
+        run_dir=str(out), round_=1, params=P.verdict_params(judge, prefill), ledger=Ledger.remote(None, None),
+        actors=cfg.oracle.actors, cpus_per_actor=cfg.oracle.cpus_per_actor,
+        batch_size=max(8, min(64, math.ceil(total / (4 * cfg.oracle.actors)))),
+    ).count()  # fmt: skip
+    judge_s = time.perf_counter() - started
+    return {"student_alone_s": round(student_s, 1), "judge_alone_s": round(judge_s, 1),
+            "judge_alone_verdicts": judged}  # fmt: skip
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    """Rows/s of each stage at each pool size (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [
+        n for n in runs[0]["stages"] if any(r["stages"].get(n, {}).get("rows_per_s") for r in runs)
+    ]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(runs)
+    for k, r in enumerate(runs):
+        rates = [r["stages"].get(n, {}).get("rows_per_s") or 0 for n in names]
+        ax.bar(
+            [i + k * width for i in range(len(names))], rates, width, label=f"{r['pool']:,} rows"
+        )
+    ax.set_xticks(
+        [i + width * (len(runs) - 1) / 2 for i in range(len(names))], names, rotation=35, ha="right"
+    )
+    ax.set_yscale("log")
+    ax.set_ylabel("rows/s")
+    ax.set_title("One TAPIR round per pool size: rows/s per stage (2 CPU cores)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report(runs: list[dict], command: str) -> dict:
+    """The results file: every size's figures, and the largest size's against the smallest."""
+    out = {"benchmark": "round_scale", "command": command, "device": device_name(),
+           "ray": ray.__version__, "runs": runs}  # fmt: skip
+    first, last = runs[0], runs[-1]
+    if len(runs) > 1:
+        out["pool_ratio"] = round(last["pool"] / first["pool"], 1)
+        out["rss_ratio_driver"] = round(
+            last["peak_rss_driver_mb"] / max(1, first["peak_rss_driver_mb"]), 2
+        )
+        out["rss_ratio_worker"] = round(
+            last["peak_rss_worker_mb"] / max(1, first["peak_rss_worker_mb"]), 2
+        )
+        out["wall_ratio"] = round(last["wall_s"] / first["wall_s"], 2)
+    out["overlap_ratio"] = last["scoring_phase"].get("overlap_ratio")  # the largest size's
+    return out
 
 
 def main() -> None:
@@ -215,6 +337,14 @@ def main() -> None:
         help="sentence encoder: a tiny random-weight one (tapir_ray.assets.tiny_encoder) or the bundled MiniLM",
     )  # fmt: skip
     parser.add_argument("--keep", default=None, help="keep the runs under DIR")
+    parser.add_argument(
+        "--reuse", action="store_true",
+        help="with --keep: a size whose run an earlier invocation finished and measured is not run again",
+    )  # fmt: skip
+    parser.add_argument(
+        "--alone", action="store_true",
+        help="also time the student engine alone and the judge alone on each run's scoring phase",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix="round-scale-"))
@@ -226,27 +356,29 @@ def main() -> None:
     command = (
         f"python benchmarks/round_scale.py --rows {' '.join(map(str, args.rows))} "
         f"--round-share {args.round_share} --max-tokens {args.max_tokens} --cpus {args.cpus} "
-        f"--encoder {args.encoder}"
+        f"--encoder {args.encoder}" + (" --alone" if args.alone else "")
     )
     runs = []
     with LocalOracle("--backend", "scripted", "--latency-ms", "5-20") as server:
         for rows in args.rows:
-            runs.append(one_size(rows, work, server, model, encoder, env, args))
-            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
-            report = {"benchmark": "round_scale", "command": command, "device": device_name(),
-                      "ray": ray.__version__, "runs": runs}  # fmt: skip
-            if len(runs) > 1:
-                first, last = runs[0], runs[-1]
-                for key in (
-                    "peak_rss_driver_mb",
-                    "peak_rss_worker_mb",
-                    "peak_rss_workers_total_mb",
-                ):
-                    report[key.replace("peak_", "ratio_")] = round(
-                        last[key] / max(1, first[key]), 2
-                    )
-                report["pool_ratio"] = round(last["pool"] / first["pool"], 1)
-            write_results(args.out, report)  # after every size: a long run keeps what it measured
+            run = one_size(rows, work, server, model, encoder, env, args)
+            if args.alone and "student_alone_s" not in run.get("scoring_phase", {}):
+                run["scoring_phase"].update(alone(rows, work, server))
+                (work / f"run-{rows}" / "measured.json").write_text(
+                    json.dumps(run, indent=2) + "\n"
+                )
+            phase = run["scoring_phase"]
+            if phase.get("student_alone_s"):
+                # The phase against its halves alone: 1.0 is perfect overlap, 2.0 one after the other.
+                phase["overlap_ratio"] = round(
+                    phase["seconds"] / max(phase["student_alone_s"], phase["judge_alone_s"]), 2
+                )
+            runs.append(run)
+            print(json.dumps(run), file=sys.stderr, flush=True)
+            write_results(
+                args.out, report(runs, command)
+            )  # after every size: a long run keeps what it measured
+    plot(runs, args.out.with_suffix(".png"))
     print_table(
         ["pool", "wall s", "scoring s", "cand./s", "overlap", "driver MB", "worker MB", "workers MB"],
         [[r["pool"], r["wall_s"], r["scoring_phase"]["seconds"], r["scoring_phase"]["candidates_per_s"],

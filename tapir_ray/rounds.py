@@ -1159,7 +1159,7 @@ class TapirRun:
             to_requests=_judge_requests, fn_args=(judge.mode, prefill, ("S",) if single else ()),
             per_row=1 if single else 2, out="judge",
             early=(_judge_requests, (judge.mode, prefill, ("T",))) if single else None,
-            role="judge", endpoint="judge", params=self._judge_params(prefill),
+            role="judge", endpoint="judge", params=P.verdict_params(judge, prefill),
             parse=P.JudgeParser(judge.mode, judge.logprob_scoring, prefill, judge.min_valid_mass, report_mass=True),
         )  # fmt: skip
 
@@ -1210,18 +1210,6 @@ class TapirRun:
         storage.write_json_atomic(storage.join(student_dir, "_METRICS.json"), metrics)
         storage.mark_success(student_dir, {"rows": answered})
         return {**info, "student": metrics}
-
-    def _judge_params(self, prefill: bool) -> dict[str, Any]:
-        j = self.tapir.judge
-        params: dict[str, Any] = {
-            "temperature": j.temperature,
-            "max_tokens": min(j.max_tokens, 8) if prefill else j.max_tokens,
-        }
-        if j.logprob_scoring:
-            params.update(logprobs=True, top_logprobs=20)
-            if prefill and j.mode == "single":  # the score is read at the first two positions:
-                params["max_tokens"] = 2  # a tokenizer that splits digits writes 10 as "1", "0"
-        return params
 
     def _plan(self, r: int, scores_dir: str | None, size: int, alpha: float) -> dict:
         info = write_plan(self.run_dir, r, scores_dir, size, alpha, self.tapir.taxonomy,

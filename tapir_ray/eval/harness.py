@@ -153,7 +153,7 @@ class Evaluation:
         prefill = self.runner.prefill("judge")
         j = self.runner.tapir.judge
         if mode == "single":
-            params = self.runner._judge_params(prefill)
+            params = P.verdict_params(j, prefill)
             parse: Callable = P.JudgeParser("single", j.logprob_scoring, prefill, j.min_valid_mass)
             prefix = P.VERDICT_PREFILL
         else:

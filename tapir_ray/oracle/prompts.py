@@ -405,6 +405,19 @@ class JudgeParser:
         return _logprob_score(logprobs, floor) if by_probs else (score, None)
 
 
+def verdict_params(judge: Any, prefill: bool) -> dict[str, Any]:
+    """Sampling params of a rating or pairwise verdict (`judge`: JudgeSettings)."""
+    params: dict[str, Any] = {
+        "temperature": judge.temperature,
+        "max_tokens": min(judge.max_tokens, 8) if prefill else judge.max_tokens,
+    }
+    if judge.logprob_scoring:
+        params.update(logprobs=True, top_logprobs=20)
+        if prefill and judge.mode == "single":  # the score is read at the first two positions:
+            params["max_tokens"] = 2  # a tokenizer that splits digits writes 10 as "1", "0"
+    return params
+
+
 def preference_request(judge: Any, prefill: bool) -> tuple[dict[str, Any], PreferenceParser]:
     """Params and parser for an A/B verdict (`judge`: JudgeSettings): one token read from its
     probabilities when the judge's turn is prefilled and logprob scoring is on, else the written
