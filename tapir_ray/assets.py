@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 import unittest.mock
+from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
@@ -148,24 +149,36 @@ TINY_LLAMA_VLLM = {
 }
 
 
+def _built_once(target: Path, build: Callable[[Path], None]) -> str:
+    """`target`, made by `build(tmp)` once under a lock: a folder is complete only with its marker,
+    so a racing or killed builder never leaves a half-written one in use."""
+    if (target / _COMPLETE).exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock", timeout=900):
+        if (target / _COMPLETE).exists():
+            return str(target)
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        (tmp / _COMPLETE).write_text("random weights, seed 0\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    return str(target)
+
+
 def tiny_llama(folder: str | Path | None = None, config: dict | None = None) -> str:
     """A model folder holding TINY_LLAMA (or `config`) with seeded random weights, built once
     under a lock (default folder: the cache directory's `models/tiny-llama[-<hidden size>]`)."""
     config = config or TINY_LLAMA
     name = "tiny-llama" if config == TINY_LLAMA else f"tiny-llama-{config['hidden_size']}"
-    target = Path(folder) if folder else cache_dir() / "models" / name
-    if (target / _COMPLETE).exists():
-        return str(target)
-    source = smollm2_folder()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock", timeout=900):
-        if (target / _COMPLETE).exists():
-            return str(target)
+
+    def build(tmp: Path) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        source = smollm2_folder()
         tok = AutoTokenizer.from_pretrained(source)
         # Weights drawn wider than the usual 0.02: LoRA then moves the loss within a few steps.
         hf_config = AutoConfig.for_model(**config, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
@@ -175,11 +188,8 @@ def tiny_llama(folder: str | Path | None = None, config: dict | None = None) -> 
             AutoModelForCausalLM.from_config(hf_config).save_pretrained(tmp)
         tok.save_pretrained(tmp)
         shutil.copy(source / "generation_config.json", tmp / "generation_config.json")
-        (tmp / _COMPLETE).write_text("random weights, seed 0\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    return str(target)
+
+    return _built_once(Path(folder) if folder else cache_dir() / "models" / name, build)
 
 
 # A tiny sentence encoder (random weights) with the bundled MiniLM's tokenizer: the embedding
@@ -194,19 +204,12 @@ TINY_ENCODER = dict(
 def tiny_encoder(folder: str | Path | None = None) -> str:
     """A sentence-transformers folder holding TINY_ENCODER (mean pooling, unit norm) with seeded
     random weights, built once under a lock (default: the cache directory's models/tiny-encoder)."""
-    target = Path(folder) if folder else cache_dir() / "models" / "tiny-encoder"
-    if (target / _COMPLETE).exists():
-        return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock", timeout=900):
-        if (target / _COMPLETE).exists():
-            return str(target)
+
+    def build(tmp: Path) -> None:
         import torch
         from sentence_transformers import SentenceTransformer, models
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tok = AutoTokenizer.from_pretrained(resolve_model("bundled:all-minilm-l6-v2"))
         with torch.random.fork_rng():
             torch.manual_seed(0)
@@ -223,11 +226,8 @@ def tiny_encoder(folder: str | Path | None = None) -> str:
             str(tmp)
         )
         shutil.rmtree(tmp / "bert")
-        (tmp / _COMPLETE).write_text("random weights, seed 0\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    return str(target)
+
+    return _built_once(Path(folder) if folder else cache_dir() / "models" / "tiny-encoder", build)
 
 
 def _convert_gguf(folder: Path, gguf_file: str, out: Path) -> None:
