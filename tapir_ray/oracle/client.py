@@ -345,10 +345,15 @@ class OracleClient:
         self.delta.add("prompt_tokens", reply.usage["prompt_tokens"])
         self.delta.add("completion_tokens", reply.usage["completion_tokens"])
         self.delta.add("usd", entry["usd"])
-        if self.on_paid is not None:  # the budget hears of it first: it was paid on arrival
-            await self.on_paid()
-        if self.cache is not None:
-            await self.cache.put_async(key, entry)
+        # It was paid on arrival: the cache and the budget hear of it at once, and the reply is
+        # cached whatever the ledger does (a killed driver takes its ledger with it while this
+        # actor may still be receiving replies).
+        writes = [self.cache.put_async(key, entry)] if self.cache is not None else []
+        if self.on_paid is not None:
+            writes.append(self.on_paid())
+        for outcome in await asyncio.gather(*writes, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
         return entry, False
 
     async def call(

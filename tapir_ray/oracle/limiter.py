@@ -117,7 +117,7 @@ class RateLimiter:
         reported (one call a round trip for many requests: a call per request and a second per
         reply cost more CPU here and in each client than the requests themselves)."""
         if settled is not None:
-            self.settle(*settled)
+            self._settle(*settled)
         now, waits = time.monotonic(), []
         for t in tokens:
             wait = self.buckets.reserve(t, now, horizon)
@@ -129,14 +129,14 @@ class RateLimiter:
             self.stats["waited_s"] += wait
         return waits
 
-    def settle(self, estimated: float, actual: float, successes: int) -> None:
+    def _settle(self, estimated: float, actual: float, successes: int) -> None:
         """Replies: their prompt tokens reconciled and their successes counted."""
         self.buckets.reconcile(estimated, actual)
         for _ in range(successes):
             self.buckets.succeeded()
 
     async def settled(self, estimated: float, actual: float, successes: int) -> None:
-        self.settle(estimated, actual, successes)
+        self._settle(estimated, actual, successes)
 
     async def rate_limited(self, retry_after: float) -> None:
         self.stats["rate_limited"] += 1

@@ -156,9 +156,7 @@ class OracleStage:
         return [t.exception() or t.result() for t in tasks]
 
     async def _report(self) -> None:
-        """Hands the ledger what was spent since the last report; learns whether budget is left.
-        Hands the limiter what the replies reported."""
-        self.client.flush()
+        """Hands the ledger what was spent since the last report; learns whether budget is left."""
         delta = self.client.delta.counts
         if not any(delta[k] for k in COUNTERS) and not delta["latencies"]:
             return
@@ -166,9 +164,12 @@ class OracleStage:
         self.budget_ok = await self.ledger.add.remote(self.round, self.role, delta)
 
     async def _report_every(self, seconds: float) -> None:
+        """The ledger and the limiter hear from this actor every `seconds` (the limiter also with
+        each reservation call; the ledger, with a budget, after each paid reply)."""
         while True:
             await asyncio.sleep(seconds)
             with contextlib.suppress(Exception):
+                self.client.flush()
                 await self._report()
 
     def _write_dead(self, dead: list[DeadLetter]) -> None:
