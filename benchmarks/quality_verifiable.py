@@ -186,8 +186,10 @@ def main() -> None:
             plot(report, Path(args.out).with_suffix(".png"))
     print_table(["arm", "accuracy", *FAMILIES],
                 [[a, v["accuracy"], *(v["by_family"].get(f, "") for f in FAMILIES)] for a, v in report["arms"].items()])  # fmt: skip
-    if "tapir_minus_random" in report:
-        print("TAPIR − random:", report["tapir_minus_random"])
+    for key, label in (("tapir_minus_random", "random"),
+                       ("tapir_minus_no_rebalance", "TAPIR without re-balancing")):  # fmt: skip
+        if key in report:
+            print(f"TAPIR − {label}:", report[key])
 
 
 def summarise(args, arms: list[str], correct: dict, per_family: dict, spend: dict, rows: dict,
@@ -217,25 +219,26 @@ def summarise(args, arms: list[str], correct: dict, per_family: dict, spend: dic
             if correct[arm]
         },
     }
-    done = (
-        min(len(correct["tapir"]), len(correct["random"]))
-        if {"tapir", "random"} <= set(arms)
-        else 0
-    )
-    if done:
-        # Paired by test item within each seed; the interval resamples items (and so seeds).
-        diff = np.concatenate(
-            [
-                t.astype(float) - r
-                for t, r in zip(correct["tapir"][:done], correct["random"][:done], strict=True)
-            ]
-        )
-        draws = np.random.default_rng(0).integers(0, len(diff), size=(4000, len(diff)))
-        means = diff[draws].mean(axis=1)
-        report["tapir_minus_random"] = {"mean": round(float(diff.mean()), 4),
-                                        "ci_low": round(float(np.quantile(means, 0.025)), 4),
-                                        "ci_high": round(float(np.quantile(means, 0.975)), 4)}  # fmt: skip
+    for other, key in (("random", "tapir_minus_random"),
+                       ("tapir_no_rebalance", "tapir_minus_no_rebalance")):  # fmt: skip
+        if {"tapir", other} <= set(arms) and (diff := _paired(correct["tapir"], correct[other])):
+            report[key] = diff
     return report
+
+
+def _paired(ours: list[np.ndarray], theirs: list[np.ndarray]) -> dict | None:
+    """The mean accuracy difference over the seeds both arms finished, paired by test item within
+    each seed, with a 95 % bootstrap interval that resamples items (and so seeds)."""
+    done = min(len(ours), len(theirs))
+    if not done:
+        return None
+    diff = np.concatenate(
+        [t.astype(float) - r for t, r in zip(ours[:done], theirs[:done], strict=True)]
+    )
+    draws = np.random.default_rng(0).integers(0, len(diff), size=(4000, len(diff)))
+    means = diff[draws].mean(axis=1)
+    return {"mean": round(float(diff.mean()), 4), "ci_low": round(float(np.quantile(means, 0.025)), 4),
+            "ci_high": round(float(np.quantile(means, 0.975)), 4)}  # fmt: skip
 
 
 def plot(report: dict, path: Path) -> None:
