@@ -75,7 +75,10 @@ def main() -> None:
                 client.call(str(i), "judge", judge_messages(i), PARAMS)
                 for i in range(args.requests)
             )
-            return await asyncio.gather(*calls)
+            try:
+                return await asyncio.gather(*calls)
+            finally:
+                await client.aclose()
 
         before = {k: cpu_seconds(p) for k, p in procs.items()}
         started = time.perf_counter()

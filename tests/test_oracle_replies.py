@@ -98,6 +98,31 @@ def test_retryable_failures_ride_out_an_outage_within_the_deadline(ray_cluster, 
     time.sleep(4)
 
 
+def test_a_hung_request_times_out_and_a_dropped_connection_is_retried(
+    ray_cluster, server, tmp_path
+):
+    client = _client(server, tmp_path, timeout_s=1.0, retry_deadline_s=60)
+    out = _ask(client, "Name a valley. [fault:hang_times=1]")
+    assert isinstance(out, Answer) and client.delta.counts["retries"] == 1
+    out = _ask(client, "Name a canyon. [fault:drop_times=2]")
+    assert isinstance(out, Answer) and client.delta.counts["retries"] == 3
+    # A server that never answers: retried until the deadline, then a dead letter that says so.
+    short = _client(server, tmp_path, timeout_s=0.5, retry_deadline_s=2.0)
+    out = _ask(short, "Name a glacier. [fault:hang_times=99]")
+    assert isinstance(out, DeadLetter) and out.status == "timeout" and "gave up" in out.reason
+    short.test_loop.run_until_complete(short.aclose())
+    client.test_loop.run_until_complete(client.aclose())
+
+
+def test_an_oracle_actor_starts_without_the_openai_library():
+    """Its import takes ~0.7 s of CPU in every oracle actor of every stage; only batch mode, which
+    calls the provider's files and batches endpoints through it, loads it."""
+    code = "import sys, tapir_ray.oracle.stage; print('openai' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
+
 def test_a_long_retry_after_is_capped_and_logged(ray_cluster, server, tmp_path, caplog):
     client = _client(server, tmp_path, max_retry_after_s=0.5)
     started = time.monotonic()

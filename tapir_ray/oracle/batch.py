@@ -32,8 +32,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import openai
-
 from tapir_ray import storage
 from tapir_ray.config import EndpointConfig
 from tapir_ray.oracle.ledger import BudgetExceeded
@@ -154,7 +152,7 @@ class BatchSubmitter:
     def __init__(self, client, *, identity: str, stage: str, round_: int, role: str, run_dir: str,
                  ledger, allowed) -> None:  # fmt: skip
         self.client = client  # the OracleClient: endpoint, cache, delta, costs, redaction
-        self.api: openai.AsyncOpenAI = client.client
+        self.api = client.api()  # the openai library's client, made for batch mode only
         self.ep: EndpointConfig = client.endpoint
         self.settings = self.ep.batch
         self.identity, self.stage, self.round, self.role = identity, stage, round_, role

@@ -250,6 +250,8 @@ class Faults:
 #   empty_choices     200 with "choices": []          no_message   200 whose choice has no message
 #   null_usage        200 with "usage": null          refusal      200, finish_reason content_filter
 #   filler_logprobs   200 whose rating position's top log-probabilities are all −9999
+#   hang_times=N      no reply at all for the request's first N attempts (the client's timeout)
+#   drop_times=N      the connection closed without a reply for the first N attempts
 FAULT_MARK = re.compile(r"\[fault:([a-z_]+)(?:=([0-9.]+))?\]")
 
 
@@ -417,6 +419,12 @@ class OracleServer:
         early = self._marked_error(marked, self.attempts[key], authorization)
         if early is not None:
             return early
+        if "hang_times" in marked and self.attempts[key] <= int(float(marked["hang_times"])):
+            await asyncio.sleep(3600)
+        if "drop_times" in marked and self.attempts[key] <= int(float(marked["drop_times"])):
+            if request is not None:
+                request.transport.close()
+            return web.Response(status=500)
         fault = self.faults.draw() if request is not None else None
         low, high = self.latency_ms
         if high > 0 and request is not None:
