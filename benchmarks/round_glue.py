@@ -33,15 +33,15 @@ from common import device_name, print_table, write_results
 from ingest_throughput import PeakRSS as DriverRSS
 
 from tapir_ray import frames, storage
+from tapir_ray.curriculum import scoring
+from tapir_ray.curriculum.scoring import write_scores
+from tapir_ray.oracle.stage import REQUESTS
 from tapir_ray.rounds import (
     ITEMS,
     JUDGE_CONTEXT,
     PLAN,
-    REQUESTS,
-    _judge_requests,
     write_plan,
     write_refine_inputs,
-    write_scores,
     write_student_inputs,
     write_train_set,
 )
@@ -95,7 +95,7 @@ def judge_requests(run: str) -> int:
     answered = frames.read(f"{run}/round-1/student_in", ["id", *JUDGE_CONTEXT]).map_batches(
         lambda b: b.append_column("student", _student(b)["response"]), batch_format="pyarrow")  # fmt: skip
     requests = answered.map_batches(
-        _judge_requests, fn_args=("single", True), batch_format="pyarrow"
+        scoring.judge_requests, fn_args=("single", True), batch_format="pyarrow"
     )
     return frames.write(requests, f"{run}/round-1/judge_in", REQUESTS)
 

@@ -16,7 +16,7 @@ round k = 1..K:  the student answers (k = 1: the plain question with S_0; k > 1:
                  criterion, in both orders (win / tie / lose)
 ```
 
-Each stage is a `TapirRun.step` (skipped when done; an oracle stage resumes from the cache).
+Each stage is a `Recipe.step` (recipe.py) (skipped when done; an oracle stage resumes from the cache).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from tapir_ray.curriculum.citing import (
 from tapir_ray.embed import as_matrix
 from tapir_ray.oracle import prompts as P
 from tapir_ray.progress import Progress
-from tapir_ray.rounds import TapirRun, _messages, _task, _write_requests
+from tapir_ray.recipe import Recipe, chat_messages, task, write_requests
 
 # --- tasks over stage outputs (run on the cluster) -------------------------------------------------
 
@@ -130,7 +130,7 @@ WARMUP = pa.schema([("id", pa.string()), ("category", pa.string()), ("source", p
 
 def _warmup_rows(batch: pa.Table) -> pa.Table:
     n = batch.num_rows
-    msgs = [_messages(i, x) for i, x in zip(batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True)]  # fmt: skip
+    msgs = [chat_messages(i, x) for i, x in zip(batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True)]  # fmt: skip
     return pa.table({"id": batch["id"], "category": pa.array([""] * n), "source": pa.array(["warmup"] * n),
                      "style": pa.array(["general"] * n), "messages": pa.array(msgs, pa.string()),
                      "response": batch["teacher"]}, schema=WARMUP)  # fmt: skip
@@ -141,7 +141,7 @@ def write_type_requests(run_dir: str, ids: list[str], batch_size: int, max_types
     batches = [ids[k : k + batch_size] for k in range(0, len(ids), batch_size)]
     rows = [{"id": f"batch-{k:05d}", "messages": json.dumps(P.induce_types([text[i] for i in b], max_types).messages)}
             for k, b in enumerate(batches)]  # fmt: skip
-    _write_requests(rows, storage.join(run_dir, "types", "induce_in"))
+    write_requests(rows, storage.join(run_dir, "types", "induce_in"))
     return len(rows)
 
 
@@ -159,7 +159,7 @@ def write_merge_request(run_dir: str, max_types: int, fallback: list[str]) -> di
     storage.write_json_atomic(storage.join(run_dir, "types", "candidates.json"), candidates)
     # The taxonomy's categories have no synonyms to merge: no request then.
     prompt = P.merge_types(candidates, max_types)
-    _write_requests(
+    write_requests(
         [] if from_taxonomy else [{"id": "merge", "messages": json.dumps(prompt.messages)}],
         storage.join(run_dir, "types", "merge_in"),
     )
@@ -188,7 +188,7 @@ def write_assign_requests(run_dir: str, ids: list[str], prefill: bool) -> int:
                 ),
             }
         )
-    _write_requests(rows, storage.join(run_dir, "types", "assign_in"))
+    write_requests(rows, storage.join(run_dir, "types", "assign_in"))
     return len(rows)
 
 
@@ -251,7 +251,7 @@ def write_rubric_requests(run_dir: str, low: int, high: int, required: list[str]
                 required,
             )
             rows.append({"id": t["name"], "messages": json.dumps(prompt.messages)})
-    _write_requests(rows, storage.join(run_dir, "types", "rubric_in"))
+    write_requests(rows, storage.join(run_dir, "types", "rubric_in"))
     return len(rows)
 
 
@@ -415,7 +415,7 @@ def eval_ids(run_dir: str, seed: int, n: int) -> dict[str, list[str]]:
 
 def write_plain_requests(run_dir: str, ids: list[str], folder: str) -> int:
     text = _texts(run_dir, ids)
-    _write_requests(
+    write_requests(
         [{"id": i, "messages": json.dumps([{"role": "user", "content": text[i]}])} for i in ids],
         folder,
     )
@@ -430,7 +430,7 @@ def write_self_revision_requests(run_dir: str, ids: list[str], previous: str, fo
         {"id": i, "messages": json.dumps(revision_messages(text[i], rubric[i], prev[i]))}
         for i in asked
     ]
-    _write_requests(rows, folder)
+    write_requests(rows, folder)
     return len(rows)
 
 
@@ -451,7 +451,7 @@ def write_criterion_judge_requests(
                     prompt = P.judge_preference(q, a, b, criterion=c)
                     msgs = P.prefilled(prompt, P.PREFER_PREFILL) if prefill else prompt.messages
                     rows.append({"id": f"{i}|{t}|{c}|{tag}", "messages": json.dumps(msgs)})
-    _write_requests(rows, storage.join(run_dir, f"round-{round_}", "eval", "judge_in"))
+    write_requests(rows, storage.join(run_dir, f"round-{round_}", "eval", "judge_in"))
     return len(rows)
 
 
@@ -516,7 +516,7 @@ class _types_parser:
         return P.parse_types(text, self.max_types)
 
 
-class CitingRun(TapirRun):
+class CitingRun(Recipe):
     ALGORITHM = "citing"
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -530,10 +530,6 @@ class CitingRun(TapirRun):
     @property
     def embedding_model(self) -> str:
         return self.citing.embedding_model
-
-    def fit_heldout(self) -> None:
-        """CITING's rounds are measured by its judge on the test split, not by a held-out NLL."""
-        return None
 
     def questions(self, round_: int) -> list[str]:
         c = self.citing
@@ -586,13 +582,15 @@ class CitingRun(TapirRun):
                   role="types", endpoint="teacher", params=fixed, parse=_types_parser(c.max_types), round_=0, max_dead_share=1.0))  # fmt: skip
         fallback = [
             name
-            for name, ratio in sorted(self.tapir.taxonomy.items(), key=lambda kv: -kv[1])
+            for name, ratio in sorted(
+                self.cfg.curriculum.tapir.taxonomy.items(), key=lambda kv: -kv[1]
+            )
             if ratio > 0
         ]
         merge = self.step(
             "types/merge_in",
             0,
-            lambda: _task(write_merge_request, self.run_dir, c.max_types, fallback),
+            lambda: task(write_merge_request, self.run_dir, c.max_types, fallback),
         )
         if merge.get("from_taxonomy"):
             self.log(
@@ -605,7 +603,7 @@ class CitingRun(TapirRun):
             0,
             lambda: {"rows": write_assign_requests(self.run_dir, ids, prefill)},
         )
-        names = [t["name"] for t in _task(merged_types, self.run_dir)]
+        names = [t["name"] for t in task(merged_types, self.run_dir)]
         self.step("types/assign", 0, lambda: self.ask("type per question", self.path("types", "assign_in"), self.path("types", "assigned"),
                   role="classify", endpoint="teacher", params=self.label_params(names, 24), parse=_type_parser(names), round_=0, max_dead_share=1.0))  # fmt: skip
         self.step("embeddings", 0, self.embeddings)
@@ -630,7 +628,7 @@ class CitingRun(TapirRun):
         book = self.step(
             "rubrics",
             0,
-            lambda: _task(
+            lambda: task(
                 write_rubric_book,
                 self.run_dir,
                 list(c.required_criteria),
@@ -656,7 +654,7 @@ class CitingRun(TapirRun):
                             adapter=adapter, use_gpu=self.use_gpu, on_rows=lambda k: counter.__setitem__("n", k))  # fmt: skip
         return {**m, "rows_in": n, "dead_lettered": m.get("dead_lettered", 0)}
 
-    def round(self, k: int) -> None:  # type: ignore[override]
+    def round(self, k: int) -> None:
         c, rd = self.citing, f"round-{k}"
         ray.get(self.actor.update_round.remote(k, {"questions": c.curriculum_questions}))
         ids = self.questions(k)
@@ -747,13 +745,13 @@ class CitingRun(TapirRun):
                 )
             },
         )
-        params, parse = P.preference_request(self.tapir.judge, prefill)
+        params, parse = P.preference_request(self.cfg.curriculum.tapir.judge, prefill)
         self.step(f"{rd}/eval/judge", k, lambda: self.ask(f"{rd} · judge per criterion", self.path(rd, "eval", "judge_in"), self.path(rd, "eval", "judge"),
                   role="eval-judge", endpoint="judge", params=params, parse=parse, round_=k))  # fmt: skip
         return self.step(
             f"{rd}/eval/results",
             k,
-            lambda: _task(
+            lambda: task(
                 criterion_results,
                 self.run_dir,
                 k,
@@ -839,7 +837,7 @@ def generate(run_dir: str, *, round_: int, input_path: str, self_revise: int | N
                     for q, c, i in zip(texts, types, ids, strict=True)
                 ]
             folder = storage.join(work, f"draft-{t}")
-            _write_requests(
+            write_requests(
                 [{"id": i, "messages": json.dumps(m)} for i, m in zip(ids, msgs, strict=True)],
                 folder + "_in",
             )

@@ -19,7 +19,8 @@ from tapir_ray import storage
 from tapir_ray.config import Config
 from tapir_ray.curriculum.actor import read_state
 from tapir_ray.lease import LeaseHeld, RunLease
-from tapir_ray.rounds import RunError, StopAfter, TapirRun
+from tapir_ray.recipe import RunError, StopAfter
+from tapir_ray.rounds import TapirRun
 
 __all__ = ["RunError", "oracle_endpoints", "run", "runner_class"]
 

@@ -1,6 +1,5 @@
-"""The run loop: the one module that knows the order of the stages.
-
-TAPIR (ALGORITHMS.md), one row's path through the run directory:
+"""TAPIR's recipe (ALGORITHMS.md) over the run layer (recipe.py), one row's path through the run
+directory:
 
     ingest/pool ─► teacher/ (y_T) ─► labels/ (task category) ─► items/ (+ held-out flag)
       [round-0: warm-up LoRA on a slice → S_0]
@@ -16,7 +15,7 @@ TAPIR (ALGORITHMS.md), one row's path through the run directory:
     ─► metrics/report.md (+ plots)
 
 Every stage writes Parquet under `<run>/` and is recorded done in `state.json` by the
-CurriculumActor, so `--resume` skips what is done. Inside an unfinished oracle stage the response
+CurriculumActor (`Recipe.step`), so `--resume` skips what is done. Inside an unfinished oracle stage the response
 cache answers every request that had returned (nothing is paid twice), an unfinished streaming
 phase generates only the answers it had not written, and an unfinished training resumes from its
 last checkpoint. The glue between stages (joins of answers to items by id,
@@ -26,66 +25,50 @@ driver sees per-block summaries (counts, sums, histograms), never the rows.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
-import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
 from tapir_ray import frames, storage
 from tapir_ray.config import Config
-from tapir_ray.curriculum.actor import curriculum_actor
+from tapir_ray.curriculum.classifier import LabelParser, embedding_classifier, labels_from_parsed
+from tapir_ray.curriculum.expansion import (
+    accept_expansions,
+    accepted,
+    write_expansion_labels_in,
+    write_expansion_requests,
+)
 from tapir_ray.curriculum.plan import (
     Selection,
     duplicate_fill,
     in_fraction,
-    mfd_histogram,
     rank_key,
     round_sizes,
 )
-from tapir_ray.embed import as_matrix
+from tapir_ray.curriculum.scoring import judge_requests, write_scores
 from tapir_ray.oracle import prompts as P
-from tapir_ray.progress import Progress
-
-
-class RunError(RuntimeError):
-    """A problem with the run as asked (existing run dir, missing endpoint), told in one line."""
-
-
-class StopAfter(Exception):  # noqa: N818 (not an error: the stop `run --until` asked for)
-    """Raised once the stage `run --until` names is done; `--resume` continues from there."""
-
-
-def _task(fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    """Run `fn` as a Ray task (joins of stage outputs stay off the driver) and wait for it."""
-    return ray.get(ray.remote(num_cpus=0)(fn).remote(*args, **kwargs))
-
+from tapir_ray.recipe import (
+    REQUESTS,
+    Recipe,
+    chat_messages,
+    heldout_rows,
+    task,
+)
 
 # --- tasks over stage outputs (run on the cluster) -------------------------------------------------
 
 
-def _messages(instruction: str, input_text: str) -> str:
-    return json.dumps([{"role": "user", "content": P.user_content(instruction, input_text)}])
-
-
 ITEMS = pa.schema([("id", pa.string()), ("instruction", pa.string()), ("input", pa.string()),
                    ("teacher", pa.string()), ("category", pa.string()), ("heldout", pa.bool_())])  # fmt: skip
-REQUESTS = pa.schema([("id", pa.string()), ("messages", pa.string())])
 # What the judge needs of a candidate besides the student's answer: it rides with the student's
 # request through the engine, so judge requests are built as answers arrive (no join).
 JUDGE_CONTEXT = ["instruction", "input", "teacher"]
 STUDENT_IN = pa.schema([*REQUESTS, *((c, pa.string()) for c in JUDGE_CONTEXT)])
-SCORES = pa.schema([("id", pa.string()), ("category", pa.string()), ("score_teacher", pa.float64()),
-                    ("score_student", pa.float64()), ("mfd", pa.float64()), ("hard", pa.bool_()),
-                    ("consistent", pa.bool_())])  # fmt: skip
 
 
 def _flag_heldout(batch: pa.Table, seed: int, fraction: float) -> pa.Table:
@@ -144,7 +127,7 @@ def _candidates(run_dir: str, columns: list[str]) -> ray.data.Dataset:
 
 
 def _student_requests(batch: pa.Table) -> pa.Table:
-    msgs = [_messages(i, x) for i, x in zip(batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True)]  # fmt: skip
+    msgs = [chat_messages(i, x) for i, x in zip(batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True)]  # fmt: skip
     context = {c: batch[c].cast(pa.string()) for c in JUDGE_CONTEXT}
     return pa.table({"id": batch["id"], "messages": pa.array(msgs, pa.string()), **context})
 
@@ -157,189 +140,6 @@ def write_student_inputs(run_dir: str, round_: int) -> int:
         ds = frames.join(ds, used, "left_anti", size=frames.rows(storage.join(run_dir, "items")))
     ds = ds.map_batches(_student_requests, batch_format="pyarrow")
     return frames.write(ds, storage.join(run_dir, f"round-{round_}", "student_in"), STUDENT_IN)
-
-
-def _judge_requests(
-    batch: pa.Table, mode: str, prefill: bool, answers: tuple[str, ...] = ("T", "S")
-) -> pa.Table:
-    """Judge requests of a block of candidates. Single mode: one per answer in `answers` (T:
-    the teacher's, which needs no student answer, S: the student's); pairwise: both orders."""
-    ids, msgs = [], []
-    for r in batch.to_pylist():  # one block of the round's candidates
-        text = P.user_content(r["instruction"], r["input"])
-        if mode == "single":
-            for tag in answers:
-                prompt = P.judge_single(text, r["teacher"] if tag == "T" else r["student"])
-                ids.append(f"{r['id']}|{tag}")
-                msgs.append(
-                    json.dumps(
-                        P.prefilled(prompt, P.VERDICT_PREFILL) if prefill else prompt.messages
-                    )
-                )
-        else:
-            for tag, a, b in (
-                ("TS", r["teacher"], r["student"]),
-                ("ST", r["student"], r["teacher"]),
-            ):
-                prompt = P.judge_pairwise(text, a, b)
-                ids.append(f"{r['id']}|{tag}")
-                msgs.append(
-                    json.dumps(P.prefilled(prompt, P.PAIR_PREFILL) if prefill else prompt.messages)
-                )
-    return pa.table({"id": pa.array(ids, pa.string()), "messages": pa.array(msgs, pa.string())})
-
-
-def _requests_from_answers(batch: pa.Table, to_requests: Callable, args: tuple) -> pa.Table:
-    """A block of answers (`response`, with the request's context columns) → oracle requests."""
-    return to_requests(batch.rename_columns(["student" if c == "response" else c for c in batch.column_names]), *args)  # fmt: skip
-
-
-def scoring_requests(
-    answers: ray.data.Dataset, student_in: str, context: list[str],
-    late: tuple[Callable, tuple], early: tuple[Callable, tuple] | None,
-) -> ray.data.Dataset:  # fmt: skip
-    """The oracle requests of a scoring phase: `late` (fn, args) on each block of the student's
-    answers, and `early` on each row of `student_in` (requests that need no student answer, e.g.
-    the verdicts on the teacher's answers), which flow from the start, while the engine loads."""
-    from tapir_ray.student import LIGHT_CPUS
-
-    # One light task per block (select/rename would each be a whole-CPU operator).
-    asks = answers.map_batches(_requests_from_answers, fn_args=late, batch_format="pyarrow",
-                               num_cpus=LIGHT_CPUS)  # fmt: skip
-    if early is None:
-        return asks
-    rows = frames.read(student_in, ["id", *context], num_cpus=LIGHT_CPUS)
-    first = rows.map_batches(
-        early[0], fn_args=early[1], batch_format="pyarrow", num_cpus=LIGHT_CPUS
-    )
-    return first.union(asks)  # Ray Data's union passes blocks on as either side makes them
-
-
-def resume_split(
-    student_in: str, student_dir: str, n: int
-) -> tuple[ray.data.Dataset, ray.data.Dataset | None, int]:
-    """The scoring phase's rows: (still to answer, already answered with their judge context,
-    how many were answered). Answers a killed attempt wrote are judged again, not generated."""
-    from tapir_ray.student import LIGHT_CPUS
-
-    columns = frames.column_names(student_in) or STUDENT_IN.names
-    inputs = frames.read(student_in, columns, num_cpus=LIGHT_CPUS)
-    kept = frames.rows(student_dir)
-    if not kept:
-        return inputs, None, 0
-    done = frames.read(student_dir, ["id", "response"])
-    todo = frames.join(inputs, done.select_columns(["id"]), "left_anti", size=n)
-    return todo, frames.join(inputs.drop_columns(["messages"]), done, "inner", size=n), kept
-
-
-def _verdicts(batch: pa.Table, tag: str, columns: tuple[str, ...]) -> pa.Table:
-    """The judge's verdicts of one tag (T, S, TS, ST) as item id and score columns."""
-    ids, values = [], []
-    for row_id, parsed in zip(batch["id"].to_pylist(), batch["parsed"].to_pylist(), strict=True):
-        item, t = row_id.rsplit("|", 1)
-        if t == tag:
-            v = json.loads(parsed)
-            v = v["verdict"] if isinstance(v, dict) else v
-            ids.append(item)
-            values.append(v if isinstance(v, list) else [v])
-    out = {"id": pa.array(ids, pa.string())}
-    for k, c in enumerate(columns):
-        out[c] = pa.array([float(v[k]) for v in values], pa.float64())
-    return pa.table(out)
-
-
-def _masses(batch: pa.Table) -> list[float]:
-    """[Σ valid mass, verdicts read from probabilities] of a block of the judge's verdicts."""
-    masses = [
-        v.get("valid_mass")
-        for v in map(json.loads, batch["parsed"].to_pylist())
-        if isinstance(v, dict)
-    ]
-    masses = [m for m in masses if m is not None]
-    return [float(sum(masses)), len(masses)]
-
-
-def _score_rows(batch: pa.Table, mode: str, delta: float) -> pa.Table:
-    if mode == "single":
-        teacher, student = batch["t"], batch["s"]
-        consistent = pa.nulls(batch.num_rows, pa.bool_())
-    else:  # position bias cancels over both orders; consistent = both orders name one winner
-        ts_a, ts_b, st_a, st_b = (batch[c].to_numpy() for c in ("ts_a", "ts_b", "st_a", "st_b"))
-        teacher, student = (ts_a + st_b) / 2, (ts_b + st_a) / 2
-        consistent = pa.array(np.sign(ts_a - ts_b) == np.sign(st_b - st_a), pa.bool_())
-    mfd = pc.subtract(teacher, student)
-    return pa.table({"id": batch["id"], "category": batch["category"], "score_teacher": teacher,
-                     "score_student": student, "mfd": mfd, "hard": pc.greater_equal(mfd, delta),
-                     "consistent": consistent}, schema=SCORES)  # fmt: skip
-
-
-def _score_moments(batch: pa.Table) -> dict[str, Any]:
-    """One block's share of the round's score statistics (sums add up across blocks)."""
-    out: dict[str, Any] = {"n": batch.num_rows, "hard": int(pc.sum(batch["hard"]).as_py() or 0),
-                           "consistent": int(pc.sum(batch["consistent"]).as_py() or 0),
-                           "pairs": batch.num_rows - batch["consistent"].null_count,
-                           "hist": Counter(mfd_histogram(batch["mfd"].to_pylist()))}  # fmt: skip
-    for c in ("score_teacher", "score_student", "mfd"):
-        x = batch[c].to_numpy()
-        out[c] = np.array([x.sum(), (x * x).sum()])
-    return out
-
-
-def write_scores(run_dir: str, round_: int, mode: str, delta: float) -> dict[str, Any]:
-    """scores/ per candidate: f_J of teacher and student answers, MFD and the hard flag; the
-    round's judge diagnostics from per-block sums."""
-    from tapir_ray.eval.judge_health import judge_health, spread_of
-
-    rd = storage.join(run_dir, f"round-{round_}")
-    judge_dir = storage.join(rd, "judge")
-    asked, answered = frames.rows(storage.join(rd, "student")), frames.rows(judge_dir)
-    judged = frames.read(judge_dir, ["id", "parsed"])
-    if mode == "single":
-        sides = [("T", ("t",)), ("S", ("s",))]
-    else:
-        sides = [("TS", ("ts_a", "ts_b")), ("ST", ("st_a", "st_b"))]
-    first, second = (
-        judged.map_batches(_verdicts, fn_args=(tag, cols), batch_format="pyarrow")
-        for tag, cols in sides
-    )
-    both = frames.join(
-        first, second, "inner", size=asked
-    )  # an item missing a verdict sits this round out
-    category = frames.read(storage.join(run_dir, "items"), ["id", "category"])
-    scores = frames.join(both, category, "inner", size=asked).map_batches(
-        _score_rows, fn_args=(mode, delta), batch_format="pyarrow")  # fmt: skip
-    frames.write(scores, storage.join(rd, "scores"), SCORES)
-    total: dict[str, Any] = {"n": 0, "hard": 0, "consistent": 0, "pairs": 0, "hist": Counter()}
-    for part in frames.fold(
-        frames.read(
-            storage.join(rd, "scores"),
-            SCORES.names,
-            dict(zip(SCORES.names, SCORES.types, strict=True)),
-        ),
-        _score_moments,
-    ):
-        for k, v in part.items():
-            total[k] = total[k] + v if k in total else v
-    n = total["n"]
-    mass, read = 0.0, 0
-    for m, k in frames.fold(judged, _masses):
-        mass, read = mass + m, read + k
-
-    def mean(column: str, digits: int = 4) -> float | None:
-        return round(float(total[column][0]) / n, digits) if n else None
-
-    health = judge_health(
-        asked=2 * asked, answered=answered,
-        consistency=round(total["consistent"] / total["pairs"], 4) if mode == "pairwise" and total["pairs"] else None,
-        spreads={s: spread_of(n, *total[f"score_{s}"]) if n else None for s in ("teacher", "student")},
-        valid_mass=round(mass / read, 4) if read else None,
-    )  # fmt: skip
-    return {
-        "judge": health, "scored": n, "unscored": asked - n, "hard": total["hard"],
-        "hard_share": round(total["hard"] / n, 4) if n else None, "mean_mfd": mean("mfd"),
-        "mean_score_teacher": mean("score_teacher", 3), "mean_score_student": mean("score_student", 3),
-        "mfd_histogram": {k: total["hist"].get(k, 0) for k in mfd_histogram([])},
-    }  # fmt: skip
 
 
 PLAN = pa.schema(
@@ -398,154 +198,6 @@ def write_plan(
     }  # fmt: skip
 
 
-def _write_requests(rows: list[dict], folder: str) -> None:
-    """An oracle or student stage's input: id and messages (JSON), even when there are no rows."""
-    storage.write_table(pa.Table.from_pylist(rows, schema=REQUESTS), folder)
-
-
-def _exemplars(batch: pa.Table, want: dict[str, int]) -> dict[str, list]:
-    """Per short category, this block's first exemplars: hard ones first, then by rank."""
-    out: dict[str, list] = {}
-    for r in batch.to_pylist():
-        if want.get(r["category"]):
-            key = (r["source"] != "hard", r["rank"])
-            out.setdefault(r["category"], []).append(
-                (key, r["id"], P.user_content(r["instruction"], r["input"]))
-            )
-    return {c: sorted(v)[: want[c]] for c, v in out.items()}
-
-
-def write_expansion_requests(
-    run_dir: str, round_: int, attempt: int, missing: dict[str, int]
-) -> int:
-    """One teacher request per missing item, each inspired by a different exemplar of its category
-    (hard exemplars first), so a retry never repeats an earlier request."""
-    rd = storage.join(run_dir, f"round-{round_}")
-    plan = frames.read(
-        storage.join(rd, "plan"), ["id", "category", "source", "rank"], {"rank": pa.uint64()}
-    )
-    texts = frames.read(storage.join(run_dir, "items"), ["id", "instruction", "input"])
-    joined = frames.join(plan, texts, "inner", size=frames.rows(storage.join(rd, "plan")))
-    # Attempt a uses exemplars up to (a + 1)·n in exemplar order: each block sends back its first.
-    want = {c: n * (attempt + 1) for c, n in missing.items()}
-    best: dict[str, list] = {}
-    for part in frames.fold(joined, _exemplars, want=want):
-        for cat, found in part.items():
-            best[cat] = sorted(best.get(cat, []) + found)[: want[cat]]
-    rows = []
-    for cat, n in sorted(missing.items()):
-        exemplars = [(i, text) for _, i, text in best.get(cat, [])]
-        if not exemplars:
-            continue
-        for j in range(n):
-            parent, text = exemplars[(j + attempt * n) % len(exemplars)]
-            # The attempt number makes retries distinct requests even with a single exemplar.
-            prompt = P.expand(
-                text + ("" if attempt == 0 else f"\n\n(Variation {attempt + 1}.)"), cat
-            )
-            rows.append({"id": f"x{round_}.{attempt}.{cat}.{j}", "messages": json.dumps(prompt.messages),
-                         "category": cat, "parent_id": parent})  # fmt: skip
-    storage.write_table(
-        pa.Table.from_pylist(rows),
-        storage.join(run_dir, f"round-{round_}", f"expand-{attempt}", "requests"),
-    )
-    return len(rows)
-
-
-def _label_requests(batch: pa.Table, labels: list[str], prefill: bool) -> pa.Table:
-    msgs = []
-    for parsed in batch["parsed"].to_pylist():  # one block of the teacher's expansions
-        prompt = P.classify(json.loads(parsed), labels)
-        msgs.append(
-            json.dumps(P.prefilled(prompt, P.LABEL_PREFILL) if prefill else prompt.messages)
-        )
-    return pa.table({"id": batch["id"], "messages": pa.array(msgs, pa.string())})
-
-
-def write_expansion_labels_in(
-    run_dir: str, round_: int, attempt: int, labels: list[str], prefill: bool
-) -> int:
-    """label_requests/: a classification request per expansion the teacher wrote, block by block."""
-    folder = storage.join(run_dir, f"round-{round_}", f"expand-{attempt}")
-    answers = frames.read(storage.join(folder, "answers"), ["id", "parsed"])
-    requests = answers.map_batches(
-        _label_requests, fn_args=(labels, prefill), batch_format="pyarrow"
-    )
-    return frames.write(requests, storage.join(folder, "label_requests"), REQUESTS)
-
-
-def accept_expansions(
-    run_dir: str, round_: int, attempt: int, threshold: float, embedding_model: str,
-    eval_refs: list[str],
-) -> dict[str, Any]:  # fmt: skip
-    """Keep an expansion only if it re-classifies into its category and is neither a (near-)
-    duplicate of the pool, of an evaluation prompt, nor of another kept expansion."""
-    import numpy as np
-
-    from tapir_ray.embed import encode, greedy_distinct, load_encoder, max_similarity
-    from tapir_ray.ingest.canonical import normalize_text, row_id
-    from tapir_ray.ingest.pipeline import load_eval_prompts
-
-    folder = storage.join(run_dir, f"round-{round_}", f"expand-{attempt}")
-    requests = {
-        r["id"]: r for r in storage.read_table(storage.join(folder, "requests")).to_pylist()
-    }
-    answers = storage.read_table(storage.join(folder, "answers"), ["id", "parsed"]).to_pylist()
-    relabel = {r["id"]: json.loads(r["parsed"]) for r in storage.read_table(storage.join(folder, "labels"), ["id", "parsed"]).to_pylist()}  # fmt: skip
-    # The pool rows these expansions would duplicate exactly: a lookup of their ids, not the pool.
-    ids = {row_id(json.loads(a["parsed"])) for a in answers}
-    in_pool = set(frames.lookup(storage.join(run_dir, "ingest", "pool"), ids, []))
-    eval_prompts = load_eval_prompts(eval_refs)
-    kept_before = [r for a in range(attempt) for r in _accepted(run_dir, round_, a)]
-    seen = in_pool | {r["id"] for r in kept_before}
-    reasons: Counter = Counter()
-    checked = []
-    for ans in answers:
-        req = requests[ans["id"]]
-        text = json.loads(ans["parsed"])
-        if ans["id"] not in relabel:
-            reasons["label dead-lettered"] += 1
-        elif relabel[ans["id"]] != req["category"]:
-            reasons["re-classified into another category"] += 1
-        elif normalize_text(text) in eval_prompts:
-            reasons["an evaluation prompt"] += 1
-        elif row_id(text) in seen:
-            reasons["duplicate of the pool or another expansion"] += 1
-        else:
-            seen.add(row_id(text))
-            checked.append({"id": row_id(text), "instruction": text, "input": "", "category": req["category"],
-                            "parent_id": req["parent_id"]})  # fmt: skip
-    kept = []
-    if checked:
-        encoder = load_encoder(embedding_model)
-        vecs = encode(encoder, [c["instruction"] for c in checked])
-        pool_emb = ray.data.read_parquet(storage.join(run_dir, "embeddings"))
-        best_pool = max_similarity(vecs, pool_emb)
-        eval_vecs = encode(encoder, sorted(eval_prompts))
-        best_eval = (vecs @ eval_vecs.T).max(axis=1) if len(eval_vecs) else np.full(len(vecs), -1.0)
-        prior = encode(encoder, [r["instruction"] for r in kept_before])
-        near_eval = best_eval >= threshold
-        eligible = ~near_eval & (best_pool < threshold)
-        distinct = np.zeros(len(checked), dtype=bool)
-        distinct[eligible] = greedy_distinct(vecs[eligible], prior, threshold)
-        reasons["near-duplicate of an evaluation prompt"] += int(near_eval.sum())
-        reasons["near-duplicate of the pool or another expansion"] += int(
-            (~near_eval & ~distinct).sum()
-        )
-        kept = [c for c, ok in zip(checked, distinct, strict=True) if ok]
-        reasons = Counter({k: v for k, v in reasons.items() if v})
-    schema = pa.schema([("id", pa.string()), ("instruction", pa.string()), ("input", pa.string()),
-                        ("category", pa.string()), ("parent_id", pa.string())])  # fmt: skip
-    storage.write_table(pa.Table.from_pylist(kept, schema=schema), storage.join(folder, "accepted"))
-    return {"requested": len(requests), "answered": len(answers), "accepted": len(kept),
-            "rejected": dict(reasons), "accepted_by_category": dict(Counter(k["category"] for k in kept))}  # fmt: skip
-
-
-def _accepted(run_dir: str, round_: int, attempt: int) -> list[dict]:
-    folder = storage.join(run_dir, f"round-{round_}", f"expand-{attempt}", "accepted")
-    return storage.read_table(folder).to_pylist() if storage.exists(folder) else []
-
-
 def write_final_plan(run_dir: str, round_: int, attempts: int, seed: int) -> dict[str, Any]:
     """plan_final/ = the selection + accepted expansions (up to each category's shortfall) +
     duplicates for whatever is still missing; totals are exact. Only the short categories' rows
@@ -556,7 +208,7 @@ def write_final_plan(run_dir: str, round_: int, attempts: int, seed: int) -> dic
     extra = Selection()
     expansions = []
     for a in range(attempts):
-        for r in _accepted(run_dir, round_, a):
+        for r in accepted(run_dir, round_, a):
             if missing.get(r["category"], 0) > 0:
                 missing[r["category"]] -= 1
                 extra.ids.append(r["id"])
@@ -622,7 +274,7 @@ def write_refine_inputs(run_dir: str, round_: int, styles: dict[str, str]) -> in
 
 
 def _train_rows(batch: pa.Table, answer_column: str, styles: dict[str, str]) -> pa.Table:
-    msgs = [_messages(i, x) for i, x in zip(batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True)]  # fmt: skip
+    msgs = [chat_messages(i, x) for i, x in zip(batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True)]  # fmt: skip
     style = [styles.get(c, "general") for c in batch["category"].to_pylist()]
     return pa.table({"id": batch["id"], "category": batch["category"], "source": batch["source"],
                      "style": pa.array(style, pa.string()), "messages": pa.array(msgs, pa.string()),
@@ -667,203 +319,17 @@ def write_warmup_plan(run_dir: str, rows: int, seed: int) -> int:
     return frames.write(plan, storage.join(run_dir, "round-0", "plan_final"), PLAN)
 
 
-def heldout(items: pa.Table) -> pa.Table:
-    """The rows no student trains on, with a reference answer: TAPIR's held-out fraction, CITING's
-    test split."""
-    mask = items["heldout"] if "heldout" in items.column_names else pc.equal(items["split"], "test")
-    return items.filter(pc.and_(mask, pc.is_valid(items["teacher"])))
-
-
-def _is_heldout(row: dict[str, Any]) -> bool:
-    held = row["heldout"] if "heldout" in row else row["split"] == "test"
-    return bool(held) and row["teacher"] is not None
-
-
-def heldout_items(run_dir: str, seed: int, salt: int, limit: int | None) -> list[dict[str, Any]]:
-    """The first `limit` held-out rows (see `heldout`; all of them when None) in the seeded order
-    of `salt`, found block by block: id, instruction, input, teacher."""
-    folder = storage.join(run_dir, "items")
-    names = frames.column_names(folder)
-    if not names:
-        return []
-    split = "heldout" if "heldout" in names else "split"
-    ds = frames.read(folder, ["id", "instruction", "input", "teacher", split])
-    n = limit if limit is not None else frames.rows(folder)
-    rows = frames.lowest(ds, lambda r: rank_key(seed, salt, r["id"]), n, where=_is_heldout)
-    return [{k: r[k] for k in ("id", "instruction", "input", "teacher")} for r in rows]
-
-
-def heldout_rows(run_dir: str, seed: int, limit: int) -> list[dict[str, Any]]:
-    """The held-out NLL's rows: the first `limit` held-out rows in seeded order, as SFT rows."""
-    return [{"messages": _messages(r["instruction"], r["input"]), "response": r["teacher"]}
-            for r in heldout_items(run_dir, seed, -1, limit)]  # fmt: skip
-
-
 # --- the TAPIR run ------------------------------------------------------------------------------
 
 
-class TapirRun:
+class TapirRun(Recipe):
     ALGORITHM = "tapir"
 
     def __init__(self, cfg: Config, run_dir: str, endpoints: dict, log: Callable[[str], None],
                  *, attach: bool = False):  # fmt: skip
-        """`attach=True`: a tool reading the run (eval, generate), see `curriculum_actor`."""
-        from tapir_ray.oracle.ledger import Ledger
-
-        self.cfg, self.run_dir, self.endpoints, self.log = cfg, run_dir, endpoints, log
+        super().__init__(cfg, run_dir, endpoints, log, attach=attach)
         self.tapir = cfg.curriculum.tapir
-        self.seed = cfg.run.seed
-        self.actor = curriculum_actor(
-            run_dir, self.ALGORITHM, self.seed, pin_to_head=cfg.resources.pin_curriculum_to_head,
-            attach=attach,
-        )  # fmt: skip
-        self.ledger = Ledger.remote(
-            storage.join(run_dir, "metrics", "oracle-ledger.json"),
-            cfg.oracle.max_usd,
-            cache_root=storage.join(run_dir, "oracle-cache"),
-        )
         self.labels = list(self.tapir.taxonomy)
-        self.limiters: dict[str, Any] = {}
-        self.until: str | None = None  # `run --until STAGE`
-        self.use_gpu = (
-            bool(ray.cluster_resources().get("GPU", 0)) and cfg.student.gpus_per_replica > 0
-        )
-
-    def __enter__(self) -> TapirRun:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        """Ends the run's actor (state.json holds everything), so the run can be read by another
-        driver at once rather than when this process lets go of the handle."""
-        with contextlib.suppress(Exception):
-            ray.kill(self.actor)
-
-    # -- plumbing --
-
-    def path(self, *parts: str) -> str:
-        return storage.join(self.run_dir, *parts)
-
-    def step(
-        self, name: str, round_: int, fn: Callable[[], dict | None], total: int | None = None
-    ) -> dict:
-        """Run a stage once: skipped when state.json says it is done (its info is returned).
-        Stops the run after it when it is the stage `run --until` names."""
-        if ray.get(self.actor.stage_done.remote(name)):
-            info = ray.get(self.actor.get.remote())["stages"][name]
-        else:
-            self.stage_name = name
-            self.actor.begin_stage.remote(name, round_, total)
-            started = time.perf_counter()
-            info = fn() or {}
-            info["seconds"] = round(time.perf_counter() - started, 2)
-            ray.get(self.actor.end_stage.remote(name, info))
-            ray.get(self.actor.set_ledger.remote(ray.get(self.ledger.flush.remote())))
-            self.log(f"{name}: done in {info['seconds']:.1f} s {_brief(info)}")
-        if name == self.until:
-            raise StopAfter(name)
-        return info
-
-    def ask(self, label: str, in_dir: str, out_dir: str, *, role: str, endpoint: str, params: dict,
-            parse: Callable | None, round_: int, max_dead_share: float | None = None) -> dict[str, Any]:  # fmt: skip
-        """Send every row of `in_dir` to the oracle as `role`; answers to `out_dir` (Parquet).
-        More dead letters than `max_dead_share` (default oracle.max_dead_letter_share) of the rows
-        fail the stage in one line; a rerun (--resume) asks them again, the rest from the cache.
-        Stages with a designed fallback for missing replies pass 1.0."""
-        total = storage.parquet_rows(in_dir)
-        return self.ask_stream(label, lambda: ray.data.read_parquet(in_dir), total, out_dir, role=role,
-                               endpoint=endpoint, params=params, parse=parse, round_=round_,
-                               max_dead_share=max_dead_share)  # fmt: skip
-
-    def ask_stream(self, label: str, requests: Callable[[], ray.data.Dataset], total: int, out_dir: str, *,
-                   role: str, endpoint: str, params: dict, parse: Callable | None, round_: int,
-                   max_dead_share: float | None = None, sent: Callable[[], int] | None = None,
-                   detail: Callable[[], str] | None = None) -> dict[str, Any]:  # fmt: skip
-        """`ask` for requests that a pipeline makes as it goes (`requests()` builds the lazy
-        Dataset): `total` is what the progress line counts toward, `sent()` (default `total`),
-        read when the stage is over, what the dead letters are counted against; `detail()`: the
-        pipeline's earlier steps, for the progress line."""
-        from tapir_ray.oracle.cache import ResponseCache
-        from tapir_ray.oracle.limiter import limiter_for
-        from tapir_ray.oracle.stage import (
-            TooManyDeadLetters,
-            budget_left,
-            check_dead_share,
-            clear_dead_letters,
-            oracle_map,
-        )
-        from tapir_ray.student import LIGHT_CPUS
-
-        ep, url, identity = self.endpoints[endpoint]
-        key = f"{identity}|{ep.model}"
-        if key not in self.limiters:  # one per endpoint for the whole run, shared by every stage
-            self.limiters[key] = limiter_for(key, ep.rpm, ep.tpm)
-        storage.remove(out_dir)
-        stage = f"{getattr(self, 'stage_name', label)}/{out_dir.rstrip('/').rsplit('/', 1)[-1]}"
-        clear_dead_letters(self.run_dir, stage)
-        if total == 0:
-            return {"rows_in": 0, "rows_out": 0, "dead_lettered": 0}
-        getattr(self.endpoints, "wait", lambda: None)()  # a local server may still be starting
-        # No actor writes now: merge what earlier stages and killed runs left into large segments.
-        ResponseCache(self.path("oracle-cache")).compact()
-        ray.get(self.ledger.settle.remote(round_, role))  # rows a killed attempt left unfinished
-        before = ray.get(self.ledger.done.remote(round_, role))
-        # Batches of at most a quarter of an actor's share: an actor pool waits for a full batch, so
-        # requests that arrive early in a streaming stage (the teacher's verdicts) would otherwise
-        # wait for the later ones (the student's), and a small stage keeps every actor busy.
-        ds = oracle_map(
-            requests(), role=role, endpoint=ep, base_url=url, identity=identity, stage=stage,
-            run_dir=self.run_dir, round_=round_, params=params, ledger=self.ledger, parse=parse,
-            limiter=self.limiters[key], actors=self.cfg.oracle.actors, cpus_per_actor=self.cfg.oracle.cpus_per_actor,
-            batch_size=max(8, min(64, math.ceil(total / (4 * self.cfg.oracle.actors)))), mode=self.cfg.oracle.mode_for(role),
-        )  # fmt: skip
-        started = time.perf_counter()
-        done = lambda: min(total, ray.get(self.ledger.done.remote(round_, role)) - before)  # noqa: E731
-        with Progress(label, total, done, log=self.log, detail=detail):
-            ds.write_parquet(
-                out_dir, ray_remote_args={"num_cpus": LIGHT_CPUS}
-            )  # next to the actors
-        seconds = time.perf_counter() - started
-        rows_out = storage.parquet_rows(out_dir)
-        total = sent() if sent is not None else total
-        budget_left(self.ledger)  # the stage stays undone: --resume sends what the budget stopped
-        share = self.cfg.oracle.max_dead_letter_share if max_dead_share is None else max_dead_share
-        try:
-            check_dead_share(self.run_dir, stage, total, rows_out, share)
-        except TooManyDeadLetters as exc:
-            raise RunError(str(exc)) from None
-        storage.mark_success(out_dir, {"rows": rows_out})
-        return {"rows_in": total, "rows_out": rows_out, "dead_lettered": total - rows_out,
-                "requests_per_s": round(total / seconds, 2) if seconds else None}  # fmt: skip
-
-    def prefill(self, endpoint: str) -> bool:
-        return self.endpoints[endpoint][0].continue_final_message
-
-    def label_params(self, labels: list[str], max_tokens: int = 16) -> dict[str, Any]:
-        return P.label_params(labels, max_tokens, self.endpoints["teacher"][0].structured_choice)
-
-    def teacher_params(self) -> dict[str, Any]:
-        return {
-            "max_tokens": self.cfg.oracle.teacher_max_tokens,
-            "temperature": self.cfg.oracle.teacher_temperature,
-        }
-
-    # -- stages before the rounds --
-
-    def ingest(self) -> dict:
-        from tapir_ray.ingest import ingest
-
-        summary = ingest(self.cfg.pool, self.path("ingest"), quarantine_dir=self.path("quarantine"),
-                         block_rows=self.cfg.resources.ingest_batch_size)  # fmt: skip
-        self.log(summary.table())
-        if summary.kept == 0:
-            raise RunError(
-                f"the pool is empty after ingest: {summary.read} rows read = {summary.quarantined} quarantined "
-                f"+ {summary.duplicates} duplicates + {summary.decontaminated} evaluation prompts "
-                f"(reasons in {self.path('quarantine')})"
-            )
-        return {"rows_in": summary.read, "rows_out": summary.kept, "quarantined": summary.quarantined,
-                "duplicates": summary.duplicates, "decontaminated": summary.decontaminated,
-                "reconciles": summary.reconciles}  # fmt: skip
 
     @property
     def reuse_reference(self) -> bool:
@@ -873,33 +339,9 @@ class TapirRun:
     def embedding_model(self) -> str:
         return self.tapir.classifier.embedding_model
 
-    def teacher(self) -> dict:
-        reuse = self.reuse_reference
-        pool = ray.data.read_parquet(self.path("ingest", "pool"))
+    # -- plumbing --
 
-        def split(batch: pa.Table, want_reference: bool) -> pa.Table:
-            has = pc.greater(pc.utf8_length(pc.fill_null(batch["output"], "")), 0)
-            mask = has if want_reference else pc.invert(has)
-            return batch.filter(mask) if reuse else (batch.slice(0, 0) if want_reference else batch)
-
-        def to_request(batch: pa.Table) -> pa.Table:
-            msgs = [json.dumps(P.answer(i, x).messages) for i, x in zip(batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True)]  # fmt: skip
-            return pa.table({"id": batch["id"], "messages": msgs})
-
-        storage.remove(self.path("teacher_in"))
-        pool.map_batches(split, fn_args=(False,), batch_format="pyarrow").map_batches(
-            to_request, batch_format="pyarrow").write_parquet(self.path("teacher_in"))  # fmt: skip
-        storage.remove(self.path("teacher"))
-        reference = pool.map_batches(split, fn_args=(True,), batch_format="pyarrow").select_columns(
-            ["id", "output"]
-        )
-        n_ref = reference.count()
-        if n_ref:
-            reference.map_batches(lambda b: pa.table({"id": b["id"], "response": b["output"]}), batch_format="pyarrow")\
-                .write_parquet(self.path("teacher", "reference"))  # fmt: skip
-        info = self.ask("teacher answers", self.path("teacher_in"), self.path("teacher", "asked"),
-                        role="teacher", endpoint="teacher", params=self.teacher_params(), parse=P.parse_answer, round_=0)  # fmt: skip
-        return {**info, "reference_outputs": n_ref}
+    # -- stages before the rounds --
 
     def classify(self) -> dict:
         labels, prefill = self.labels, self.prefill("teacher")
@@ -934,31 +376,13 @@ class TapirRun:
         pool.map_batches(to_request, batch_format="pyarrow").write_parquet(self.path("labels_in"))
         out_dir = self.path("labels_oracle")
         info = self.ask("task labels", self.path("labels_in"), out_dir, role="classify", endpoint="teacher",
-                        params=self.label_params(labels), parse=_label_parser(labels), round_=0)  # fmt: skip
+                        params=self.label_params(labels), parse=LabelParser(labels), round_=0)  # fmt: skip
         if settings.method == "oracle":
-            _labels_from_parsed(out_dir, self.path("labels"))
+            labels_from_parsed(out_dir, self.path("labels"))
             return {**info, "method": "oracle"}
         self.embeddings()
-        agreement = _embedding_classifier(self.run_dir, settings.holdout_fraction, seed)
+        agreement = embedding_classifier(self.run_dir, settings.holdout_fraction, seed)
         return {**info, "method": "embedding", **agreement}
-
-    def embeddings(self) -> dict:
-        """embeddings/: unit-norm sentence embeddings of every pool row (near-duplicate checks,
-        the embedding classifier); computed once per run, when first needed."""
-        if storage.is_done(self.path("embeddings")):
-            return {}
-        from tapir_ray.embed import embed
-
-        def text(batch: pa.Table) -> pa.Table:
-            t = [P.user_content(i, x) for i, x in zip(batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True)]  # fmt: skip
-            return pa.table({"id": batch["id"], "text": t})
-
-        storage.remove(self.path("embeddings"))
-        ds = embed(ray.data.read_parquet(self.path("ingest", "pool")).map_batches(text, batch_format="pyarrow"),
-                   self.embedding_model)  # fmt: skip
-        ds.select_columns(["id", "embedding"]).write_parquet(self.path("embeddings"))
-        storage.mark_success(self.path("embeddings"))
-        return {"rows": storage.parquet_rows(self.path("embeddings"))}
 
     def nll(self, round_: int, adapter_dir: str | None, model: str) -> dict:
         from tapir_ray.eval.nll import heldout_nll_task
@@ -974,41 +398,6 @@ class TapirRun:
         )  # fmt: skip
 
     # -- training --
-
-    def train(self, round_: int, student: dict, before: bool = False) -> dict:
-        """Round `round_`'s fit; `before`: also the held-out NLL of the model it starts from."""
-        from tapir_ray.train import train_round
-
-        ds = ray.data.read_parquet(self.path(f"round-{round_}", "train_set"))
-        full = self.cfg.train.full_finetune
-        result = train_round(
-            ds, self.cfg.train, self.path(f"round-{round_}"), model=student["model"],
-            init_adapter=None if full else student["adapter"], seed=self.seed + round_,
-            chat_template=self.cfg.student.chat_template,
-            heldout=self.fit_heldout(), heldout_before=before,
-        )  # fmt: skip
-        losses = [m["loss"] for m in result.metrics if m.get("loss") is not None]
-        tps = [m["tokens_per_s"] for m in result.metrics if m.get("tokens_per_s")]
-        return {"steps": result.steps, "first_loss": losses[0] if losses else None, "final_loss": result.final_loss,
-                "tokens_per_s": round(sum(tps) / len(tps), 1) if tps else None,
-                "adapter": result.adapter_dir, "adapter_sha256": result.adapter_sha256, "heldout": result.heldout,
-                "heldout_before": result.heldout_before,
-                "rows": storage.parquet_rows(self.path(f"round-{round_}", "train_set"))}  # fmt: skip
-
-    def student_after(self, round_: int) -> dict:
-        """The student S_r: the base model with round r's adapter (or the fully fine-tuned model)."""
-        if round_ < 0:
-            return {"model": self.cfg.student.model, "adapter": None, "adapter_sha256": ""}
-        info = ray.get(self.actor.get.remote())["rounds"].get(str(round_), {})
-        if not info.get("adapter"):
-            return self.student_after(round_ - 1)
-        if self.cfg.train.full_finetune:
-            return {"model": info["adapter"], "adapter": None, "adapter_sha256": ""}
-        return {
-            "model": self.cfg.student.model,
-            "adapter": info["adapter"],
-            "adapter_sha256": info["adapter_sha256"],
-        }
 
     # -- the run --
 
@@ -1156,60 +545,12 @@ class TapirRun:
         single = judge.mode == "single"
         return self.answer_and_ask(
             f"{rd} · student answers → judge verdicts", r, student, n, folder=self.path(rd),
-            to_requests=_judge_requests, fn_args=(judge.mode, prefill, ("S",) if single else ()),
+            to_requests=judge_requests, fn_args=(judge.mode, prefill, ("S",) if single else ()),
             per_row=1 if single else 2, out="judge",
-            early=(_judge_requests, (judge.mode, prefill, ("T",))) if single else None,
+            early=(judge_requests, (judge.mode, prefill, ("T",))) if single else None,
             role="judge", endpoint="judge", params=P.verdict_params(judge, prefill),
             parse=P.JudgeParser(judge.mode, judge.logprob_scoring, prefill, judge.min_valid_mass, report_mass=True),
         )  # fmt: skip
-
-    def answer_and_ask(self, label: str, r: int, student: dict, n: int, *, folder: str, to_requests: Callable,
-                       fn_args: tuple, per_row: int, out: str, early: tuple[Callable, tuple] | None = None,
-                       **ask: Any) -> dict[str, Any]:  # fmt: skip
-        """`folder`/student_in → the student → `to_requests` → the oracle → `folder`/`out`, as one
-        streaming pipeline: the oracle works while the student generates. The requests of
-        student_in carry the columns `to_requests` needs besides the answer (`student`) through the
-        engine, so no join is needed. Each block of answers is written to `folder`/student as it
-        passes: a rerun after a kill generates only the rows not answered yet, and the oracle's
-        replies on rows already answered come from the cache. `per_row`: requests per answer.
-        `early` (fn, args): one request per row of student_in that needs no student answer, sent
-        from the stage's start (while the engine starts), merged into the same output."""
-        from tapir_ray.student import Adapter, answer, answers_metrics, persist
-
-        student_in, student_dir = (
-            storage.join(folder, "student_in"),
-            storage.join(folder, "student"),
-        )
-        context = [c for c in frames.column_names(student_in) if c not in ("id", "messages")]
-        todo, before, kept = resume_split(student_in, student_dir, n)
-        adapter = (Adapter.load(f"round-{r - 1}", student["adapter"], student["adapter_sha256"])
-                   if student["adapter"] else None)  # fmt: skip
-        cfg = self.cfg.student.model_copy(update={"model": student["model"]})
-        tag, started = uuid.uuid4().hex[:12], time.time()
-        facts: dict[str, Any] = {"engine": {}}
-
-        def requests() -> ray.data.Dataset:
-            parts = [before] if before is not None else []
-            if kept < n:  # the engine starts only when there is something left to answer
-                fresh, facts["engine"] = answer(todo, cfg, run_dir=self.run_dir, round_=r, adapter=adapter,
-                                                use_gpu=self.use_gpu, carry=tuple(context))  # fmt: skip
-                parts.insert(0, persist(fresh, student_dir, tag))
-            answers = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-            return scoring_requests(answers, student_in, context, (to_requests, fn_args), early)
-
-        # The engine answers in blocks: the progress line counts them as they are kept.
-        answered = lambda: f"{frames.rows(student_dir)}/{n} answered"  # noqa: E731
-        pre = n if early is not None else 0
-        info = self.ask_stream(label, requests, pre + per_row * n, storage.join(folder, out), round_=r,
-                               sent=lambda: pre + per_row * frames.rows(student_dir), detail=answered, **ask)  # fmt: skip
-        answered = frames.rows(student_dir)
-        metrics = answers_metrics(
-            student_dir, tag, started, round=r, **facts["engine"], rows_in=n, rows_out=answered,
-            adapter_id=adapter.id if adapter else "base", adapter_sha256=adapter.sha256 if adapter else "",
-        )  # fmt: skip
-        storage.write_json_atomic(storage.join(student_dir, "_METRICS.json"), metrics)
-        storage.mark_success(student_dir, {"rows": answered})
-        return {**info, "student": metrics}
 
     def _plan(self, r: int, scores_dir: str | None, size: int, alpha: float) -> dict:
         info = write_plan(self.run_dir, r, scores_dir, size, alpha, self.tapir.taxonomy,
@@ -1228,117 +569,7 @@ class TapirRun:
         write_expansion_labels_in(self.run_dir, r, attempt, self.labels, prefill)
         self.ask(f"{rd} · expansion labels", storage.join(folder, "label_requests"), storage.join(folder, "labels"),
                  role="classify", endpoint="teacher", params=self.label_params(self.labels),
-                 parse=_label_parser(self.labels), round_=r, max_dead_share=1.0)  # fmt: skip
-        got = _task(accept_expansions, self.run_dir, r, attempt, self.tapir.near_duplicate_threshold,
+                 parse=LabelParser(self.labels), round_=r, max_dead_share=1.0)  # fmt: skip
+        got = task(accept_expansions, self.run_dir, r, attempt, self.tapir.near_duplicate_threshold,
                     self.tapir.classifier.embedding_model, list(self.cfg.pool.decontaminate_against))  # fmt: skip
         return {**got, "oracle": asked}
-
-
-# --- parsers (module level: they travel to the oracle actors) ----------------------------------------
-
-
-class _label_parser:
-    def __init__(self, labels: list[str]):
-        self.labels = labels
-
-    def __call__(self, text: str) -> str:
-        return P.parse_label(text, self.labels)
-
-
-def _oracle_labels(batch: pa.Table) -> pa.Table:
-    labels = [json.loads(p) for p in batch["parsed"].to_pylist()]
-    return pa.table({"id": batch["id"], "label": pa.array(labels, pa.string())})
-
-
-def _labels_from_parsed(answers_dir: str, out_dir: str) -> None:
-    ds = frames.read(answers_dir, ["id", "parsed"]).map_batches(
-        _oracle_labels, batch_format="pyarrow"
-    )
-    frames.write(ds.rename_columns({"label": "category"}), out_dir,
-                 pa.schema([("id", pa.string()), ("category", pa.string())]))  # fmt: skip
-
-
-def _fit_holdout(batch: pa.Table, seed: int, holdout: float) -> tuple[np.ndarray, np.ndarray]:
-    """Which labelled rows fit the centroids and which measure them."""
-    test = np.array([in_fraction(seed, "classifier-holdout", i, holdout) for i in batch["id"].to_pylist()], bool)  # fmt: skip
-    labelled = pc.is_valid(batch["label"]).to_numpy(zero_copy_only=False)
-    return labelled & ~test, labelled & test
-
-
-def _class_sums(batch: pa.Table, seed: int, holdout: float) -> dict[str, Any]:
-    fit, test = _fit_holdout(batch, seed, holdout)
-    vecs, labels = as_matrix(batch["embedding"]), batch["label"].to_pylist()
-    sums: dict[str, list] = {}
-    for k in np.flatnonzero(fit):
-        s = sums.setdefault(labels[k], [np.zeros(vecs.shape[1], np.float64), 0])
-        s[0] += vecs[k]
-        s[1] += 1
-    return {"sums": sums, "fit": int(fit.sum()), "test": int(test.sum())}
-
-
-def _nearest(
-    batch: pa.Table, names: list[str], matrix: np.ndarray, seed: int, holdout: float
-) -> pa.Table:
-    """Each row's category: its oracle label where it has one, else the nearest centroid's."""
-    _, test = _fit_holdout(batch, seed, holdout)
-    vecs, labels = as_matrix(batch["embedding"]), batch["label"].to_pylist()
-    predicted = [names[k] for k in (vecs @ matrix.T).argmax(axis=1)] if len(vecs) else []
-    return pa.table({
-        "id": batch["id"],
-        "category": pa.array([lab if lab is not None else p for lab, p in zip(labels, predicted, strict=True)], pa.string()),
-        "agree": pa.array([bool(t) and p == lab for t, p, lab in zip(test, predicted, labels, strict=True)], pa.bool_()),
-    })  # fmt: skip
-
-
-def _embedding_classifier(run_dir: str, holdout: float, seed: int) -> dict[str, Any]:
-    """Centroids from the oracle-labelled sample (sums per class, block by block); the held-out
-    part measures agreement with the oracle; every other pool row gets its nearest centroid's
-    label (μ_c is the class mean, not re-normalised: <e(q), μ_c> is the mean inner product with
-    the members)."""
-    emb_dir, labels_dir = storage.join(run_dir, "embeddings"), storage.join(run_dir, "labels")
-    n = frames.rows(emb_dir)
-    oracle = frames.read(storage.join(run_dir, "labels_oracle"), ["id", "parsed"])
-    oracle = oracle.map_batches(_oracle_labels, batch_format="pyarrow")
-    rows = frames.join(
-        frames.read(emb_dir, ["id", "embedding"]), oracle, "left_outer", size=n
-    ).materialize()
-    sums: dict[str, list] = {}
-    fit = test = 0
-    for part in frames.fold(rows, _class_sums, seed=seed, holdout=holdout):
-        fit, test = fit + part["fit"], test + part["test"]
-        for label, (v, k) in part["sums"].items():
-            s = sums.setdefault(label, [0.0, 0])
-            s[0], s[1] = s[0] + v, s[1] + k
-    names = sorted(sums)
-    matrix = np.stack([sums[c][0] / sums[c][1] for c in names]).astype(np.float32)
-    out = rows.map_batches(_nearest, fn_args=(names, matrix, seed, holdout), batch_format="pyarrow")
-    frames.write(
-        out,
-        labels_dir,
-        pa.schema([("id", pa.string()), ("category", pa.string()), ("agree", pa.bool_())]),
-    )
-    agree = sum(
-        frames.fold(
-            frames.read(labels_dir, ["agree"], {"agree": pa.bool_()}),
-            lambda b: int(pc.sum(b["agree"]).as_py() or 0),
-        )
-    )
-    return {"oracle_labelled": frames.rows(storage.join(run_dir, "labels_oracle")), "classifier_fit_rows": fit,
-            "classifier_holdout_rows": test, "classifier_agreement": round(agree / test, 4) if test else None}  # fmt: skip
-
-
-def _brief(info: dict) -> str:
-    keys = (
-        "rows_in",
-        "rows_out",
-        "dead_lettered",
-        "rows",
-        "scored",
-        "hard",
-        "accepted",
-        "steps",
-        "final_loss",
-        "nll",
-    )
-    parts = [f"{k}={info[k]}" for k in keys if info.get(k) is not None]
-    return f"({', '.join(parts)})" if parts else ""

@@ -458,7 +458,7 @@ def test_the_evaluation_holds_out_citings_test_split_and_tapirs_heldout_rows(ray
     import pyarrow as pa
 
     from tapir_ray import storage
-    from tapir_ray.rounds import heldout, heldout_rows
+    from tapir_ray.recipe import heldout, heldout_rows
 
     citing = pa.table({"id": ["a", "b", "c", "d"], "instruction": ["Q1", "Q2", "Q3", "Q4"], "input": [""] * 4,
                        "teacher": ["A1", "A2", None, "A4"], "split": ["train", "test", "test", "val"]})  # fmt: skip

@@ -187,8 +187,8 @@ def test_a_judge_that_always_prefers_one_position_is_flagged(ray_cluster, tmp_pa
     import pyarrow as pa
 
     from tapir_ray import storage
+    from tapir_ray.curriculum.scoring import write_scores
     from tapir_ray.eval.judge_health import judge_health, order_consistency
-    from tapir_ray.rounds import write_scores
 
     run = str(tmp_path)
     ids = [f"i{k}" for k in range(6)]

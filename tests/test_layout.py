@@ -62,3 +62,14 @@ def test_no_module_imports_itself_through_another():
     assert "tapir_ray.rounds" in graph and "tapir_ray.citing_run" in graph["tapir_ray.launch"]
     assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _circles(graph) == []
+
+
+def test_the_two_recipes_stand_side_by_side_on_the_run_layer():
+    """TAPIR and CITING are siblings over recipe.py: neither imports the other, the run layer
+    imports neither, and the evaluation harness reads a run through the run layer."""
+    graph = _imports()
+    recipes = {"tapir_ray.rounds", "tapir_ray.citing_run"}
+    for module in (*recipes, "tapir_ray.recipe", "tapir_ray.eval.harness"):
+        assert not graph[module] & recipes, (module, graph[module] & recipes)
+    assert all("tapir_ray.recipe" in graph[r] for r in recipes)
+    assert "tapir_ray.recipe" in graph["tapir_ray.eval.harness"]

@@ -123,7 +123,7 @@ def test_embedding_classifier_learns_from_oracle_labels_and_reports_agreement(
     """Large pools: an oracle-labelled sample fits the centroids, its held-out part measures them."""
     import random
 
-    from tapir_ray.rounds import _embedding_classifier
+    from tapir_ray.curriculum.classifier import embedding_classifier
 
     rng = random.Random(0)
     ids, vecs, truth = [], [], {}
@@ -141,7 +141,7 @@ def test_embedding_classifier_learns_from_oracle_labels_and_reports_agreement(
         pa.table({"id": ids, "embedding": pa.array(vecs, pa.list_(pa.float32()))}),
         f"{run_dir}/embeddings",
     )
-    info = _embedding_classifier(run_dir, 0.25, 0)
+    info = embedding_classifier(run_dir, 0.25, 0)
     assert (
         info["oracle_labelled"] == 80
         and info["classifier_holdout_rows"] + info["classifier_fit_rows"] == 80
@@ -662,7 +662,8 @@ def test_the_scoring_phase_keeps_each_block_of_answers_and_a_rerun_answers_only_
     """`persist` writes every block of answers as it passes (whole files only); after a failure
     half way, `resume_split` hands the engine only the rows without an answer and the judge the
     kept answers with their context; the second attempt's figures count only its own rows."""
-    from tapir_ray.rounds import STUDENT_IN, resume_split
+    from tapir_ray.recipe import resume_split
+    from tapir_ray.rounds import STUDENT_IN
     from tapir_ray.student import answers_metrics, persist
 
     ids = [f"q{i:02d}" for i in range(40)]
@@ -706,7 +707,9 @@ def test_the_teachers_verdicts_flow_while_the_student_has_not_answered(ray_clust
     requests come out of the pipeline while the engine has answered nothing (it raises if nothing
     does before its deadline), and the student's follow once it answers, one of each per
     candidate."""
-    from tapir_ray.rounds import STUDENT_IN, _judge_requests, scoring_requests
+    from tapir_ray.curriculum.scoring import judge_requests
+    from tapir_ray.recipe import scoring_requests
+    from tapir_ray.rounds import STUDENT_IN
 
     ids = [f"q{i:02d}" for i in range(12)]
     storage.write_table(pa.table({"id": ids, "messages": ["[]"] * 12, "instruction": [f"do {i}" for i in ids],
@@ -718,8 +721,8 @@ def test_the_teachers_verdicts_flow_while_the_student_has_not_answered(ray_clust
         _answers_when, fn_args=(gate,), batch_format="pyarrow", num_cpus=0.1
     )
     ds = scoring_requests(answers, f"{tmp_path}/student_in", ["instruction", "input", "teacher"],
-                          (_judge_requests, ("single", True, ("S",))),
-                          (_judge_requests, ("single", True, ("T",))))  # fmt: skip
+                          (judge_requests, ("single", True, ("S",))),
+                          (judge_requests, ("single", True, ("T",))))  # fmt: skip
     seen: list[str] = []
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         if not os.path.exists(gate):  # the engine has answered nothing yet

@@ -299,7 +299,7 @@ class Evaluation:
 
             out = [{"id": row_id(r["instruction"], r["input"]), **r} for r in rows]
             return out[: self.limit] if self.limit else out, f"file {reference}"
-        from tapir_ray.rounds import heldout_items
+        from tapir_ray.recipe import heldout_items
 
         rows = heldout_items(self.run_dir, self.cfg.run.seed, -2, self.limit or None)
         name = "teacher" if not reference or reference == "teacher" else reference

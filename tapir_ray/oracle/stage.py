@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from tapir_ray import storage
@@ -32,6 +33,9 @@ from tapir_ray.oracle.cache import ResponseCache
 from tapir_ray.oracle.client import Answer, DeadLetter, OracleClient
 from tapir_ray.oracle.ledger import COUNTERS, BudgetExceeded, empty_entry
 from tapir_ray.runtime import map_batches_once
+
+# What an oracle stage reads: a row id and the chat messages (JSON).
+REQUESTS = pa.schema([("id", pa.string()), ("messages", pa.string())])
 
 
 class OracleStage:
