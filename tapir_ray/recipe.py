@@ -30,7 +30,7 @@ from tapir_ray.config import Config
 from tapir_ray.curriculum.actor import curriculum_actor
 from tapir_ray.curriculum.plan import rank_key
 from tapir_ray.oracle import prompts as P
-from tapir_ray.oracle.stage import REQUESTS
+from tapir_ray.oracle.stage import REQUESTS, chat_messages
 from tapir_ray.progress import Progress
 
 
@@ -48,15 +48,6 @@ def task(fn: Callable, *args: Any, **kwargs: Any) -> Any:
 
 
 # --- row shaping shared by the recipes ---------------------------------------------------------
-
-
-def chat_messages(instruction: str, input_text: str) -> str:
-    return json.dumps([{"role": "user", "content": P.user_content(instruction, input_text)}])
-
-
-def write_requests(rows: list[dict], folder: str) -> None:
-    """An oracle or student stage's input: id and messages (JSON), even when there are no rows."""
-    storage.write_table(pa.Table.from_pylist(rows, schema=REQUESTS), folder)
 
 
 def _requests_from_answers(batch: pa.Table, to_requests: Callable, args: tuple) -> pa.Table:
@@ -317,6 +308,21 @@ class Recipe:
         storage.write_json_atomic(storage.join(student_dir, "_METRICS.json"), metrics)
         storage.mark_success(student_dir, {"rows": answered})
         return {**info, "student": metrics}
+
+    def students(self, label: str, in_dir: str, out_dir: str, after: int) -> dict[str, Any]:
+        """The student S_after answers every request of `in_dir` into `out_dir` (the engine of a
+        scoring phase, without an oracle stage behind it)."""
+        from tapir_ray.student import Adapter, run_student
+
+        student = self.student_after(after)
+        adapter = (Adapter.load(f"round-{after}", student["adapter"], student["adapter_sha256"])
+                   if student["adapter"] else None)  # fmt: skip
+        n, counter = storage.parquet_rows(in_dir), {"n": 0}
+        cfg = self.cfg.student.model_copy(update={"model": student["model"]})
+        with Progress(label, n, lambda: counter["n"], log=self.log):
+            m = run_student(ray.data.read_parquet(in_dir), cfg, out_dir, run_dir=self.run_dir, round_=max(after, 0),
+                            adapter=adapter, use_gpu=self.use_gpu, on_rows=lambda k: counter.__setitem__("n", k))  # fmt: skip
+        return {**m, "rows_in": n, "dead_lettered": m.get("dead_lettered", 0)}
 
     def prefill(self, endpoint: str) -> bool:
         return self.endpoints[endpoint][0].continue_final_message

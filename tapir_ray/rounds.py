@@ -52,13 +52,8 @@ from tapir_ray.curriculum.plan import (
 )
 from tapir_ray.curriculum.scoring import judge_requests, write_scores
 from tapir_ray.oracle import prompts as P
-from tapir_ray.recipe import (
-    REQUESTS,
-    Recipe,
-    chat_messages,
-    heldout_rows,
-    task,
-)
+from tapir_ray.oracle.stage import REQUESTS, chat_messages
+from tapir_ray.recipe import Recipe, heldout_rows, task
 
 # --- tasks over stage outputs (run on the cluster) -------------------------------------------------
 

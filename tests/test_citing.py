@@ -203,7 +203,7 @@ def test_later_rounds_revise_the_previous_rounds_answer_with_the_rubric(ray_clus
     import pyarrow as pa
 
     from tapir_ray import storage
-    from tapir_ray.citing_run import write_round_student_inputs
+    from tapir_ray.curriculum.citing_stages import write_round_student_inputs
 
     run = str(tmp_path)
     storage.write_table(pa.table({"id": ["a", "b"], "instruction": ["Add 2 and 2.", "Name a fruit."], "input": ["", ""],
@@ -385,7 +385,7 @@ def test_a_teacher_that_induces_no_types_leaves_the_taxonomy_standing_in(tmp_pat
     import pyarrow as pa
 
     from tapir_ray import storage
-    from tapir_ray.citing_run import merged_types, write_merge_request
+    from tapir_ray.curriculum.citing_stages import merged_types, write_merge_request
 
     run = str(tmp_path)
     empty = pa.table({"id": pa.array([], pa.string()), "parsed": pa.array([], pa.string())})
@@ -416,7 +416,7 @@ def test_questions_the_teacher_named_no_type_for_take_the_nearest_type_descripti
     import pyarrow as pa
 
     from tapir_ray import storage
-    from tapir_ray.citing_run import write_rubric_book, write_types_by_description
+    from tapir_ray.curriculum.citing_stages import write_rubric_book, write_types_by_description
     from tapir_ray.embed import encode, load_encoder
 
     run, model = str(tmp_path), "bundled:all-minilm-l6-v2"

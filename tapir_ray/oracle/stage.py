@@ -28,14 +28,25 @@ import ray
 
 from tapir_ray import storage
 from tapir_ray.config import EndpointConfig
+from tapir_ray.oracle import prompts as P
 from tapir_ray.oracle.batch import CURRENT, BatchSubmitter, Collector
 from tapir_ray.oracle.cache import ResponseCache
 from tapir_ray.oracle.client import Answer, DeadLetter, OracleClient
 from tapir_ray.oracle.ledger import COUNTERS, BudgetExceeded, empty_entry
 from tapir_ray.runtime import map_batches_once
 
-# What an oracle stage reads: a row id and the chat messages (JSON).
+# What an oracle (or student) stage reads: a row id and the chat messages (JSON).
 REQUESTS = pa.schema([("id", pa.string()), ("messages", pa.string())])
+
+
+def chat_messages(instruction: str, input_text: str) -> str:
+    """A request's messages (JSON): one user turn with the instruction and its input."""
+    return json.dumps([{"role": "user", "content": P.user_content(instruction, input_text)}])
+
+
+def write_requests(rows: list[dict], folder: str) -> None:
+    """A stage's input as one table: id and messages (JSON), even when there are no rows."""
+    storage.write_table(pa.Table.from_pylist(rows, schema=REQUESTS), folder)
 
 
 class OracleStage:
