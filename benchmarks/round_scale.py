@@ -114,6 +114,7 @@ class Sampler(PeakRSS):
         self.pid, self.server = pid, server
         self.driver = self.worker = self.workers = self.node = 0
         self.requests: list[tuple[float, int]] = []  # (wall time, requests the server received)
+        self.missed = 0  # samples whose request count the server did not give in time
 
     def sample(self) -> None:
         total = 0
@@ -129,7 +130,10 @@ class Sampler(PeakRSS):
         self.workers = max(self.workers, total)
         vm = psutil.virtual_memory()
         self.node = max(self.node, vm.total - vm.available)
-        self.requests.append((time.time(), int(self.server.stats()["requests"])))
+        try:  # a server too busy to answer within the call's timeout: no count in this sample
+            self.requests.append((time.time(), int(self.server.stats()["requests"])))
+        except OSError:
+            self.missed += 1
 
     def requests_at(self, t: float) -> int:
         """Requests the server had received at wall time t (the last sample at or before it)."""
@@ -226,6 +230,7 @@ def one_size(
             if candidates and phase.get("seconds")
             else None,
             **overlap(run_dir, phase, sampled),
+            "request_count_samples_missed": sampled.missed,
         },
         "peak_rss_driver_mb": round(sampled.driver / 2**20),
         "peak_rss_worker_mb": round(sampled.worker / 2**20),

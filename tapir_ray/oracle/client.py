@@ -145,9 +145,10 @@ class OracleClient:
         self.on_paid: Callable[[], Awaitable[None]] | None = None
 
     def _session(self) -> aiohttp.ClientSession:
-        """The connections every request shares: aiohttp rather than the openai library, whose
-        request path (httpx, its connection pool and the library's own layers) costs ~3 ms of CPU
-        per request against ~0.8 ms here, and whose import adds ~0.7 s to each actor's start.
+        """The connections every request shares. aiohttp rather than the openai library: its
+        request path (the library's layers over httpx and its connection pool) put one client at
+        3.0 ms of CPU per judge request against 2.0-2.2 ms here (benchmarks/oracle_client_cpu.py),
+        and its import added ~0.7 s of CPU to each oracle actor's start.
         Connections are kept alive for the next request: past the library's default of 100,
         each request would open a new one (a TLS handshake on a hosted API), and the bursts of
         new connections overflowed the server's accept queue."""
