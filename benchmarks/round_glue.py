@@ -35,8 +35,7 @@ from ingest_throughput import PeakRSS as DriverRSS
 from tapir_ray import frames, storage
 from tapir_ray.curriculum import scoring
 from tapir_ray.curriculum.scoring import write_scores
-from tapir_ray.oracle.stage import REQUESTS
-from tapir_ray.rounds import (
+from tapir_ray.curriculum.tapir_stages import (
     ITEMS,
     JUDGE_CONTEXT,
     PLAN,
@@ -45,6 +44,7 @@ from tapir_ray.rounds import (
     write_student_inputs,
     write_train_set,
 )
+from tapir_ray.oracle.stage import REQUESTS
 from tapir_ray.runtime import configure_data, quiet_ray_console
 
 RESULTS = Path(__file__).parent / "results" / "round_glue.json"

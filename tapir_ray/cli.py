@@ -194,8 +194,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tapir_ray.citing_run import GenerateError, generate
     from tapir_ray.curriculum import RunBusyError
+    from tapir_ray.generate import GenerateError, generate
 
     try:
         out = generate(

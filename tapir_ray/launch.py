@@ -1,8 +1,9 @@
 """The run layer's entry: which recipe a config names, its oracle endpoints (a local server
 started when asked), and one driver running or resuming it under the run's lease.
 
+    tapir_ray.recipe      the run layer both recipes stand on (Recipe)
     tapir_ray.rounds      TAPIR's recipe (TapirRun)
-    tapir_ray.citing_run  CITING's recipe (CitingRun, over TapirRun's plumbing)
+    tapir_ray.citing_run  CITING's recipe (CitingRun)
     tapir_ray.launch      this module: both recipes' common entry (the CLI and `tapir-ray eval`)
 """
 

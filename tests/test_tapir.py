@@ -662,8 +662,8 @@ def test_the_scoring_phase_keeps_each_block_of_answers_and_a_rerun_answers_only_
     """`persist` writes every block of answers as it passes (whole files only); after a failure
     half way, `resume_split` hands the engine only the rows without an answer and the judge the
     kept answers with their context; the second attempt's figures count only its own rows."""
+    from tapir_ray.curriculum.tapir_stages import STUDENT_IN
     from tapir_ray.recipe import resume_split
-    from tapir_ray.rounds import STUDENT_IN
     from tapir_ray.student import answers_metrics, persist
 
     ids = [f"q{i:02d}" for i in range(40)]
@@ -708,8 +708,8 @@ def test_the_teachers_verdicts_flow_while_the_student_has_not_answered(ray_clust
     does before its deadline), and the student's follow once it answers, one of each per
     candidate."""
     from tapir_ray.curriculum.scoring import judge_requests
+    from tapir_ray.curriculum.tapir_stages import STUDENT_IN
     from tapir_ray.recipe import scoring_requests
-    from tapir_ray.rounds import STUDENT_IN
 
     ids = [f"q{i:02d}" for i in range(12)]
     storage.write_table(pa.table({"id": ids, "messages": ["[]"] * 12, "instruction": [f"do {i}" for i in ids],
