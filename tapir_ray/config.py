@@ -646,6 +646,11 @@ class ResourcesConfig(_Strict):
     object_store_gb: Annotated[float, Field(gt=0)] | None = None
     pin_curriculum_to_head: bool = True
     ingest_batch_size: PositiveInt = 4096
+    embed_on_gpu: bool = Field(
+        True,
+        description="Sentence embeddings on the cluster's GPUs when it has any (one encoder actor "
+        "per GPU, a quarter of it each); false: on CPU tasks.",
+    )
 
 
 # --- the whole file ------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Sentence embeddings (sentence-transformers; the bundled MiniLM by default) and the rules built on them.
 
-- `embed()`: a Ray Data stage adding a normalised `embedding` column to every row.
+- `embed()`: a Ray Data stage adding a normalised `embedding` column to every row (on the
+  cluster's GPUs when it has any, one encoder actor per GPU; on CPU tasks otherwise).
 - Centroid retrieval (CITING's rule, also TAPIR's cheap classifier at scale): the score of class c
   for a query q is the mean inner product with c's members, which equals <e(q), μ_c> with μ_c the
   mean member embedding; the argmax wins.
@@ -14,6 +15,7 @@ Memory is bounded per block everywhere: matrix products over blocks, never a loo
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -22,20 +24,28 @@ import ray
 
 from tapir_ray.assets import resolve_model
 
-_ENCODERS: dict[str, Any] = {}
+_ENCODERS: dict[tuple[str, str], Any] = {}
 EMBED_BLOCK_ROWS = 2048  # rows per embedding task
+# A GPU actor's share of its GPU and its batch: MiniLM-sized encoders need well under a GiB, and a
+# share leaves the GPU schedulable for whatever else the cluster runs meanwhile.
+EMBED_GPU_SHARE = 0.25
+EMBED_GPU_BATCH = 1024
+EMBED_GPU_ACTORS_MAX = 64
+
+log = logging.getLogger(__name__)
 
 
-def load_encoder(model: str):
+def load_encoder(model: str, device: str = "cpu"):
     """The sentence encoder, loaded once per process: the embedding stage's workers and the tasks
     that encode a few texts later in the round (expansion checks, CITING's retrieval) are often
     the same Ray worker, and a load costs seconds. One model at a time is kept."""
     from sentence_transformers import SentenceTransformer
 
-    if model not in _ENCODERS:
+    key = (model, device)
+    if key not in _ENCODERS:
         _ENCODERS.clear()
-        _ENCODERS[model] = SentenceTransformer(resolve_model(model), device="cpu")
-    return _ENCODERS[model]
+        _ENCODERS[key] = SentenceTransformer(resolve_model(model), device=device)
+    return _ENCODERS[key]
 
 
 def encode(encoder, texts: list[str], batch_size: int = 64) -> np.ndarray:
@@ -50,24 +60,47 @@ def encode(encoder, texts: list[str], batch_size: int = 64) -> np.ndarray:
 
 
 class Embed:
-    """Ray Data UDF: `text_column` → `embedding` (unit-norm float32 list; plain Parquet lists)."""
+    """Ray Data UDF: `text_column` → `embedding` (unit-norm float32 list; plain Parquet lists).
+    `device="cuda"`: the GPU Ray gave this actor (CPU, with a warning in the worker's log, on a node
+    whose GPU resource has no CUDA device behind it)."""
 
-    def __init__(self, model: str, text_column: str):
-        self.encoder = load_encoder(model)
+    def __init__(self, model: str, text_column: str, device: str = "cpu"):
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                log.warning("embedding actor: Ray gave it GPU %s, but CUDA sees no device; "
+                            "encoding on CPU", ray.get_gpu_ids())  # fmt: skip
+                device = "cpu"
+        self.encoder = load_encoder(model, device)
         self.column = text_column
+        self.batch_size = EMBED_GPU_BATCH if device == "cuda" else 64
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        vectors = encode(self.encoder, [str(t) for t in batch[self.column].to_pylist()])
+        texts = [str(t) for t in batch[self.column].to_pylist()]
+        vectors = encode(self.encoder, texts, batch_size=self.batch_size)
         column = pa.array(list(vectors), type=pa.list_(pa.float32()))
         return batch.append_column("embedding", column)
 
 
-def embed(ds: ray.data.Dataset, model: str, text_column: str = "text") -> ray.data.Dataset:
-    from tapir_ray.runtime import cached_udf
+def embed(
+    ds: ray.data.Dataset, model: str, text_column: str = "text", *, gpus: float = 0
+) -> ray.data.Dataset:
+    """`ds` with an `embedding` column. `gpus`: the cluster's GPUs (0: encode on CPU tasks). With
+    one or more, the encoder runs on an actor pool of one actor per GPU (each on
+    EMBED_GPU_SHARE of it, up to EMBED_GPU_ACTORS_MAX actors), batches of EMBED_GPU_BATCH texts."""
+    from tapir_ray.runtime import cached_udf, map_batches_once
 
     # Blocks of at most EMBED_BLOCK_ROWS, split as they stream by: a pool's Parquet file is one
     # block of up to 100,000 rows, and its embeddings were one task on one core.
-    return ds.repartition(target_num_rows_per_block=EMBED_BLOCK_ROWS).map_batches(
+    ds = ds.repartition(target_num_rows_per_block=EMBED_BLOCK_ROWS)
+    if gpus >= 1:
+        return map_batches_once(
+            ds, Embed, fn_constructor_args=(model, text_column, "cuda"), batch_size=EMBED_GPU_BATCH,
+            batch_format="pyarrow", num_gpus=EMBED_GPU_SHARE, num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(int(gpus), EMBED_GPU_ACTORS_MAX))),
+        )  # fmt: skip
+    return ds.map_batches(
         cached_udf, fn_args=(Embed, (model, text_column)), batch_size=256, batch_format="pyarrow",
         num_cpus=0.5,
     )  # fmt: skip

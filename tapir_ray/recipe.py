@@ -397,18 +397,20 @@ class Recipe:
         the embedding classifier); computed once per run, when first needed."""
         if storage.is_done(self.path("embeddings")):
             return {}
-        from tapir_ray.embed import embed
+        from tapir_ray.embed import EMBED_GPU_ACTORS_MAX, embed
 
         def text(batch: pa.Table) -> pa.Table:
             t = [P.user_content(i, x) for i, x in zip(batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True)]  # fmt: skip
             return pa.table({"id": batch["id"], "text": t})
 
         storage.remove(self.path("embeddings"))
+        gpus = ray.cluster_resources().get("GPU", 0) if self.cfg.resources.embed_on_gpu else 0
         ds = embed(ray.data.read_parquet(self.path("ingest", "pool")).map_batches(text, batch_format="pyarrow"),
-                   self.embedding_model)  # fmt: skip
+                   self.embedding_model, gpus=gpus)  # fmt: skip
         ds.select_columns(["id", "embedding"]).write_parquet(self.path("embeddings"))
         storage.mark_success(self.path("embeddings"))
-        return {"rows": storage.parquet_rows(self.path("embeddings"))}
+        where = f"{min(int(gpus), EMBED_GPU_ACTORS_MAX)} GPU actor(s)" if gpus >= 1 else "CPU"
+        return {"rows": storage.parquet_rows(self.path("embeddings")), "on": where}
 
     # -- training --
 

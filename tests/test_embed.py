@@ -97,3 +97,57 @@ def test_near_duplicate_checks_over_blocks_equal_the_pair_by_pair_rule(ray_clust
     rows = _unit(rng, 40, 4)
     ds = ray.data.from_items([{"embedding": v} for v in rows], override_num_blocks=3)
     assert np.allclose(E.max_similarity(vecs, ds), (vecs @ rows.T).max(axis=1), atol=1e-6)
+
+
+GPU_CLUSTER = """
+import json, threading, time
+import numpy as np, ray
+ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+from tapir_ray.runtime import configure_data
+configure_data()
+from tapir_ray.embed import embed, encode, load_encoder
+MODEL = "bundled:all-minilm-l6-v2"
+texts = [f"question {i} about topic {i % 7}" for i in range(300)]
+want = encode(load_encoder(MODEL), texts)
+out = {}
+for gpus in (0, 1):
+    ds = ray.data.from_items([{"id": str(i), "text": t} for i, t in enumerate(texts)])
+    low, stop = [1.0], threading.Event()
+    def watch():
+        while not stop.is_set():
+            low[0] = min(low[0], ray.available_resources().get("GPU", 0.0))
+            time.sleep(0.02)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    rows = sorted(embed(ds, MODEL, gpus=gpus).take_all(), key=lambda r: int(r["id"]))
+    stop.set()
+    watcher.join()
+    got = np.stack([np.asarray(r["embedding"], dtype=np.float32) for r in rows])
+    out[gpus] = {"gpu_free_low": low[0], "rows": len(rows), "max_diff": float(np.abs(got - want).max())}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_a_cluster_with_gpus_embeds_on_gpu_actors(asset_cache):
+    """With GPUs in the cluster the embedding stage runs on encoder actors that hold a share of a
+    GPU each; without, on CPU tasks that hold none. Both give the encoder's own vectors. (The
+    cluster here declares a GPU with no CUDA device behind it: the actor encodes on CPU.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+    }
+    proc = subprocess.run([sys.executable, "-c", GPU_CLUSTER], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    out = json.loads(lines[-1].removeprefix("RESULT "))
+    from tapir_ray.embed import EMBED_GPU_SHARE
+
+    assert out["1"]["rows"] == out["0"]["rows"] == 300
+    assert out["1"]["gpu_free_low"] == pytest.approx(1 - EMBED_GPU_SHARE)  # one actor, its share
+    assert out["0"]["gpu_free_low"] == 1.0
+    assert out["1"]["max_diff"] < 1e-4 and out["0"]["max_diff"] < 1e-4
