@@ -510,6 +510,31 @@ def test_status_and_report_commands(finished_run):
     assert again.returncode == 2 and "--resume" in again.stderr
 
 
+def test_the_heldout_win_rate_suite_takes_a_seeded_sample_unless_told(finished_run, monkeypatch):
+    """Without --limit, the win-rate suite asks about at most HELDOUT_PROMPTS held-out rows (the
+    split grows with the pool), the same ones each time, and says so; --limit N takes N."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from tapir_ray.config import parse_config
+    from tapir_ray.eval import harness
+
+    run_dir = finished_run["dir"]
+    held = storage.read_table(f"{run_dir}/items", ["heldout"])["heldout"].to_pylist()
+    assert sum(held) >= 3
+    cfg = parse_config(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
+    runner = SimpleNamespace(run_dir=run_dir, cfg=cfg)
+    monkeypatch.setattr(harness, "HELDOUT_PROMPTS", 2)
+    said: list[str] = []
+    first, _ = harness.Evaluation(runner, limit=None, log=said.append)._alpaca_prompts(None)
+    again, _ = harness.Evaluation(runner, limit=None, log=said.append)._alpaca_prompts(None)
+    assert len(first) == 2 and [r["id"] for r in first] == [r["id"] for r in again]
+    assert "the first 2 held-out rows in seeded order" in said[0]
+    told, _ = harness.Evaluation(runner, limit=3, log=said.append)._alpaca_prompts(None)
+    assert len(told) == 3 and len(said) == 2
+
+
 def test_eval_suites_on_the_finished_run(finished_run, scripted, tmp_path):
     """`tapir-ray eval`: win rate against a file with one trained prompt in it (excluded by the
     contamination guard), MT-Bench's two turns, round 2's held-out NLL as the fit computed it, and

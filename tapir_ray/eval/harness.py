@@ -41,6 +41,10 @@ class EvalError(Exception):
     """A problem with the evaluation request, said in one line."""
 
 
+# Held-out prompts the win-rate suite asks about when not told (`tapir-ray eval --limit`).
+HELDOUT_PROMPTS = 1000
+
+
 def _user(messages_json: str) -> str:
     messages = json.loads(messages_json)
     return next((m["content"] for m in messages if m.get("role") == "user"), "")
@@ -301,7 +305,13 @@ class Evaluation:
             return out[: self.limit] if self.limit else out, f"file {reference}"
         from tapir_ray.recipe import heldout_items
 
-        rows = heldout_items(self.run_dir, self.cfg.run.seed, -2, self.limit or None)
+        # The held-out split grows with the pool (2 % of a million rows is 20,000 prompts, each
+        # judged in both orders); without --limit the suite takes a seeded sample of it.
+        limit = self.limit or HELDOUT_PROMPTS
+        rows = heldout_items(self.run_dir, self.cfg.run.seed, -2, limit)
+        if not self.limit and len(rows) == limit:
+            self.log(f"eval alpaca: the first {limit:,} held-out rows in seeded order "
+                     "(--limit N for another number)")  # fmt: skip
         name = "teacher" if not reference or reference == "teacher" else reference
         return [
             {
