@@ -83,6 +83,11 @@ class Embed:
         return batch.append_column("embedding", column)
 
 
+def gpu_actors(gpus: float) -> int:
+    """Encoder actors `embed()` starts on a cluster with `gpus` GPUs (0: it encodes on CPU tasks)."""
+    return 0 if gpus < 1 else min(int(gpus), EMBED_GPU_ACTORS_MAX)
+
+
 def embed(
     ds: ray.data.Dataset, model: str, text_column: str = "text", *, gpus: float = 0
 ) -> ray.data.Dataset:
@@ -94,11 +99,11 @@ def embed(
     # Blocks of at most EMBED_BLOCK_ROWS, split as they stream by: a pool's Parquet file is one
     # block of up to 100,000 rows, and its embeddings were one task on one core.
     ds = ds.repartition(target_num_rows_per_block=EMBED_BLOCK_ROWS)
-    if gpus >= 1:
+    if actors := gpu_actors(gpus):
         return map_batches_once(
             ds, Embed, fn_constructor_args=(model, text_column, "cuda"), batch_size=EMBED_GPU_BATCH,
             batch_format="pyarrow", num_gpus=EMBED_GPU_SHARE, num_cpus=1,
-            compute=ray.data.ActorPoolStrategy(size=max(1, min(int(gpus), EMBED_GPU_ACTORS_MAX))),
+            compute=ray.data.ActorPoolStrategy(size=actors),
         )  # fmt: skip
     return ds.map_batches(
         cached_udf, fn_args=(Embed, (model, text_column)), batch_size=256, batch_format="pyarrow",

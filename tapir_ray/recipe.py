@@ -397,7 +397,7 @@ class Recipe:
         the embedding classifier); computed once per run, when first needed."""
         if storage.is_done(self.path("embeddings")):
             return {}
-        from tapir_ray.embed import EMBED_GPU_ACTORS_MAX, embed
+        from tapir_ray.embed import embed, gpu_actors
 
         def text(batch: pa.Table) -> pa.Table:
             t = [P.user_content(i, x) for i, x in zip(batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True)]  # fmt: skip
@@ -409,7 +409,8 @@ class Recipe:
                    self.embedding_model, gpus=gpus)  # fmt: skip
         ds.select_columns(["id", "embedding"]).write_parquet(self.path("embeddings"))
         storage.mark_success(self.path("embeddings"))
-        where = f"{min(int(gpus), EMBED_GPU_ACTORS_MAX)} GPU actor(s)" if gpus >= 1 else "CPU"
+        actors = gpu_actors(gpus)
+        where = f"{actors} GPU actor(s)" if actors else "CPU"
         return {"rows": storage.parquet_rows(self.path("embeddings")), "on": where}
 
     # -- training --
