@@ -184,14 +184,18 @@ def max_similarity(queries: np.ndarray, ds: ray.data.Dataset) -> np.ndarray:
     return best
 
 
-def greedy_distinct(vecs: np.ndarray, prior: np.ndarray | None, threshold: float) -> np.ndarray:
+def greedy_distinct(
+    vecs: np.ndarray, prior: np.ndarray | list[np.ndarray] | None, threshold: float
+) -> np.ndarray:
     """Keep-mask over `vecs` (unit rows), in order: row i is kept when its similarity to every
-    row of `prior` and to every kept row before it is below `threshold`. Blockwise: a block is
+    row of `prior` (one array, or a list of them) and to every kept row before it is below
+    `threshold`. Blockwise: a block is
     compared with everything kept before it by one matrix product, then with itself; only the
     within-block order is a loop, one vectorised row at a time."""
     n = len(vecs)
     keep = np.zeros(n, dtype=bool)
-    kept_blocks: list[np.ndarray] = [] if prior is None or not len(prior) else [prior]
+    prior = [] if prior is None else [prior] if isinstance(prior, np.ndarray) else prior
+    kept_blocks = [p for p in prior if len(p)]
     for start in range(0, n, BLOCK):
         block = vecs[start : start + BLOCK]
         before = np.full(len(block), -np.inf, dtype=np.float32)

@@ -392,6 +392,10 @@ class Recipe:
                         role="teacher", endpoint="teacher", params=self.teacher_params(), parse=P.parse_answer, round_=0)  # fmt: skip
         return {**info, "reference_outputs": n_ref}
 
+    def embedding_gpus(self) -> float:
+        """The GPUs `embed()` may use: the cluster's (0 with `resources.embed_on_gpu: false`)."""
+        return ray.cluster_resources().get("GPU", 0) if self.cfg.resources.embed_on_gpu else 0
+
     def embeddings(self) -> dict:
         """embeddings/: unit-norm sentence embeddings of every pool row (near-duplicate checks,
         the embedding classifier); computed once per run, when first needed."""
@@ -404,7 +408,7 @@ class Recipe:
             return pa.table({"id": batch["id"], "text": t})
 
         storage.remove(self.path("embeddings"))
-        gpus = ray.cluster_resources().get("GPU", 0) if self.cfg.resources.embed_on_gpu else 0
+        gpus = self.embedding_gpus()
         ds = embed(ray.data.read_parquet(self.path("ingest", "pool")).map_batches(text, batch_format="pyarrow"),
                    self.embedding_model, gpus=gpus)  # fmt: skip
         ds.select_columns(["id", "embedding"]).write_parquet(self.path("embeddings"))

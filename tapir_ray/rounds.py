@@ -307,5 +307,6 @@ class TapirRun(Recipe):
                  role="classify", endpoint="teacher", params=self.label_params(self.labels),
                  parse=LabelParser(self.labels), round_=r, max_dead_share=1.0)  # fmt: skip
         got = task(accept_expansions, self.run_dir, r, attempt, self.tapir.near_duplicate_threshold,
-                    self.tapir.classifier.embedding_model, list(self.cfg.pool.decontaminate_against))  # fmt: skip
+                   self.tapir.classifier.embedding_model, list(self.cfg.pool.decontaminate_against),
+                   self.embedding_gpus())  # fmt: skip
         return {**got, "oracle": asked}

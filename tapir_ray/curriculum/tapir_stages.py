@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import ray
 
 from tapir_ray import frames, storage
-from tapir_ray.curriculum.expansion import accepted
+from tapir_ray.curriculum.expansion import EXPANDED, accepted_folders
 from tapir_ray.curriculum.plan import Selection, duplicate_fill, in_fraction, rank_key
 from tapir_ray.oracle import prompts as P
 from tapir_ray.oracle.stage import REQUESTS, chat_messages
@@ -155,53 +155,55 @@ def write_plan(
     }  # fmt: skip
 
 
+def _plan_rows(batch: pa.Table, source: str) -> pa.Table:
+    return pa.table({"id": batch["id"], "category": batch["category"],
+                     "source": pa.array([source] * batch.num_rows, pa.string())})  # fmt: skip
+
+
 def write_final_plan(run_dir: str, round_: int, attempts: int, seed: int) -> dict[str, Any]:
-    """plan_final/ = the selection + accepted expansions (up to each category's shortfall) +
-    duplicates for whatever is still missing; totals are exact. Only the short categories' rows
-    leave Arrow: duplicates repeat a category's first items in rank order, so its `missing`
-    lowest-ranked plan rows are all that `duplicate_fill` needs."""
+    """plan_final/ = the selection + accepted expansions + duplicates for whatever is still
+    missing; totals are exact. Expansions join the plan block by block (each attempt asked for
+    what was still missing, so they never exceed a category's shortfall); only duplicates leave
+    Arrow: they repeat a short category's first items in rank order, so its `missing`
+    lowest-ranked plan rows and expansions are all that `duplicate_fill` needs."""
     rd = storage.join(run_dir, f"round-{round_}")
     missing = dict(storage.read_json(storage.join(rd, "plan", "_PLAN.json"))["shortfall"])
-    extra = Selection()
-    expansions = []
-    for a in range(attempts):
-        for r in accepted(run_dir, round_, a):
-            if missing.get(r["category"], 0) > 0:
-                missing[r["category"]] -= 1
-                extra.ids.append(r["id"])
-                extra.category.append(r["category"])
-                extra.source.append("expanded")
-                expansions.append(r)
+    kept = frames.read(accepted_folders(run_dir, round_, attempts), EXPANDED.names)
+    for cat, n in sum(frames.fold(kept, _categories), Counter()).items():
+        if n > missing.get(cat, 0):
+            raise RuntimeError(f"round {round_}: {n} accepted expansions of {cat!r} for a shortfall of {missing.get(cat, 0)}")  # fmt: skip
+        missing[cat] -= n
     missing = {c: n for c, n in missing.items() if n > 0}
     plan = frames.read(storage.join(rd, "plan"), ["id", "category", "source"])
-    members = Selection(
-        ids=list(extra.ids), category=list(extra.category), source=list(extra.source)
-    )
+
+    def key(row: dict) -> str:
+        return rank_key(seed, round_, row["id"])
+
+    members = Selection()
     for cat, n in sorted(missing.items()):
-        for r in frames.lowest(plan, lambda r: rank_key(seed, round_, r["id"]), n,
-                               where=lambda r, c=cat: r["category"] == c):  # fmt: skip
+        for r in [*frames.lowest(plan, key, n, where=lambda r, c=cat: r["category"] == c),
+                  *frames.lowest(kept, key, n, where=lambda r, c=cat: r["category"] == c)]:  # fmt: skip
             members.ids.append(r["id"])
             members.category.append(cat)
-            members.source.append(r["source"])
+            members.source.append(r.get("source", "expanded"))
     start = len(members.ids)
     duplicate_fill(members, missing, seed, round_)
-    extra.ids += members.ids[start:]
-    extra.category += members.category[start:]
-    extra.source += members.source[start:]
-    out = storage.join(rd, "plan_final")
+    extra = Selection(ids=members.ids[start:], category=members.category[start:], source=members.source[start:])  # fmt: skip
+    plan = plan.union(kept.map_batches(_plan_rows, fn_args=("expanded",), batch_format="pyarrow"))
     if extra.ids:
         plan = plan.union(ray.data.from_arrow(extra.table().cast(PLAN.remove(3))))
+    out = storage.join(rd, "plan_final")
     frames.write(plan, out, PLAN.remove(3))
     counts = sum(frames.fold(frames.read(out, ["source", "category"]), _plan_counts), Counter())
-    storage.write_table(
-        pa.Table.from_pylist(expansions, schema=pa.schema([("id", pa.string()), ("instruction", pa.string()),
-                             ("input", pa.string()), ("category", pa.string()), ("parent_id", pa.string())])),
-        storage.join(rd, "expanded"),
-    )  # fmt: skip
+    frames.write(kept, storage.join(rd, "expanded"), EXPANDED)
     return {"rows": sum(n for (kind, _), n in counts.items() if kind == "source"),
             "by_source": {k: n for (kind, k), n in sorted(counts.items()) if kind == "source"},
             "counts": {k: n for (kind, k), n in sorted(counts.items()) if kind == "category"},
             "duplicated": dict(missing)}  # fmt: skip
+
+
+def _categories(batch: pa.Table) -> Counter:
+    return Counter(batch["category"].to_pylist())
 
 
 def _texts(
