@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: env demo test lint bench-demo bench-quality bench-ingest bench-oracle-batch bench-glue bench-round bench-scale bench-gpu clean-demo
+.PHONY: env demo test lint bench-demo bench-quality bench-ingest bench-oracle-batch bench-glue bench-expansion bench-round bench-scale bench-gpu clean-demo
 
 env:
 	@bash scripts/setup_env.sh $(VENV)
@@ -39,6 +39,10 @@ bench-ingest: env
 
 bench-glue: env
 	$(PY) benchmarks/round_glue.py --rows 100000 1000000
+
+# Expansion acceptance at the sizes a large pool asks for (100,000-row pool).
+bench-expansion: env
+	$(PY) benchmarks/expansion_scale.py --expansions 20000 100000 500000 --pool 100000
 
 # one whole TAPIR round at 10,000 and 100,000 rows, and its scoring phase's halves alone (tiny models,
 # scripted oracle; ~45 min on 2 cores)

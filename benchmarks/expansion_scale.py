@@ -7,8 +7,9 @@ size N this writes a run directory as the teacher and classifier stages leave it
 `--pool` rows with their embeddings, and N expansion answers with their re-check labels, mixed as
 a run sees them (exact copies of pool rows and of each other, re-classified rows, dead-lettered
 labels, new instructions). Then it runs `accept_expansions` as the recipe does (one Ray task that
-drives Ray Data stages) and records its seconds, the peak RSS of this driver and of the largest
-Ray worker (sampled every 50 ms), and what was accepted and rejected.
+drives Ray Data stages) and records its seconds, the peak RSS (sampled every 50 ms) of this
+driver, of that task and of the largest Ray worker (usually an encoder's), and what was accepted
+and rejected.
 
 The encoder is the tiny random-weight one with the bundled MiniLM's tokenizer
 (`tapir_ray.assets.tiny_encoder`, 32 dimensions against MiniLM's 384); pool embeddings are its
@@ -18,7 +19,8 @@ kept, the heaviest case for the in-order keep rule, which compares each row with
 
 To compare with another version of tapir-ray, run this script with that version's checkout on
 PYTHONPATH (`--label` names the run in the results).
-Results: benchmarks/results/expansion_scale.json (or --out) and a table on stdout.
+Results: benchmarks/results/expansion_scale.json (or --out), a plot next to it (.png) and a table
+on stdout.
 """
 
 from __future__ import annotations
@@ -31,16 +33,35 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import ray
 from common import command_line, device_name, print_table, write_results
-from round_glue import PeakRSS
+from round_glue import PeakRSS as WorkerRSS
 
 from tapir_ray import frames
 from tapir_ray.assets import tiny_encoder
 from tapir_ray.runtime import configure_data, quiet_ray_console
 
 RESULTS = Path(__file__).parent / "results" / "expansion_scale.json"
+
+
+class PeakRSS(WorkerRSS):
+    """Also the peak RSS of the task that runs `accept_expansions` (`task`): what acceptance
+    itself holds, apart from the encoder workers that the largest-worker figure usually names."""
+
+    task = 0
+
+    def sample(self) -> None:
+        super().sample()
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if (p.info["cmdline"] or [""])[0].startswith("ray::accept_expansions"):
+                    self.task = max(self.task, p.memory_info().rss)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+
+
 WORDS = ["river", "lantern", "quantum", "recipe", "orbit", "ledger", "violin", "glacier", "syntax", "harvest", "mosaic", "tariff", "pixel", "sonnet", "enzyme", "compass", "bakery", "voltage", "archive", "meadow"]  # fmt: skip
 
 
@@ -137,19 +158,43 @@ def main() -> None:
             runs.append({"expansions": n, "pool": args.pool, "seconds": round(seconds, 1),
                          "expansions_per_s": round(n / seconds, 1),
                          "peak_rss_driver_mb": round(rss.peak / 2**20), "peak_rss_worker_mb": round(rss.worker / 2**20),
+                         "peak_rss_task_mb": round(rss.task / 2**20),
                          "accepted": got["accepted"], "rejected": got["rejected"]})  # fmt: skip
             print(json.dumps(runs[-1]), flush=True)
-    print_table(["expansions", "pool", "seconds", "per s", "driver MB", "largest worker MB", "accepted"],
+    print_table(["expansions", "pool", "seconds", "per s", "driver MB", "acceptance task MB", "largest worker MB", "accepted"],
                 [[r["expansions"], r["pool"], r["seconds"], r["expansions_per_s"], r["peak_rss_driver_mb"],
-                  r["peak_rss_worker_mb"], r["accepted"]] for r in runs])  # fmt: skip
+                  r["peak_rss_task_mb"], r["peak_rss_worker_mb"], r["accepted"]] for r in runs])  # fmt: skip
     report = json.loads(args.out.read_text()) if args.out.exists() else {}
     report.update({"benchmark": "expansion_scale", "device": device_name(), "ray": ray.__version__})
-    report.setdefault("runs", {})[args.label] = {
-        "command": command_line("expansion_scale.py", args),
-        "runs": runs,
-    }
+    command = command_line("expansion_scale.py", args)
+    # Each label keeps one run per size: a new run of a size replaces the earlier one.
+    entry = report.setdefault("runs", {}).setdefault(args.label, [])
+    done = {r["expansions"] for r in runs}
+    entry[:] = sorted([r for r in entry if r["expansions"] not in done] + [{**r, "command": command} for r in runs],
+                      key=lambda r: r["expansions"])  # fmt: skip
     write_results(args.out, report)
+    plot(report, args.out.with_suffix(".png"))
     ray.shutdown()
+
+
+def plot(report: dict, path: Path) -> None:
+    """Seconds and the largest worker's peak RSS against the number of expansions, per label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, runs in report["runs"].items():
+        x = [r["expansions"] for r in runs]
+        left.plot(x, [r["seconds"] for r in runs], marker="o", label=label)
+        right.plot(x, [r["peak_rss_task_mb"] for r in runs], marker="o", label=label)
+    left.set(xlabel="expansions", ylabel="seconds", title="accept_expansions: wall")
+    right.set(xlabel="expansions", ylabel="MB", title="the acceptance task: peak RSS")
+    left.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ class CitingRun(Recipe):
                 "rows": write_type_requests(self.run_dir, ids, c.induction_batch_size, c.max_types)
             },
         )
-        self.step("types/induce", 0, lambda: self.ask("question types", self.path("types", "induce_in"), self.path("types", "induced"),
+        self.step("types/induce", 0, lambda: self.ask("question types", self.paths.types("induce_in"), self.paths.types("induced"),
                   role="types", endpoint="teacher", params=fixed, parse=TypesParser(c.max_types), round_=0, max_dead_share=1.0))  # fmt: skip
         fallback = [
             name
@@ -134,7 +134,7 @@ class CitingRun(Recipe):
             self.log(
                 "question types: the teacher induced none; the task taxonomy's categories stand in"
             )
-        self.step("types/merge", 0, lambda: self.ask("merge types", self.path("types", "merge_in"), self.path("types", "merged"),
+        self.step("types/merge", 0, lambda: self.ask("merge types", self.paths.types("merge_in"), self.paths.types("merged"),
                   role="types", endpoint="teacher", params=fixed, parse=TypesParser(c.max_types), round_=0, max_dead_share=1.0))  # fmt: skip
         self.step(
             "types/assign_in",
@@ -142,7 +142,7 @@ class CitingRun(Recipe):
             lambda: {"rows": write_assign_requests(self.run_dir, ids, prefill)},
         )
         names = [t["name"] for t in task(merged_types, self.run_dir)]
-        self.step("types/assign", 0, lambda: self.ask("type per question", self.path("types", "assign_in"), self.path("types", "assigned"),
+        self.step("types/assign", 0, lambda: self.ask("type per question", self.paths.types("assign_in"), self.paths.types("assigned"),
                   role="classify", endpoint="teacher", params=self.label_params(names, 24), parse=TypeParser(names), round_=0, max_dead_share=1.0))  # fmt: skip
         self.step("embeddings", 0, self.embeddings)
         typed = self.step("types/by_description", 0, lambda: write_types_by_description(self.run_dir, ids, self.embedding_model, c.type_fallback))  # fmt: skip
@@ -161,7 +161,7 @@ class CitingRun(Recipe):
                 )
             },
         )
-        self.step("types/rubric", 0, lambda: self.ask("rubrics", self.path("types", "rubric_in"), self.path("types", "rubrics"),
+        self.step("types/rubric", 0, lambda: self.ask("rubrics", self.paths.types("rubric_in"), self.paths.types("rubrics"),
                   role="rubric", endpoint="teacher", params=fixed, parse=P.parse_criteria, round_=0, max_dead_share=1.0))  # fmt: skip
         book = self.step(
             "rubrics",
@@ -189,7 +189,7 @@ class CitingRun(Recipe):
         )["rows"]
         # The student answers and the teacher revises each answer as it arrives (one pipeline).
         revised = self.step(f"{rd}/student_revise", k, lambda: self.answer_and_ask(
-            f"{rd} · student answers → teacher revisions", k, self.student_after(k - 1), n, folder=self.path(rd),
+            f"{rd} · student answers → teacher revisions", k, self.student_after(k - 1), n,
             to_requests=revise_requests, fn_args=(), per_row=1, out="revise", role="revise", endpoint="teacher",
             params=self.teacher_params(), parse=P.parse_answer))  # fmt: skip
         train_set = self.step(
@@ -218,7 +218,7 @@ class CitingRun(Recipe):
             "eval-baseline/in",
             0,
             lambda: {
-                "rows": write_plain_requests(self.run_dir, every, self.path("eval-baseline", "in"))
+                "rows": write_plain_requests(self.run_dir, every, self.paths.eval_baseline_in)
             },
         )
         self.step(
@@ -226,13 +226,13 @@ class CitingRun(Recipe):
             0,
             lambda: self.students(
                 "warm-up student answers",
-                self.path("eval-baseline", "in"),
-                self.path("eval-baseline", "student"),
+                self.paths.eval_baseline_in,
+                self.paths.eval_baseline,
                 0,
             ),
         )
         for t in range(c.eval_drafts + 1):
-            folder = self.path(rd, "eval", f"draft-{t}")
+            folder = self.paths.round(k).eval_draft(t)
             if t == 0:
                 self.step(
                     f"{rd}/eval/draft-0_in",
@@ -240,7 +240,7 @@ class CitingRun(Recipe):
                     lambda f=folder: {"rows": write_plain_requests(self.run_dir, every, f + "_in")},
                 )
             else:
-                prev = self.path(rd, "eval", f"draft-{t - 1}")
+                prev = self.paths.round(k).eval_draft(t - 1)
                 self.step(
                     f"{rd}/eval/draft-{t}_in",
                     k,
@@ -270,7 +270,7 @@ class CitingRun(Recipe):
             },
         )
         params, parse = P.preference_request(self.cfg.curriculum.tapir.judge, prefill)
-        self.step(f"{rd}/eval/judge", k, lambda: self.ask(f"{rd} · judge per criterion", self.path(rd, "eval", "judge_in"), self.path(rd, "eval", "judge"),
+        self.step(f"{rd}/eval/judge", k, lambda: self.ask(f"{rd} · judge per criterion", self.paths.round(k).eval_judge_in, self.paths.round(k).eval_judge,
                   role="eval-judge", endpoint="judge", params=params, parse=parse, round_=k))  # fmt: skip
         return self.step(
             f"{rd}/eval/results",

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Sequence
 
 from tapir_ray.config import Config, ConfigError, load_config
+from tapir_ray.rundir import RunDir
 
 
 class UsageError(Exception):
@@ -156,14 +157,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tapir_ray import storage
     from tapir_ray.report import write_report
 
     try:
         print(write_report(args.run))
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from None
-    print(f"report: {storage.join(args.run, 'metrics', 'report.md')}")
+    print(f"report: {RunDir(args.run).report}")
     return 0
 
 
@@ -174,12 +174,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tapir_ray import storage
     from tapir_ray.train import export_model
 
-    adapter = storage.join(args.run, f"round-{args.round}", "adapter")
+    adapter = RunDir(args.run).round(args.round).adapter
     if not storage.exists(storage.join(adapter, "adapter_config.json")):
         raise UsageError(f"{adapter}: no adapter for round {args.round} in this run")
     base = args.base_model
     if base is None:
-        config_path = storage.join(args.run, "config.yaml")
+        config_path = RunDir(args.run).config
         if not storage.exists(config_path):
             raise UsageError(f"{config_path}: missing; pass --base-model")
         import yaml

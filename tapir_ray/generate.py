@@ -15,6 +15,7 @@ from tapir_ray.curriculum.citing import retrieve, revision_messages
 from tapir_ray.curriculum.citing_stages import load_book, responses
 from tapir_ray.oracle import prompts as P
 from tapir_ray.oracle.stage import write_requests
+from tapir_ray.rundir import RunDir
 
 
 class GenerateError(Exception):
@@ -60,7 +61,7 @@ def generate(run_dir: str, *, round_: int, input_path: str, self_revise: int | N
             f"--round {round_}: the run has no trained round {round_} (it has {have})"
         )
     questions = read_questions(input_path)
-    cfg = parse_config(yaml.safe_load(storage.read_text(storage.join(run_dir, "config.yaml"))))
+    cfg = parse_config(yaml.safe_load(storage.read_text(RunDir(run_dir).config)))
     if self_revise is None:
         chosen = (state["rounds"][str(round_)].get("eval") or {}).get("t_inf")
         self_revise = chosen if chosen is not None else cfg.curriculum.citing.inference_revisions
@@ -68,7 +69,7 @@ def generate(run_dir: str, *, round_: int, input_path: str, self_revise: int | N
         log(f"self-revisions: {self_revise} ({how})")
     ensure_ray(cfg.resources)
     book = load_book(run_dir)
-    cents = storage.read_table(storage.join(run_dir, "centroids")).to_pylist()
+    cents = storage.read_table(RunDir(run_dir).centroids).to_pylist()
     centroid = {c["type"]: np.asarray(c["centroid"], dtype=np.float32) for c in cents}
     texts = [P.user_content(q["instruction"], q["input"]) for q in questions]
     types = retrieve(encode(load_encoder(cfg.curriculum.citing.embedding_model), texts), centroid)

@@ -22,6 +22,7 @@ from tapir_ray.curriculum.actor import read_state
 from tapir_ray.lease import LeaseHeld, RunLease
 from tapir_ray.recipe import RunError, StopAfter
 from tapir_ray.rounds import TapirRun
+from tapir_ray.rundir import RunDir
 
 __all__ = ["RunError", "oracle_endpoints", "run", "runner_class"]
 
@@ -64,7 +65,7 @@ def oracle_endpoints(cfg: Config, run_dir: str, log: Callable[[str], None]) -> I
         )
     try:
         if missing:
-            storage.makedirs(storage.join(run_dir, "logs"))
+            storage.makedirs(RunDir(run_dir).logs)
             log(f"starting the local oracle ({backend}, {cfg.oracle.local_model}) ...")
             log_path = storage.join(run_dir, "logs", "oracle.log")
             if backend == "vllm":
@@ -149,7 +150,7 @@ def run(
         lease = RunLease(run_dir).acquire()  # one driver per run, before anything is written
     except LeaseHeld as exc:
         raise RunError(str(exc)) from None
-    storage.write_text_atomic(storage.join(run_dir, "config.yaml"), cfg.to_yaml())
+    storage.write_text_atomic(RunDir(run_dir).config, cfg.to_yaml())
     ensure_ray(cfg.resources)
     started = time.perf_counter()
     with (
@@ -174,7 +175,5 @@ def run(
         log(f"--until {until}: the run has no stage of that name, and went to its end")
     text = write_report(run_dir)
     log(text)
-    log(
-        f"run finished in {time.perf_counter() - started:.0f} s; report: {storage.join(run_dir, 'metrics', 'report.md')}"
-    )
+    log(f"run finished in {time.perf_counter() - started:.0f} s; report: {RunDir(run_dir).report}")
     return state

@@ -18,6 +18,7 @@ import uuid
 from typing import Any
 
 from tapir_ray import storage
+from tapir_ray.rundir import RunDir
 
 HEARTBEAT_S = 5.0
 STALE_S = 60.0
@@ -42,7 +43,7 @@ def _alive(holder: dict[str, Any], stale_s: float) -> bool:
 
 class RunLease:
     def __init__(self, run_dir: str, *, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S):
-        self.path = storage.join(run_dir, "lease.json")
+        self.path = RunDir(run_dir).lease
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         self.token = uuid.uuid4().hex
         self.started = time.time()

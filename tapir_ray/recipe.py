@@ -32,6 +32,7 @@ from tapir_ray.curriculum.plan import rank_key
 from tapir_ray.oracle import prompts as P
 from tapir_ray.oracle.stage import REQUESTS, chat_messages
 from tapir_ray.progress import Progress
+from tapir_ray.rundir import RunDir
 
 
 class RunError(RuntimeError):
@@ -108,7 +109,7 @@ def _is_heldout(row: dict[str, Any]) -> bool:
 def heldout_items(run_dir: str, seed: int, salt: int, limit: int | None) -> list[dict[str, Any]]:
     """The first `limit` held-out rows (see `heldout`; all of them when None) in the seeded order
     of `salt`, found block by block: id, instruction, input, teacher."""
-    folder = storage.join(run_dir, "items")
+    folder = RunDir(run_dir).items
     names = frames.column_names(folder)
     if not names:
         return []
@@ -139,15 +140,14 @@ class Recipe:
         from tapir_ray.oracle.ledger import Ledger
 
         self.cfg, self.run_dir, self.endpoints, self.log = cfg, run_dir, endpoints, log
+        self.paths = RunDir(run_dir)
         self.seed = cfg.run.seed
         self.actor = curriculum_actor(
             run_dir, self.ALGORITHM, self.seed, pin_to_head=cfg.resources.pin_curriculum_to_head,
             attach=attach,
         )  # fmt: skip
         self.ledger = Ledger.remote(
-            storage.join(run_dir, "metrics", "oracle-ledger.json"),
-            cfg.oracle.max_usd,
-            cache_root=storage.join(run_dir, "oracle-cache"),
+            self.paths.ledger, cfg.oracle.max_usd, cache_root=self.paths.oracle_cache
         )
         self.limiters: dict[str, Any] = {}
         self.until: str | None = None  # `run --until STAGE`
@@ -165,9 +165,6 @@ class Recipe:
             ray.kill(self.actor)
 
     # -- plumbing --
-
-    def path(self, *parts: str) -> str:
-        return storage.join(self.run_dir, *parts)
 
     def step(
         self, name: str, round_: int, fn: Callable[[], dict | None], total: int | None = None
@@ -230,7 +227,7 @@ class Recipe:
             return {"rows_in": 0, "rows_out": 0, "dead_lettered": 0}
         getattr(self.endpoints, "wait", lambda: None)()  # a local server may still be starting
         # No actor writes now: merge what earlier stages and killed runs left into large segments.
-        ResponseCache(self.path("oracle-cache")).compact()
+        ResponseCache(self.paths.oracle_cache).compact()
         ray.get(self.ledger.settle.remote(round_, role))  # rows a killed attempt left unfinished
         before = ray.get(self.ledger.done.remote(round_, role))
         # Batches of at most a quarter of an actor's share: an actor pool waits for a full batch, so
@@ -261,23 +258,21 @@ class Recipe:
         return {"rows_in": total, "rows_out": rows_out, "dead_lettered": total - rows_out,
                 "requests_per_s": round(total / seconds, 2) if seconds else None}  # fmt: skip
 
-    def answer_and_ask(self, label: str, r: int, student: dict, n: int, *, folder: str, to_requests: Callable,
+    def answer_and_ask(self, label: str, r: int, student: dict, n: int, *, to_requests: Callable,
                        fn_args: tuple, per_row: int, out: str, early: tuple[Callable, tuple] | None = None,
                        **ask: Any) -> dict[str, Any]:  # fmt: skip
-        """`folder`/student_in → the student → `to_requests` → the oracle → `folder`/`out`, as one
+        """round-r/student_in → the student → `to_requests` → the oracle → round-r/`out`, as one
         streaming pipeline: the oracle works while the student generates. The requests of
         student_in carry the columns `to_requests` needs besides the answer (`student`) through the
-        engine, so no join is needed. Each block of answers is written to `folder`/student as it
+        engine, so no join is needed. Each block of answers is written to round-r/student as it
         passes: a rerun after a kill generates only the rows not answered yet, and the oracle's
         replies on rows already answered come from the cache. `per_row`: requests per answer.
         `early` (fn, args): one request per row of student_in that needs no student answer, sent
         from the stage's start (while the engine starts), merged into the same output."""
         from tapir_ray.student import Adapter, answer, answers_metrics, persist
 
-        student_in, student_dir = (
-            storage.join(folder, "student_in"),
-            storage.join(folder, "student"),
-        )
+        rd = self.paths.round(r)
+        student_in, student_dir = rd.student_in, rd.student
         context = [c for c in frames.column_names(student_in) if c not in ("id", "messages")]
         todo, before, kept = resume_split(student_in, student_dir, n)
         adapter = (Adapter.load(f"round-{r - 1}", student["adapter"], student["adapter_sha256"])
@@ -298,7 +293,7 @@ class Recipe:
         # The engine answers in blocks: the progress line counts them as they are kept.
         answered = lambda: f"{frames.rows(student_dir)}/{n} answered"  # noqa: E731
         pre = n if early is not None else 0
-        info = self.ask_stream(label, requests, pre + per_row * n, storage.join(folder, out), round_=r,
+        info = self.ask_stream(label, requests, pre + per_row * n, rd.join(out), round_=r,
                                sent=lambda: pre + per_row * frames.rows(student_dir), detail=answered, **ask)  # fmt: skip
         answered = frames.rows(student_dir)
         metrics = answers_metrics(
@@ -341,14 +336,14 @@ class Recipe:
     def ingest(self) -> dict:
         from tapir_ray.ingest import ingest
 
-        summary = ingest(self.cfg.pool, self.path("ingest"), quarantine_dir=self.path("quarantine"),
+        summary = ingest(self.cfg.pool, self.paths.ingest, quarantine_dir=self.paths.quarantine,
                          block_rows=self.cfg.resources.ingest_batch_size)  # fmt: skip
         self.log(summary.table())
         if summary.kept == 0:
             raise RunError(
                 f"the pool is empty after ingest: {summary.read} rows read = {summary.quarantined} quarantined "
                 f"+ {summary.duplicates} duplicates + {summary.decontaminated} evaluation prompts "
-                f"(reasons in {self.path('quarantine')})"
+                f"(reasons in {self.paths.quarantine})"
             )
         return {"rows_in": summary.read, "rows_out": summary.kept, "quarantined": summary.quarantined,
                 "duplicates": summary.duplicates, "decontaminated": summary.decontaminated,
@@ -366,7 +361,7 @@ class Recipe:
 
     def teacher(self) -> dict:
         reuse = self.reuse_reference
-        pool = ray.data.read_parquet(self.path("ingest", "pool"))
+        pool = ray.data.read_parquet(self.paths.pool)
 
         def split(batch: pa.Table, want_reference: bool) -> pa.Table:
             has = pc.greater(pc.utf8_length(pc.fill_null(batch["output"], "")), 0)
@@ -377,18 +372,18 @@ class Recipe:
             msgs = [json.dumps(P.answer(i, x).messages) for i, x in zip(batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True)]  # fmt: skip
             return pa.table({"id": batch["id"], "messages": msgs})
 
-        storage.remove(self.path("teacher_in"))
+        storage.remove(self.paths.teacher_in)
         pool.map_batches(split, fn_args=(False,), batch_format="pyarrow").map_batches(
-            to_request, batch_format="pyarrow").write_parquet(self.path("teacher_in"))  # fmt: skip
-        storage.remove(self.path("teacher"))
+            to_request, batch_format="pyarrow").write_parquet(self.paths.teacher_in)  # fmt: skip
+        storage.remove(self.paths.teacher)
         reference = pool.map_batches(split, fn_args=(True,), batch_format="pyarrow").select_columns(
             ["id", "output"]
         )
         n_ref = reference.count()
         if n_ref:
             reference.map_batches(lambda b: pa.table({"id": b["id"], "response": b["output"]}), batch_format="pyarrow")\
-                .write_parquet(self.path("teacher", "reference"))  # fmt: skip
-        info = self.ask("teacher answers", self.path("teacher_in"), self.path("teacher", "asked"),
+                .write_parquet(storage.join(self.paths.teacher, "reference"))  # fmt: skip
+        info = self.ask("teacher answers", self.paths.teacher_in, storage.join(self.paths.teacher, "asked"),
                         role="teacher", endpoint="teacher", params=self.teacher_params(), parse=P.parse_answer, round_=0)  # fmt: skip
         return {**info, "reference_outputs": n_ref}
 
@@ -399,7 +394,7 @@ class Recipe:
     def embeddings(self) -> dict:
         """embeddings/: unit-norm sentence embeddings of every pool row (near-duplicate checks,
         the embedding classifier); computed once per run, when first needed."""
-        if storage.is_done(self.path("embeddings")):
+        if storage.is_done(self.paths.embeddings):
             return {}
         from tapir_ray.embed import embed, gpu_actors
 
@@ -407,15 +402,15 @@ class Recipe:
             t = [P.user_content(i, x) for i, x in zip(batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True)]  # fmt: skip
             return pa.table({"id": batch["id"], "text": t})
 
-        storage.remove(self.path("embeddings"))
+        storage.remove(self.paths.embeddings)
         gpus = self.embedding_gpus()
-        ds = embed(ray.data.read_parquet(self.path("ingest", "pool")).map_batches(text, batch_format="pyarrow"),
+        ds = embed(ray.data.read_parquet(self.paths.pool).map_batches(text, batch_format="pyarrow"),
                    self.embedding_model, gpus=gpus)  # fmt: skip
-        ds.select_columns(["id", "embedding"]).write_parquet(self.path("embeddings"))
-        storage.mark_success(self.path("embeddings"))
+        ds.select_columns(["id", "embedding"]).write_parquet(self.paths.embeddings)
+        storage.mark_success(self.paths.embeddings)
         actors = gpu_actors(gpus)
         where = f"{actors} GPU actor(s)" if actors else "CPU"
-        return {"rows": storage.parquet_rows(self.path("embeddings")), "on": where}
+        return {"rows": storage.parquet_rows(self.paths.embeddings), "on": where}
 
     # -- training --
 
@@ -423,10 +418,10 @@ class Recipe:
         """Round `round_`'s fit; `before`: also the held-out NLL of the model it starts from."""
         from tapir_ray.train import train_round
 
-        ds = ray.data.read_parquet(self.path(f"round-{round_}", "train_set"))
+        ds = ray.data.read_parquet(self.paths.round(round_).train_set)
         full = self.cfg.train.full_finetune
         result = train_round(
-            ds, self.cfg.train, self.path(f"round-{round_}"), model=student["model"],
+            ds, self.cfg.train, self.paths.round(round_).root, model=student["model"],
             init_adapter=None if full else student["adapter"], seed=self.seed + round_,
             chat_template=self.cfg.student.chat_template,
             heldout=self.fit_heldout(), heldout_before=before,
@@ -437,7 +432,7 @@ class Recipe:
                 "tokens_per_s": round(sum(tps) / len(tps), 1) if tps else None,
                 "adapter": result.adapter_dir, "adapter_sha256": result.adapter_sha256, "heldout": result.heldout,
                 "heldout_before": result.heldout_before,
-                "rows": storage.parquet_rows(self.path(f"round-{round_}", "train_set"))}  # fmt: skip
+                "rows": storage.parquet_rows(self.paths.round(round_).train_set)}  # fmt: skip
 
     def fit_heldout(self) -> list[dict[str, Any]] | None:
         """Rows whose NLL each fit computes after training (none unless the recipe says)."""

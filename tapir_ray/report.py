@@ -10,6 +10,7 @@ from typing import Any
 
 from tapir_ray import storage
 from tapir_ray.curriculum.actor import read_state
+from tapir_ray.rundir import RunDir
 from tapir_ray.tables import num as _num
 from tapir_ray.tables import save_figure as _save
 from tapir_ray.tables import table as _table
@@ -105,7 +106,7 @@ def citing_table(state: dict[str, Any]) -> str:
 
 
 def rubric_section(run_dir: str) -> list[str]:
-    path = storage.join(run_dir, "rubrics.json")
+    path = RunDir(run_dir).rubrics
     if not storage.exists(path):
         return []
     book = storage.read_json(path)
@@ -160,7 +161,7 @@ def _plots(run_dir: str, metrics: list[dict], delta: float | None = None) -> lis
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir = storage.join(run_dir, "metrics")
+    out_dir = RunDir(run_dir).metrics
     names = []
     scored = [m for m in metrics if m["scores"].get("mfd_histogram")]
     if scored:
@@ -237,7 +238,7 @@ def _plots(run_dir: str, metrics: list[dict], delta: float | None = None) -> lis
 def _delta(run_dir: str) -> float | None:
     import yaml
 
-    path = storage.join(run_dir, "config.yaml")
+    path = RunDir(run_dir).config
     if not storage.exists(path):
         return None
     return yaml.safe_load(storage.read_text(path))["curriculum"]["tapir"]["delta"]
@@ -344,9 +345,7 @@ def write_report(run_dir: str) -> str:
 
         parts += ["", "## Evaluation (`tapir-ray eval`; plots in ../eval/)", "",
                   *eval_tables(storage.read_json(storage.join(run_dir, "eval", "summary.json")))]  # fmt: skip
-    storage.write_text_atomic(
-        storage.join(run_dir, "metrics", "report.md"), "\n".join(parts) + "\n"
-    )
+    storage.write_text_atomic(RunDir(run_dir).report, "\n".join(parts) + "\n")
     return table
 
 

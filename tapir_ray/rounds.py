@@ -82,9 +82,9 @@ class TapirRun(Recipe):
     def classify(self) -> dict:
         labels, prefill = self.labels, self.prefill("teacher")
         settings = self.tapir.classifier
-        pool = ray.data.read_parquet(self.path("ingest", "pool"))
+        pool = ray.data.read_parquet(self.paths.pool)
         seed, heldout = self.seed, self.tapir.heldout_fraction
-        n_pool = storage.parquet_rows(self.path("ingest", "pool"))
+        n_pool = storage.parquet_rows(self.paths.pool)
         sample_share = (
             1.0 if settings.method == "oracle" else min(1.0, settings.label_sample / max(1, n_pool))
         )
@@ -108,13 +108,13 @@ class TapirRun(Recipe):
                 )
             return pa.table({"id": pa.array(ids, pa.string()), "messages": pa.array(msgs, pa.string())})  # fmt: skip
 
-        storage.remove(self.path("labels_in"))
-        pool.map_batches(to_request, batch_format="pyarrow").write_parquet(self.path("labels_in"))
-        out_dir = self.path("labels_oracle")
-        info = self.ask("task labels", self.path("labels_in"), out_dir, role="classify", endpoint="teacher",
+        storage.remove(self.paths.labels_in)
+        pool.map_batches(to_request, batch_format="pyarrow").write_parquet(self.paths.labels_in)
+        out_dir = self.paths.labels_oracle
+        info = self.ask("task labels", self.paths.labels_in, out_dir, role="classify", endpoint="teacher",
                         params=self.label_params(labels), parse=LabelParser(labels), round_=0)  # fmt: skip
         if settings.method == "oracle":
-            labels_from_parsed(out_dir, self.path("labels"))
+            labels_from_parsed(out_dir, self.paths.labels)
             return {**info, "method": "oracle"}
         self.embeddings()
         agreement = embedding_classifier(self.run_dir, settings.holdout_fraction, seed)
@@ -157,7 +157,7 @@ class TapirRun(Recipe):
             self.step(
                 "round-0/train_set",
                 0,
-                lambda: write_train_set(self.run_dir, 0, self.path("items"), "teacher", {}),
+                lambda: write_train_set(self.run_dir, 0, self.paths.items, "teacher", {}),
             )
             trained = self.step("round-0/train", 0, lambda: self.train(0, base, before=True))
             ray.get(
@@ -197,14 +197,15 @@ class TapirRun(Recipe):
         return s["adapter"], s["model"]
 
     def round(self, r: int, size: int, alpha: float) -> None:
-        tapir, rd = self.tapir, f"round-{r}"
+        tapir, here = self.tapir, self.paths.round(r)
+        rd = here.name
         student = self.student_after(r - 1)
         ray.get(
             self.actor.update_round.remote(
                 r, {"alpha": alpha, "size": size, "student_adapter": student["adapter"]}
             )
         )
-        scores_dir: str | None = self.path(rd, "scores")
+        scores_dir: str | None = here.scores
         if tapir.selection == "random":  # the control arm: no student answers, no judge
             scores_dir, scored = None, {}
         elif r == 1 or tapir.rescore_unused:
@@ -224,7 +225,7 @@ class TapirRun(Recipe):
             for warning in scored.get("judge", {}).get("warnings", []):
                 self.log(f"warning: {rd}: the judge looks degenerate: {warning}")
         else:
-            scores_dir = self.path("round-1", "scores")
+            scores_dir = self.paths.round(1).scores
             scored = ray.get(self.actor.get.remote())["stages"]["round-1/scores"]
         plan = self.step(f"{rd}/plan", r, lambda: self._plan(r, scores_dir, size, alpha))
         attempts = tapir.expansion_attempts if tapir.expansion else 0
@@ -248,14 +249,12 @@ class TapirRun(Recipe):
             lambda: {"rows": write_refine_inputs(self.run_dir, r, tapir.styles)},
         )
         refined = self.step(f"{rd}/refine", r, lambda: self.ask(
-            f"{rd} · refine", self.path(rd, "refine_in"), self.path(rd, "refine"), role="refine", endpoint="teacher",
+            f"{rd} · refine", here.refine_in, here.refine, role="refine", endpoint="teacher",
             params=self.teacher_params(), parse=P.parse_answer, round_=r))  # fmt: skip
         train_set = self.step(
             f"{rd}/train_set",
             r,
-            lambda: write_train_set(
-                self.run_dir, r, self.path(rd, "refine"), "response", tapir.styles
-            ),
+            lambda: write_train_set(self.run_dir, r, here.refine, "response", tapir.styles),
         )
         trained = self.step(f"{rd}/train", r, lambda: self.train(r, student))
         ray.get(
@@ -280,7 +279,7 @@ class TapirRun(Recipe):
         # generates (they need no student answer); a pairwise judge needs both answers.
         single = judge.mode == "single"
         return self.answer_and_ask(
-            f"{rd} · student answers → judge verdicts", r, student, n, folder=self.path(rd),
+            f"{rd} · student answers → judge verdicts", r, student, n,
             to_requests=judge_requests, fn_args=(judge.mode, prefill, ("S",) if single else ()),
             per_row=1 if single else 2, out="judge",
             early=(judge_requests, (judge.mode, prefill, ("T",))) if single else None,
@@ -291,19 +290,19 @@ class TapirRun(Recipe):
     def _plan(self, r: int, scores_dir: str | None, size: int, alpha: float) -> dict:
         info = write_plan(self.run_dir, r, scores_dir, size, alpha, self.tapir.taxonomy,
                      self.seed, self.tapir.random_quotas)  # fmt: skip
-        storage.write_json_atomic(self.path(f"round-{r}", "plan", "_PLAN.json"), info)
+        storage.write_json_atomic(self.paths.round(r).plan_info, info)
         return info
 
     def expand(self, r: int, attempt: int, missing: dict[str, int]) -> dict:
-        rd, folder = f"round-{r}", self.path(f"round-{r}", f"expand-{attempt}")
+        rd, folder = f"round-{r}", self.paths.round(r).expand(attempt)
         self.embeddings()
         write_expansion_requests(self.run_dir, r, attempt, missing)
-        asked = self.ask(f"{rd} · expansion {attempt + 1}", storage.join(folder, "requests"), storage.join(folder, "answers"),
+        asked = self.ask(f"{rd} · expansion {attempt + 1}", folder.requests, folder.answers,
                          role="expand", endpoint="teacher", params={"max_tokens": self.tapir.expansion_max_tokens, "temperature": 0.0},
                          parse=P.parse_instruction, round_=r, max_dead_share=1.0)  # fmt: skip
         prefill = self.prefill("teacher")
         write_expansion_labels_in(self.run_dir, r, attempt, self.labels, prefill)
-        self.ask(f"{rd} · expansion labels", storage.join(folder, "label_requests"), storage.join(folder, "labels"),
+        self.ask(f"{rd} · expansion labels", folder.label_requests, folder.labels,
                  role="classify", endpoint="teacher", params=self.label_params(self.labels),
                  parse=LabelParser(self.labels), round_=r, max_dead_share=1.0)  # fmt: skip
         got = task(accept_expansions, self.run_dir, r, attempt, self.tapir.near_duplicate_threshold,

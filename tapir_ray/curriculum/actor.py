@@ -18,12 +18,13 @@ from typing import Any
 import ray
 
 from tapir_ray import storage
+from tapir_ray.rundir import RunDir
 
 STATE_VERSION = 1
 
 
 def state_path(run_dir: str) -> str:
-    return storage.join(run_dir, "state.json")
+    return RunDir(run_dir).state
 
 
 def read_state(run_dir: str) -> dict[str, Any] | None:

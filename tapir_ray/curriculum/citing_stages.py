@@ -28,6 +28,7 @@ from tapir_ray.curriculum.citing import (
 from tapir_ray.embed import as_matrix
 from tapir_ray.oracle import prompts as P
 from tapir_ray.oracle.stage import chat_messages, write_requests
+from tapir_ray.rundir import RunDir
 
 ITEMS = pa.schema([("id", pa.string()), ("instruction", pa.string()), ("input", pa.string()),
                    ("teacher", pa.string()), ("split", pa.string())])  # fmt: skip
@@ -48,8 +49,8 @@ def _splits(batch: pa.Table) -> Counter:
 def write_citing_items(run_dir: str, seed: int, ratios: list[float]) -> dict[str, Any]:
     """items/: pool rows with their teacher (or reference) answer and their split."""
     pool_dir, teacher_dir = (
-        storage.join(run_dir, "ingest", "pool"),
-        storage.join(run_dir, "teacher"),
+        RunDir(run_dir).pool,
+        RunDir(run_dir).teacher,
     )
     n_pool = frames.rows(pool_dir)
     teacher = frames.read(teacher_dir, ["id", "response"]).rename_columns({"response": "teacher"})
@@ -67,7 +68,7 @@ def write_citing_items(run_dir: str, seed: int, ratios: list[float]) -> dict[str
 
 
 def items_dir(run_dir: str) -> str:
-    return storage.join(run_dir, "items")
+    return RunDir(run_dir).items
 
 
 def _texts(run_dir: str, ids: list[str]) -> dict[str, str]:
@@ -88,7 +89,7 @@ def write_warmup_set(run_dir: str, rows: int | None) -> int:
     """round-0/train_set: the first `rows` training questions by id (all of them without a
     limit), with their reference answers."""
     train = frames.read(items_dir(run_dir), ["id", "instruction", "input", "teacher", "split"])
-    out = storage.join(run_dir, "round-0", "train_set")
+    out = RunDir(run_dir).round(0).train_set
     if rows:
         chosen = pa.Table.from_pylist(
             frames.lowest(train, lambda r: r["id"], rows, where=lambda r: r["split"] == "train")
@@ -121,37 +122,35 @@ def write_type_requests(run_dir: str, ids: list[str], batch_size: int, max_types
     batches = [ids[k : k + batch_size] for k in range(0, len(ids), batch_size)]
     rows = [{"id": f"batch-{k:05d}", "messages": json.dumps(P.induce_types([text[i] for i in b], max_types).messages)}
             for k, b in enumerate(batches)]  # fmt: skip
-    write_requests(rows, storage.join(run_dir, "types", "induce_in"))
+    write_requests(rows, RunDir(run_dir).types("induce_in"))
     return len(rows)
 
 
 def write_merge_request(run_dir: str, max_types: int, fallback: list[str]) -> dict[str, Any]:
     """One request that merges the induced types. A teacher that induced none (a very small
     model) leaves the task taxonomy's categories as the types, which the run reports."""
-    found = storage.read_table(
-        storage.join(run_dir, "types", "induced"), ["id", "parsed"]
-    ).to_pylist()
+    found = storage.read_table(RunDir(run_dir).types("induced"), ["id", "parsed"]).to_pylist()
     candidates = [t for r in sorted(found, key=lambda r: r["id"]) for t in json.loads(r["parsed"])]
     from_taxonomy = not candidates
     if from_taxonomy:
         candidates = [{"name": c, "definition": f"Instructions of the {c} category.", "merged_from": []}
                       for c in fallback[:max_types]]  # fmt: skip
-    storage.write_json_atomic(storage.join(run_dir, "types", "candidates.json"), candidates)
+    storage.write_json_atomic(RunDir(run_dir).types("candidates.json"), candidates)
     # The taxonomy's categories have no synonyms to merge: no request then.
     prompt = P.merge_types(candidates, max_types)
     write_requests(
         [] if from_taxonomy else [{"id": "merge", "messages": json.dumps(prompt.messages)}],
-        storage.join(run_dir, "types", "merge_in"),
+        RunDir(run_dir).types("merge_in"),
     )
     return {"candidates": len(candidates), "from_taxonomy": from_taxonomy}
 
 
 def merged_types(run_dir: str) -> list[dict[str, Any]]:
     """The teacher's merged types; its candidates as they were when the merge was dead-lettered."""
-    rows = storage.read_table(storage.join(run_dir, "types", "merged"), ["parsed"]).to_pylist()
+    rows = storage.read_table(RunDir(run_dir).types("merged"), ["parsed"]).to_pylist()
     if rows:
         return json.loads(rows[0]["parsed"])
-    return storage.read_json(storage.join(run_dir, "types", "candidates.json"))
+    return storage.read_json(RunDir(run_dir).types("candidates.json"))
 
 
 def write_assign_requests(run_dir: str, ids: list[str], prefill: bool) -> int:
@@ -168,7 +167,7 @@ def write_assign_requests(run_dir: str, ids: list[str], prefill: bool) -> int:
                 ),
             }
         )
-    write_requests(rows, storage.join(run_dir, "types", "assign_in"))
+    write_requests(rows, RunDir(run_dir).types("assign_in"))
     return len(rows)
 
 
@@ -177,7 +176,7 @@ def _assigned(run_dir: str, teacher_only: bool = False) -> dict[str, str]:
     description's for the questions whose assignment was dead-lettered."""
     out: dict[str, str] = {}
     for name in ("assigned",) if teacher_only else ("by_description", "assigned"):
-        folder = storage.join(run_dir, "types", name)
+        folder = RunDir(run_dir).types(name)
         if storage.exists(folder):
             t = storage.read_table(folder, ["id", "parsed"])
             out.update(zip(t["id"].to_pylist(), map(json.loads, t["parsed"].to_pylist()), strict=True))  # fmt: skip
@@ -197,7 +196,7 @@ def write_types_by_description(
     missing = [i for i in ids if i not in teacher] if fallback == "description" and types else []
     rows = []
     if missing:
-        emb = frames.lookup(storage.join(run_dir, "embeddings"), missing, ["embedding"])
+        emb = frames.lookup(RunDir(run_dir).embeddings, missing, ["embedding"])
         described = encode(
             load_encoder(model), [f"{t['name']}: {t.get('definition', '')}" for t in types]
         )
@@ -206,7 +205,7 @@ def write_types_by_description(
                 for i, k in zip(missing, scores.argmax(axis=1), strict=True)]  # fmt: skip
     schema = pa.schema([("id", pa.string()), ("parsed", pa.string())])
     storage.write_table(
-        pa.Table.from_pylist(rows, schema=schema), storage.join(run_dir, "types", "by_description")
+        pa.Table.from_pylist(rows, schema=schema), RunDir(run_dir).types("by_description")
     )
     return {"by_teacher": sum(i in teacher for i in ids), "by_description": len(rows)}
 
@@ -231,12 +230,12 @@ def write_rubric_requests(run_dir: str, low: int, high: int, required: list[str]
                 required,
             )
             rows.append({"id": t["name"], "messages": json.dumps(prompt.messages)})
-    write_requests(rows, storage.join(run_dir, "types", "rubric_in"))
+    write_requests(rows, RunDir(run_dir).types("rubric_in"))
     return len(rows)
 
 
 def write_rubric_book(run_dir: str, required: list[str], low: int, high: int) -> dict[str, Any]:
-    t = storage.read_table(storage.join(run_dir, "types", "rubrics"), ["id", "parsed"])
+    t = storage.read_table(RunDir(run_dir).types("rubrics"), ["id", "parsed"])
     criteria = {
         i: json.loads(p) for i, p in zip(t["id"].to_pylist(), t["parsed"].to_pylist(), strict=True)
     }
@@ -244,7 +243,7 @@ def write_rubric_book(run_dir: str, required: list[str], low: int, high: int) ->
     book = build_book(
         merged_types(run_dir), assigned, criteria, required=required, criteria_max=high
     )
-    storage.write_text_atomic(storage.join(run_dir, "rubrics.json"), book.to_json())
+    storage.write_text_atomic(RunDir(run_dir).rubrics, book.to_json())
     # A type whose rubric request was dead-lettered keeps its questions; the required criteria
     # stand in for its rubric, and the report says so.
     generic = [t.name for t in book.types if t.name not in criteria]
@@ -257,7 +256,7 @@ def write_rubric_book(run_dir: str, required: list[str], low: int, high: int) ->
 
 
 def load_book(run_dir: str) -> RubricBook:
-    return RubricBook.from_json(storage.read_text(storage.join(run_dir, "rubrics.json")))
+    return RubricBook.from_json(storage.read_text(RunDir(run_dir).rubrics))
 
 
 TYPES_BY_ID = pa.schema([("id", pa.string()), ("type", pa.string()), ("source", pa.string()),
@@ -294,7 +293,7 @@ def write_retrieval(run_dir: str) -> dict[str, Any]:
         raise ValueError(
             "no curriculum question has a question type: every assignment was dead-lettered"
         )
-    emb_dir = storage.join(run_dir, "embeddings")
+    emb_dir = RunDir(run_dir).embeddings
     vecs = frames.lookup(emb_dir, typed, ["embedding"])
     members = sorted(i for i in typed if i in vecs)
     cents = type_centroids(
@@ -302,7 +301,7 @@ def write_retrieval(run_dir: str) -> dict[str, Any]:
     )
     names = list(cents)
     matrix = np.stack([cents[c] for c in names]).astype(np.float32)
-    out = storage.join(run_dir, "types_by_id")
+    out = RunDir(run_dir).types_by_id
     ds = frames.read(emb_dir, ["id", "embedding"]).map_batches(
         _retrieved, fn_args=(names, matrix, typed, frozenset(teacher)), batch_format="pyarrow")  # fmt: skip
     rows = frames.write(ds, out, TYPES_BY_ID)
@@ -314,7 +313,7 @@ def write_retrieval(run_dir: str) -> dict[str, Any]:
     )
     storage.write_table(
         pa.table({"type": names, "centroid": pa.array([cents[c].tolist() for c in names], pa.list_(pa.float32()))}),
-        storage.join(run_dir, "centroids"),
+        RunDir(run_dir).centroids,
     )  # fmt: skip
     return {"rows": rows, "retrieval_agreement": round(agree / len(members), 4) if members else None,
             "typed": len(members), "typed_by_teacher": sum(i in teacher for i in members)}  # fmt: skip
@@ -323,7 +322,7 @@ def write_retrieval(run_dir: str) -> dict[str, Any]:
 def _rubrics(run_dir: str, ids: list[str]) -> dict[str, str]:
     """id → the rubric of its question type, for the given ids."""
     rubric = {t.name: t.rubric() for t in load_book(run_dir).types}
-    types = frames.lookup(storage.join(run_dir, "types_by_id"), ids, ["type"])
+    types = frames.lookup(RunDir(run_dir).types_by_id, ids, ["type"])
     return {i: rubric[r["type"]] for i, r in types.items()}
 
 
@@ -337,7 +336,7 @@ def write_round_student_inputs(run_dir: str, round_: int, ids: list[str]) -> int
     """Round 1 (and questions new to a round): the plain question. Later rounds: revise the answer
     the previous round's student gave, with the rubric."""
     text, rubric = _texts(run_dir, ids), _rubrics(run_dir, ids)
-    prev_dir = storage.join(run_dir, f"round-{round_ - 1}", "student")
+    prev_dir = RunDir(run_dir).round(round_ - 1).student
     prev = responses(prev_dir) if round_ > 1 and storage.exists(prev_dir) else {}
     rows = []
     for i in ids:
@@ -352,7 +351,7 @@ def write_round_student_inputs(run_dir: str, round_: int, ids: list[str]) -> int
     # The question and its rubric ride with each request through the engine: the teacher's
     # revision request is built from each block of answers as it arrives (`revise_requests`).
     storage.write_table(pa.Table.from_pylist(rows, schema=STUDENT_IN),
-                        storage.join(run_dir, f"round-{round_}", "student_in"))  # fmt: skip
+                        RunDir(run_dir).round(round_).student_in)  # fmt: skip
     return len(rows)
 
 
@@ -365,18 +364,16 @@ def revise_requests(batch: pa.Table) -> pa.Table:
 
 def write_revision_train_set(run_dir: str, round_: int) -> dict[str, Any]:
     """train_set/: (question, rubric, previous answer) → the teacher's revision, with its edit distance."""
-    prev = responses(storage.join(run_dir, f"round-{round_}", "student"))
-    revised = responses(storage.join(run_dir, f"round-{round_}", "revise"))
+    prev = responses(RunDir(run_dir).round(round_).student)
+    revised = responses(RunDir(run_dir).round(round_).revise)
     ids = sorted(revised)
     text, rubric = _texts(run_dir, ids), _rubrics(run_dir, ids)
-    type_of = frames.lookup(storage.join(run_dir, "types_by_id"), ids, ["type"])
+    type_of = frames.lookup(RunDir(run_dir).types_by_id, ids, ["type"])
     rows = [{"id": i, "category": type_of[i]["type"], "source": "revision", "style": "rubric",
              "messages": json.dumps(revision_messages(text[i], rubric[i], prev[i])),
              "response": revised[i], "answer_prev": prev[i], "edit_distance": edit_distance(prev[i], revised[i])}
             for i in ids]  # fmt: skip
-    storage.write_table(
-        pa.Table.from_pylist(rows), storage.join(run_dir, f"round-{round_}", "train_set")
-    )
+    storage.write_table(pa.Table.from_pylist(rows), RunDir(run_dir).round(round_).train_set)
     dists = [r["edit_distance"] for r in rows]
     return {"rows": len(rows), "dropped_no_revision": len(prev) - len(rows),
             "mean_edit_distance": round(sum(dists) / len(dists), 4) if dists else None,
@@ -419,11 +416,11 @@ def write_criterion_judge_requests(
 ) -> int:
     """For every draft t, question and criterion: the round's answer against the warm-up
     student's, in both orders."""
-    base = responses(storage.join(run_dir, "eval-baseline", "student"))
+    base = responses(RunDir(run_dir).eval_baseline)
     text = _texts(run_dir, list(base))
     rows = []
     for t in range(drafts + 1):
-        ours = responses(storage.join(run_dir, f"round-{round_}", "eval", f"draft-{t}"))
+        ours = responses(RunDir(run_dir).round(round_).eval_draft(t))
         for i in sorted(set(ours) & set(base)):
             q = text[i]
             for c in criteria:
@@ -431,7 +428,7 @@ def write_criterion_judge_requests(
                     prompt = P.judge_preference(q, a, b, criterion=c)
                     msgs = P.prefilled(prompt, P.PREFER_PREFILL) if prefill else prompt.messages
                     rows.append({"id": f"{i}|{t}|{c}|{tag}", "messages": json.dumps(msgs)})
-    write_requests(rows, storage.join(run_dir, f"round-{round_}", "eval", "judge_in"))
+    write_requests(rows, RunDir(run_dir).round(round_).eval_judge_in)
     return len(rows)
 
 
@@ -440,9 +437,7 @@ def criterion_results(run_dir: str, round_: int, ids: dict[str, list[str]], draf
     """Win / tie / lose per criterion and draft count; T_inf from the val split when `tune`."""
     from tapir_ray.eval.winrate import win_rate
 
-    t = storage.read_table(
-        storage.join(run_dir, f"round-{round_}", "eval", "judge"), ["id", "parsed"]
-    )
+    t = storage.read_table(RunDir(run_dir).round(round_).eval_judge, ["id", "parsed"])
     v = {
         i: json.loads(p) for i, p in zip(t["id"].to_pylist(), t["parsed"].to_pylist(), strict=True)
     }

@@ -11,10 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tapir_ray import frames, storage
+from tapir_ray import frames
 from tapir_ray.curriculum.plan import in_fraction
 from tapir_ray.embed import as_matrix
 from tapir_ray.oracle import prompts as P
+from tapir_ray.rundir import RunDir
 
 
 class LabelParser:
@@ -75,9 +76,10 @@ def embedding_classifier(run_dir: str, holdout: float, seed: int) -> dict[str, A
     part measures agreement with the oracle; every other pool row gets its nearest centroid's
     label (μ_c is the class mean, not re-normalised: <e(q), μ_c> is the mean inner product with
     the members)."""
-    emb_dir, labels_dir = storage.join(run_dir, "embeddings"), storage.join(run_dir, "labels")
+    run = RunDir(run_dir)
+    emb_dir, labels_dir = run.embeddings, run.labels
     n = frames.rows(emb_dir)
-    oracle = frames.read(storage.join(run_dir, "labels_oracle"), ["id", "parsed"])
+    oracle = frames.read(run.labels_oracle, ["id", "parsed"])
     oracle = oracle.map_batches(_oracle_labels, batch_format="pyarrow")
     rows = frames.join(
         frames.read(emb_dir, ["id", "embedding"]), oracle, "left_outer", size=n
@@ -103,5 +105,5 @@ def embedding_classifier(run_dir: str, holdout: float, seed: int) -> dict[str, A
             lambda b: int(pc.sum(b["agree"]).as_py() or 0),
         )
     )
-    return {"oracle_labelled": frames.rows(storage.join(run_dir, "labels_oracle")), "classifier_fit_rows": fit,
+    return {"oracle_labelled": frames.rows(run.labels_oracle), "classifier_fit_rows": fit,
             "classifier_holdout_rows": test, "classifier_agreement": round(agree / test, 4) if test else None}  # fmt: skip

@@ -25,6 +25,7 @@ import ray
 from tapir_ray import frames, storage
 from tapir_ray.oracle import prompts as P
 from tapir_ray.oracle.stage import REQUESTS
+from tapir_ray.rundir import RunDir
 
 _S = pa.string()
 # One attempt's expansions that passed the per-row screen (`reason` null) or not (its reason).
@@ -67,10 +68,9 @@ def write_expansion_requests(
     """One teacher request per missing item, each inspired by a different exemplar of its category
     (hard exemplars first), so a retry never repeats an earlier request. Only exemplar ids meet in
     one place; their texts are joined in block by block."""
-    rd = storage.join(run_dir, f"round-{round_}")
-    plan = frames.read(
-        storage.join(rd, "plan"), ["id", "category", "source", "rank"], {"rank": pa.uint64()}
-    )
+    run = RunDir(run_dir)
+    rd = run.round(round_)
+    plan = frames.read(rd.plan, ["id", "category", "source", "rank"], {"rank": pa.uint64()})
     # Attempt a uses exemplars up to (a + 1)·n in exemplar order: each block sends back its first.
     want = {c: n * (attempt + 1) for c, n in missing.items()}
     best: dict[str, list] = {}
@@ -86,10 +86,9 @@ def write_expansion_requests(
             parents.append(exemplars[(j + attempt * n) % len(exemplars)])
     asks = ray.data.from_arrow(pa.table({"id": ids, "category": cats, "parent_id": parents}, pa.schema(
         [("id", _S), ("category", _S), ("parent_id", _S)])))  # fmt: skip
-    items = storage.join(run_dir, "items")
-    texts = frames.read(items, ["id", "instruction", "input"]).rename_columns({"id": "parent_id"})
-    joined = frames.join(asks, texts, "inner", size=frames.rows(items), on="parent_id")
-    out = storage.join(rd, f"expand-{attempt}", "requests")
+    texts = frames.read(run.items, ["id", "instruction", "input"]).rename_columns({"id": "parent_id"})  # fmt: skip
+    joined = frames.join(asks, texts, "inner", size=frames.rows(run.items), on="parent_id")
+    out = rd.expand(attempt).requests
     schema = pa.schema([("id", _S), ("messages", _S), ("category", _S), ("parent_id", _S)])
     return frames.write(
         joined.map_batches(_expand_messages, fn_args=(attempt,), batch_format="pyarrow"),
@@ -112,12 +111,12 @@ def write_expansion_labels_in(
     run_dir: str, round_: int, attempt: int, labels: list[str], prefill: bool
 ) -> int:
     """label_requests/: a classification request per expansion the teacher wrote, block by block."""
-    folder = storage.join(run_dir, f"round-{round_}", f"expand-{attempt}")
-    answers = frames.read(storage.join(folder, "answers"), ["id", "parsed"])
+    attempt_dir = RunDir(run_dir).round(round_).expand(attempt)
+    answers = frames.read(attempt_dir.answers, ["id", "parsed"])
     requests = answers.map_batches(
         label_requests, fn_args=(labels, prefill), batch_format="pyarrow"
     )
-    return frames.write(requests, storage.join(folder, "label_requests"), REQUESTS)
+    return frames.write(requests, attempt_dir.label_requests, REQUESTS)
 
 
 def _screen(batch: pa.Table, eval_prompts: frozenset) -> pa.Table:
@@ -172,12 +171,6 @@ def _reasons(batch: pa.Table) -> Counter:
     return Counter(r for r in batch["reason"].to_pylist() if r is not None)
 
 
-def accepted_folders(run_dir: str, round_: int, attempts: int) -> list[str]:
-    """The accepted/ tables of a round's first `attempts` expansion attempts that exist."""
-    folders = [storage.join(run_dir, f"round-{round_}", f"expand-{a}", "accepted") for a in range(attempts)]  # fmt: skip
-    return [f for f in folders if storage.exists(f)]
-
-
 def accept_expansions(
     run_dir: str, round_: int, attempt: int, threshold: float, embedding_model: str,
     eval_refs: list[str], gpus: float = 0,
@@ -187,18 +180,18 @@ def accept_expansions(
     attempt's, in request order, or an earlier attempt's). Writes screened/ (every answer and
     its reason), checked/ (the embedded rest) and accepted/ (ACCEPTED: each kept expansion with
     its embedding, which later attempts compare against)."""
-    folder = storage.join(run_dir, f"round-{round_}", f"expand-{attempt}")
-    _screen_and_embed(run_dir, round_, attempt, threshold, embedding_model, eval_refs, gpus)
-    reasons = sum(frames.fold(frames.read(storage.join(folder, "screened"), ["reason"]), _reasons), Counter())  # fmt: skip
-    by_category = _keep_in_order(run_dir, round_, attempt, threshold, reasons)
-    return {"requested": frames.rows(storage.join(folder, "requests")),
-            "answered": frames.rows(storage.join(folder, "answers")),
+    run = RunDir(run_dir)
+    folder = run.round(round_).expand(attempt)
+    _screen_and_embed(run, round_, attempt, threshold, embedding_model, eval_refs, gpus)
+    reasons = sum(frames.fold(frames.read(folder.screened, ["reason"]), _reasons), Counter())
+    by_category = _keep_in_order(run, round_, attempt, threshold, reasons)
+    return {"requested": frames.rows(folder.requests), "answered": frames.rows(folder.answers),
             "accepted": sum(by_category.values()), "rejected": {k: v for k, v in reasons.items() if v},
             "accepted_by_category": dict(by_category)}  # fmt: skip
 
 
 def _screen_and_embed(
-    run_dir: str, round_: int, attempt: int, threshold: float, embedding_model: str,
+    run: RunDir, round_: int, attempt: int, threshold: float, embedding_model: str,
     eval_refs: list[str], gpus: float,
 ) -> None:  # fmt: skip
     """screened/: each answer with its row id and the rules a row decides alone (label, exact
@@ -210,28 +203,28 @@ def _screen_and_embed(
     from tapir_ray.embed import embed, encode, load_encoder
     from tapir_ray.ingest.pipeline import load_eval_prompts
 
-    folder = storage.join(run_dir, f"round-{round_}", f"expand-{attempt}")
-    answered = frames.rows(storage.join(folder, "answers"))
-    answers = frames.read(storage.join(folder, "answers"), ["id", "parsed"])
-    requests = frames.read(storage.join(folder, "requests"), ["id", "category", "parent_id"])
-    labels = frames.read(storage.join(folder, "labels"), ["id", "parsed"]).rename_columns({"parsed": "label"})  # fmt: skip
+    rd = run.round(round_)
+    folder = rd.expand(attempt)
+    answered = frames.rows(folder.answers)
+    answers = frames.read(folder.answers, ["id", "parsed"])
+    requests = frames.read(folder.requests, ["id", "category", "parent_id"])
+    labels = frames.read(folder.labels, ["id", "parsed"]).rename_columns({"parsed": "label"})
     eval_prompts = frozenset(load_eval_prompts(eval_refs))
     joined = frames.join(frames.join(answers, requests, "inner", size=answered), labels, "left_outer", size=answered)  # fmt: skip
     screened = joined.map_batches(_screen, fn_args=(eval_prompts,), batch_format="pyarrow")
-    pool = storage.join(run_dir, "ingest", "pool")
-    seen = frames.read([pool, *accepted_folders(run_dir, round_, attempt)], ["id"])
-    marked = frames.mark(screened, seen, "seen", size=frames.rows(pool))
-    frames.write(marked.map_batches(_flag_duplicate, batch_format="pyarrow"), storage.join(folder, "screened"), SCREENED)  # fmt: skip
+    seen = frames.read([run.pool, *(e.accepted for e in rd.expansions(attempt))], ["id"])
+    marked = frames.mark(screened, seen, "seen", size=frames.rows(run.pool))
+    frames.write(marked.map_batches(_flag_duplicate, batch_format="pyarrow"), folder.screened, SCREENED)  # fmt: skip
     eval_vecs = encode(load_encoder(embedding_model), sorted(eval_prompts)) if eval_prompts else np.zeros((0, 1), np.float32)  # fmt: skip
-    passing = frames.read(storage.join(folder, "screened"), SCREENED.names).map_batches(_passing, batch_format="pyarrow")  # fmt: skip
+    passing = frames.read(folder.screened, SCREENED.names).map_batches(_passing, batch_format="pyarrow")  # fmt: skip
     checked = embed(passing, embedding_model, "instruction", gpus=gpus).map_batches(
         _near_eval, fn_args=(ray.put(eval_vecs), threshold), batch_format="pyarrow"
     )
-    frames.write(checked, storage.join(folder, "checked"), CHECKED)
+    frames.write(checked, folder.checked, CHECKED)
 
 
 def _keep_in_order(
-    run_dir: str, round_: int, attempt: int, threshold: float, reasons: Counter
+    run: RunDir, round_: int, attempt: int, threshold: float, reasons: Counter
 ) -> Counter:
     """accepted/: the in-order keep rule over checked/, streamed in request order in chunks of
     ACCEPT_CHUNK: each chunk is compared with the pool's embeddings on the cluster, then with
@@ -242,16 +235,18 @@ def _keep_in_order(
 
     from tapir_ray.embed import as_matrix, greedy_distinct, max_similarity
 
-    folder = storage.join(run_dir, f"round-{round_}", f"expand-{attempt}")
-    out = storage.join(folder, "accepted")
+    rd = run.round(round_)
+    folder = rd.expand(attempt)
+    out = folder.accepted
     storage.remove(out)
-    prior = [storage.read_table(f, ["embedding"])["embedding"] for f in accepted_folders(run_dir, round_, attempt)]  # fmt: skip
+    prior = [storage.read_table(e.accepted, ["embedding"])["embedding"] for e in rd.expansions(attempt)]  # fmt: skip
     kept_vecs = [m for m in (as_matrix(c) for c in prior) if len(m)]
-    pool_emb = ray.data.read_parquet(storage.join(run_dir, "embeddings"))
+    pool_emb = ray.data.read_parquet(run.embeddings)
     types = {"embedding": CHECKED.field("embedding").type}
-    checked = storage.join(folder, "checked")
     ordered = frames.sort(
-        frames.read(checked, CHECKED.names, types), "request_id", size=frames.rows(checked)
+        frames.read(folder.checked, CHECKED.names, types),
+        "request_id",
+        size=frames.rows(folder.checked),
     )
     seen_ids: set[str] = set()
     by_category: Counter = Counter()

@@ -12,9 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tapir_ray import frames, storage
+from tapir_ray import frames
 from tapir_ray.curriculum.plan import mfd_histogram
 from tapir_ray.oracle import prompts as P
+from tapir_ray.rundir import RunDir
 
 SCORES = pa.schema([("id", pa.string()), ("category", pa.string()), ("score_teacher", pa.float64()),
                     ("score_student", pa.float64()), ("mfd", pa.float64()), ("hard", pa.bool_()),
@@ -109,9 +110,10 @@ def write_scores(run_dir: str, round_: int, mode: str, delta: float) -> dict[str
     round's judge diagnostics from per-block sums."""
     from tapir_ray.eval.judge_health import judge_health, spread_of
 
-    rd = storage.join(run_dir, f"round-{round_}")
-    judge_dir = storage.join(rd, "judge")
-    asked, answered = frames.rows(storage.join(rd, "student")), frames.rows(judge_dir)
+    run = RunDir(run_dir)
+    rd = run.round(round_)
+    judge_dir = rd.judge
+    asked, answered = frames.rows(rd.student), frames.rows(judge_dir)
     judged = frames.read(judge_dir, ["id", "parsed"])
     if mode == "single":
         sides = [("T", ("t",)), ("S", ("s",))]
@@ -124,14 +126,14 @@ def write_scores(run_dir: str, round_: int, mode: str, delta: float) -> dict[str
     both = frames.join(
         first, second, "inner", size=asked
     )  # an item missing a verdict sits this round out
-    category = frames.read(storage.join(run_dir, "items"), ["id", "category"])
+    category = frames.read(run.items, ["id", "category"])
     scores = frames.join(both, category, "inner", size=asked).map_batches(
         _score_rows, fn_args=(mode, delta), batch_format="pyarrow")  # fmt: skip
-    frames.write(scores, storage.join(rd, "scores"), SCORES)
+    frames.write(scores, rd.scores, SCORES)
     total: dict[str, Any] = {"n": 0, "hard": 0, "consistent": 0, "pairs": 0, "hist": Counter()}
     for part in frames.fold(
         frames.read(
-            storage.join(rd, "scores"),
+            rd.scores,
             SCORES.names,
             dict(zip(SCORES.names, SCORES.types, strict=True)),
         ),

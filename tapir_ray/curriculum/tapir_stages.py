@@ -15,10 +15,11 @@ import pyarrow.compute as pc
 import ray
 
 from tapir_ray import frames, storage
-from tapir_ray.curriculum.expansion import EXPANDED, accepted_folders
+from tapir_ray.curriculum.expansion import EXPANDED
 from tapir_ray.curriculum.plan import Selection, duplicate_fill, in_fraction, rank_key
 from tapir_ray.oracle import prompts as P
 from tapir_ray.oracle.stage import REQUESTS, chat_messages
+from tapir_ray.rundir import RunDir
 
 ITEMS = pa.schema([("id", pa.string()), ("instruction", pa.string()), ("input", pa.string()),
                    ("teacher", pa.string()), ("category", pa.string()), ("heldout", pa.bool_())])  # fmt: skip
@@ -44,13 +45,11 @@ def _count_items(batch: pa.Table) -> Counter:
 
 def build_items(run_dir: str, seed: int, heldout_fraction: float) -> dict[str, Any]:
     """items/ = pool rows with their teacher answer and category, flagged held-out or candidate."""
-    pool_dir, teacher_dir = (
-        storage.join(run_dir, "ingest", "pool"),
-        storage.join(run_dir, "teacher"),
-    )
+    run = RunDir(run_dir)
+    pool_dir, teacher_dir = run.pool, run.teacher
     n_pool, n_teacher = frames.rows(pool_dir), frames.rows(teacher_dir)
     teacher = frames.read(teacher_dir, ["id", "response"]).rename_columns({"response": "teacher"})
-    labels = frames.read(storage.join(run_dir, "labels"), ["id", "category"])
+    labels = frames.read(run.labels, ["id", "category"])
     items = frames.join(
         frames.read(pool_dir, ["id", "instruction", "input"]), teacher, "inner", size=n_pool
     )
@@ -58,28 +57,23 @@ def build_items(run_dir: str, seed: int, heldout_fraction: float) -> dict[str, A
     items = items.map_batches(
         _flag_heldout, fn_args=(seed, heldout_fraction), batch_format="pyarrow"
     )
-    frames.write(items, storage.join(run_dir, "items"), ITEMS)
-    counts = sum(
-        frames.fold(
-            frames.read(storage.join(run_dir, "items"), ["heldout"], {"heldout": pa.bool_()}),
-            _count_items,
-        ),
-        Counter(),
-    )
+    frames.write(items, run.items, ITEMS)
+    held = frames.read(run.items, ["heldout"], {"heldout": pa.bool_()})
+    counts = sum(frames.fold(held, _count_items), Counter())
     return {"pool": n_pool, "no_teacher_answer": n_pool - n_teacher, "items": counts["items"],
             "heldout": counts["heldout"], "candidates": counts["items"] - counts["heldout"]}  # fmt: skip
 
 
 def _used(run_dir: str, before_round: int) -> ray.data.Dataset | None:
     """Ids trained in rounds before `before_round` (repeats included), or None before any."""
-    folders = [storage.join(run_dir, f"round-{r}", "train_set") for r in range(before_round)]
+    folders = [RunDir(run_dir).round(r).train_set for r in range(before_round)]
     folders = [f for f in folders if frames.rows(f)]
     return frames.read(folders, ["id"]) if folders else None
 
 
 def _candidates(run_dir: str, columns: list[str]) -> ray.data.Dataset:
     """items/ without its held-out rows."""
-    return frames.read(storage.join(run_dir, "items"), [*columns, "heldout"], {"heldout": pa.bool_()}).map_batches(
+    return frames.read(RunDir(run_dir).items, [*columns, "heldout"], {"heldout": pa.bool_()}).map_batches(
         lambda b: b.filter(pc.invert(b["heldout"])).select(columns), batch_format="pyarrow")  # fmt: skip
 
 
@@ -91,12 +85,13 @@ def _student_requests(batch: pa.Table) -> pa.Table:
 
 def write_student_inputs(run_dir: str, round_: int) -> int:
     """student_in/: the unused candidates, as chat requests with the judge's context."""
+    run = RunDir(run_dir)
     ds = _candidates(run_dir, ["id", *JUDGE_CONTEXT])
     used = _used(run_dir, round_)
     if used is not None:
-        ds = frames.join(ds, used, "left_anti", size=frames.rows(storage.join(run_dir, "items")))
+        ds = frames.join(ds, used, "left_anti", size=frames.rows(run.items))
     ds = ds.map_batches(_student_requests, batch_format="pyarrow")
-    return frames.write(ds, storage.join(run_dir, f"round-{round_}", "student_in"), STUDENT_IN)
+    return frames.write(ds, run.round(round_).student_in, STUDENT_IN)
 
 
 PLAN = pa.schema(
@@ -118,7 +113,8 @@ def write_plan(
     collected); with no scores (selection: random) the control arm's."""
     from tapir_ray.curriculum.sample import select_dataset
 
-    n_items = frames.rows(storage.join(run_dir, "items"))
+    run = RunDir(run_dir)
+    n_items = frames.rows(run.items)
     candidates = _candidates(run_dir, ["id", "category"])
     if scores_dir is not None:
         hard = frames.read(scores_dir, ["id", "hard"], {"hard": pa.bool_()})
@@ -134,7 +130,7 @@ def write_plan(
         candidates, size=size, alpha=None if random else alpha,
         ratios=ratios if (random_quotas or not random) else None, seed=seed, round_=round_,
     )  # fmt: skip
-    folder = storage.join(run_dir, f"round-{round_}", "plan")
+    folder = run.round(round_).plan
     frames.write(plan, folder, PLAN)
     counts = sum(frames.fold(frames.read(folder, ["source", "category"]), _plan_counts), Counter())
     selected = {k: n for (kind, k), n in sorted(counts.items()) if kind == "source"}
@@ -166,15 +162,15 @@ def write_final_plan(run_dir: str, round_: int, attempts: int, seed: int) -> dic
     what was still missing, so they never exceed a category's shortfall); only duplicates leave
     Arrow: they repeat a short category's first items in rank order, so its `missing`
     lowest-ranked plan rows and expansions are all that `duplicate_fill` needs."""
-    rd = storage.join(run_dir, f"round-{round_}")
-    missing = dict(storage.read_json(storage.join(rd, "plan", "_PLAN.json"))["shortfall"])
-    kept = frames.read(accepted_folders(run_dir, round_, attempts), EXPANDED.names)
+    rd = RunDir(run_dir).round(round_)
+    missing = dict(storage.read_json(rd.plan_info)["shortfall"])
+    kept = frames.read([e.accepted for e in rd.expansions(attempts)], EXPANDED.names)
     for cat, n in sum(frames.fold(kept, _categories), Counter()).items():
         if n > missing.get(cat, 0):
             raise RuntimeError(f"round {round_}: {n} accepted expansions of {cat!r} for a shortfall of {missing.get(cat, 0)}")  # fmt: skip
         missing[cat] -= n
     missing = {c: n for c, n in missing.items() if n > 0}
-    plan = frames.read(storage.join(rd, "plan"), ["id", "category", "source"])
+    plan = frames.read(rd.plan, ["id", "category", "source"])
 
     def key(row: dict) -> str:
         return rank_key(seed, round_, row["id"])
@@ -192,10 +188,9 @@ def write_final_plan(run_dir: str, round_: int, attempts: int, seed: int) -> dic
     plan = plan.union(kept.map_batches(_plan_rows, fn_args=("expanded",), batch_format="pyarrow"))
     if extra.ids:
         plan = plan.union(ray.data.from_arrow(extra.table().cast(PLAN.remove(3))))
-    out = storage.join(rd, "plan_final")
-    frames.write(plan, out, PLAN.remove(3))
-    counts = sum(frames.fold(frames.read(out, ["source", "category"]), _plan_counts), Counter())
-    frames.write(kept, storage.join(rd, "expanded"), EXPANDED)
+    frames.write(plan, rd.plan_final, PLAN.remove(3))
+    counts = sum(frames.fold(frames.read(rd.plan_final, ["source", "category"]), _plan_counts), Counter())  # fmt: skip
+    frames.write(kept, rd.expanded, EXPANDED)
     return {"rows": sum(n for (kind, _), n in counts.items() if kind == "source"),
             "by_source": {k: n for (kind, k), n in sorted(counts.items()) if kind == "source"},
             "counts": {k: n for (kind, k), n in sorted(counts.items()) if kind == "category"},
@@ -210,8 +205,8 @@ def _texts(
     run_dir: str, round_: int, cols: tuple[str, ...] = ("id", "instruction", "input")
 ) -> ray.data.Dataset:
     """Columns of the pool's items and of this round's expansions (both have a category)."""
-    expanded = storage.join(run_dir, f"round-{round_}", "expanded")
-    return frames.read([storage.join(run_dir, "items"), expanded], list(cols))
+    run = RunDir(run_dir)
+    return frames.read([run.items, run.round(round_).expanded], list(cols))
 
 
 def _refine_requests(batch: pa.Table, styles: dict[str, str]) -> pa.Table:
@@ -223,13 +218,13 @@ def _refine_requests(batch: pa.Table, styles: dict[str, str]) -> pa.Table:
 
 def write_refine_inputs(run_dir: str, round_: int, styles: dict[str, str]) -> int:
     """refine_in/: one task-styled teacher request per planned item (a duplicated item once)."""
-    rd = storage.join(run_dir, f"round-{round_}")
-    plan = frames.read(storage.join(rd, "plan_final"), ["id"])
+    rd = RunDir(run_dir).round(round_)
+    plan = frames.read(rd.plan_final, ["id"])
     texts = _texts(run_dir, round_, ("id", "instruction", "input", "category"))
-    ds = frames.join(texts, plan, "left_semi", size=frames.rows(storage.join(rd, "plan_final")))
+    ds = frames.join(texts, plan, "left_semi", size=frames.rows(rd.plan_final))
     ds = ds.map_batches(_refine_requests, fn_args=(styles,), batch_format="pyarrow")
     schema = pa.schema([*REQUESTS, ("style", pa.string())])
-    return frames.write(ds, storage.join(rd, "refine_in"), schema)
+    return frames.write(ds, rd.refine_in, schema)
 
 
 def _train_rows(batch: pa.Table, answer_column: str, styles: dict[str, str]) -> pa.Table:
@@ -248,9 +243,9 @@ def write_train_set(
     run_dir: str, round_: int, answers_dir: str, answer_column: str, styles: dict
 ) -> dict[str, Any]:
     """train_set/: one row per planned item (duplicates kept) whose answer exists."""
-    rd = storage.join(run_dir, f"round-{round_}")
-    n = frames.rows(storage.join(rd, "plan_final"))
-    plan = frames.read(storage.join(rd, "plan_final"), ["id", "category", "source"])
+    rd = RunDir(run_dir).round(round_)
+    n = frames.rows(rd.plan_final)
+    plan = frames.read(rd.plan_final, ["id", "category", "source"])
     answers = frames.read(answers_dir, ["id", answer_column])
     ds = frames.join(
         frames.join(plan, answers, "inner", size=n), _texts(run_dir, round_), "inner", size=n
@@ -258,11 +253,8 @@ def write_train_set(
     ds = ds.map_batches(_train_rows, fn_args=(answer_column, styles), batch_format="pyarrow")
     schema = pa.schema([("id", pa.string()), ("category", pa.string()), ("source", pa.string()), ("style", pa.string()),
                         ("messages", pa.string()), ("response", pa.string())])  # fmt: skip
-    rows = frames.write(ds, storage.join(rd, "train_set"), schema)
-    counts = sum(
-        frames.fold(frames.read(storage.join(rd, "train_set"), ["category"]), _category_counts),
-        Counter(),
-    )
+    rows = frames.write(ds, rd.train_set, schema)
+    counts = sum(frames.fold(frames.read(rd.train_set, ["category"]), _category_counts), Counter())
     return {"rows": rows, "dropped_no_answer": n - rows, "counts": dict(counts)}
 
 
@@ -275,4 +267,4 @@ def write_warmup_plan(run_dir: str, rows: int, seed: int) -> int:
     plan, _ = select_dataset(candidates, size=rows, alpha=None, ratios=None, seed=seed, round_=0)
     plan = plan.map_batches(lambda b: b.set_column(2, "source", pa.array(["warmup"] * b.num_rows, pa.string())),
                             batch_format="pyarrow")  # fmt: skip
-    return frames.write(plan, storage.join(run_dir, "round-0", "plan_final"), PLAN)
+    return frames.write(plan, RunDir(run_dir).round(0).plan_final, PLAN)

@@ -32,6 +32,7 @@ from tapir_ray import storage
 from tapir_ray.ingest.canonical import normalize_text
 from tapir_ray.oracle import prompts as P
 from tapir_ray.progress import Progress
+from tapir_ray.rundir import RunDir
 
 SUITES = ("alpaca", "mtbench", "nll")
 REFERENCE_GUIDED = {"math", "reasoning", "coding"}
@@ -60,7 +61,7 @@ def trained_texts(run_dir: str, texts: set[str]) -> set[str]:
     from tapir_ray import frames
     from tapir_ray.curriculum import read_state
 
-    folders = [storage.join(run_dir, f"round-{r}", "train_set")
+    folders = [RunDir(run_dir).round(r).train_set
                for r in (read_state(run_dir) or {}).get("rounds", {})]  # fmt: skip
     folders = [f for f in folders if storage.exists(f)]
     if not texts or not folders:
@@ -447,8 +448,8 @@ def evaluate(run_dir: str, *, rounds: str = "all", suites: list[str] | None = No
         raise EvalError(f"{run_dir}: no run here (no state.json)")
     suites = suites or list(SUITES)
     cfg = parse_config(
-        yaml.safe_load(storage.read_text(storage.join(run_dir, "config.yaml"))),
-        source=storage.join(run_dir, "config.yaml"),
+        yaml.safe_load(storage.read_text(RunDir(run_dir).config)),
+        source=RunDir(run_dir).config,
     )
     ensure_ray(cfg.resources)
     summary_path = storage.join(run_dir, "eval", "summary.json")

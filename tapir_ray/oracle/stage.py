@@ -33,6 +33,7 @@ from tapir_ray.oracle.batch import CURRENT, BatchSubmitter, Collector
 from tapir_ray.oracle.cache import ResponseCache
 from tapir_ray.oracle.client import Answer, DeadLetter, OracleClient
 from tapir_ray.oracle.ledger import COUNTERS, BudgetExceeded, empty_entry
+from tapir_ray.rundir import RunDir
 from tapir_ray.runtime import map_batches_once
 
 # What an oracle (or student) stage reads: a row id and the chat messages (JSON).
@@ -79,10 +80,10 @@ class OracleStage:
             self.endpoint,
             base_url,
             limiter=limiter,
-            cache=ResponseCache(storage.join(run_dir, "oracle-cache")),
+            cache=ResponseCache(RunDir(run_dir).oracle_cache),
             identity=identity,
         )  # made on the loop's thread would be the same: it holds no loop-bound state until used
-        self.dead_dir = storage.join(run_dir, "dead-letter")
+        self.dead_dir = RunDir(run_dir).dead_letter
         self.dead_prefix = dead_letter_prefix(stage or f"round-{round_}-{role}")
         self.tag = uuid.uuid4().hex[:8]
         self.batches = itertools.count(1)
@@ -222,7 +223,7 @@ def dead_letter_prefix(stage: str) -> str:
 
 
 def clear_dead_letters(run_dir: str, stage: str) -> None:
-    fs, path = storage.fs_and_path(storage.join(run_dir, "dead-letter"))
+    fs, path = storage.fs_and_path(RunDir(run_dir).dead_letter)
     if fs.exists(path):
         for f in fs.glob(f"{path}/{dead_letter_prefix(stage)}*.jsonl"):
             fs.rm(f)
@@ -243,14 +244,14 @@ def check_dead_share(run_dir: str, stage: str, total: int, answered: int, share:
     raise TooManyDeadLetters(
         f"{stage}: {dead} of {total} rows were dead-lettered ({dead / total:.1%}, above "
         f"oracle.max_dead_letter_share {share:g}){common}. Fix the cause (see "
-        f"{storage.join(run_dir, 'dead-letter')}) and run again with --resume: answered rows come "
+        f"{RunDir(run_dir).dead_letter}) and run again with --resume: answered rows come "
         "from the cache and the dead-lettered ones are asked again"
     )
 
 
 def read_dead_letters(run_dir: str, stage: str | None = None) -> list[dict]:
     """Every dead letter of the run, or one stage's."""
-    folder = storage.join(run_dir, "dead-letter")
+    folder = RunDir(run_dir).dead_letter
     fs, path = storage.fs_and_path(folder)
     if not fs.exists(path):
         return []

@@ -27,6 +27,7 @@ import ray
 from tapir_ray import storage
 from tapir_ray.assets import resolve_model
 from tapir_ray.config import StudentConfig
+from tapir_ray.rundir import RunDir
 from tapir_ray.runtime import cached_udf, map_batches_once
 from tapir_ray.student.adapter import Adapter, adapter_sha256
 from tapir_ray.student.prepare import PreparePrompts
@@ -119,9 +120,7 @@ def answer(
         # straight into the engine, whose start-up overlaps their preparation.
         good, dead = prepared, 0
     else:
-        good, dead = _split_problems(
-            prepared.materialize(), storage.join(run_dir, "dead-letter"), round_
-        )
+        good, dead = _split_problems(prepared.materialize(), RunDir(run_dir).dead_letter, round_)
     engine = pick_engine(student.engine)
     adapter_id = adapter.id if adapter else "base"
     adapter_sha = adapter.sha256 if adapter else ""
