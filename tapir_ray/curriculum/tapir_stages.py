@@ -165,7 +165,7 @@ def write_final_plan(run_dir: str, round_: int, attempts: int, seed: int) -> dic
     rd = RunDir(run_dir).round(round_)
     missing = dict(storage.read_json(rd.plan_info)["shortfall"])
     kept = frames.read([e.accepted for e in rd.expansions(attempts)], EXPANDED.names)
-    for cat, n in sum(frames.fold(kept, _categories), Counter()).items():
+    for cat, n in sum(frames.fold(kept, _category_counts), Counter()).items():
         if n > missing.get(cat, 0):
             raise RuntimeError(f"round {round_}: {n} accepted expansions of {cat!r} for a shortfall of {missing.get(cat, 0)}")  # fmt: skip
         missing[cat] -= n
@@ -195,10 +195,6 @@ def write_final_plan(run_dir: str, round_: int, attempts: int, seed: int) -> dic
             "by_source": {k: n for (kind, k), n in sorted(counts.items()) if kind == "source"},
             "counts": {k: n for (kind, k), n in sorted(counts.items()) if kind == "category"},
             "duplicated": dict(missing)}  # fmt: skip
-
-
-def _categories(batch: pa.Table) -> Counter:
-    return Counter(batch["category"].to_pylist())
 
 
 def _texts(
