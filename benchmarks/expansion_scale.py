@@ -41,7 +41,7 @@ from round_glue import PeakRSS as WorkerRSS
 
 from tapir_ray import frames
 from tapir_ray.assets import tiny_encoder
-from tapir_ray.runtime import configure_data, quiet_ray_console
+from tapir_ray.runtime import configure_data, quiet_ray_console, worker_env
 
 RESULTS = Path(__file__).parent / "results" / "expansion_scale.json"
 
@@ -146,7 +146,9 @@ def main() -> None:
 
     from tapir_ray.curriculum.expansion import accept_expansions
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    # The workers a run gets (worker_env): the acceptance task reads stage outputs by Ray Data.
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": worker_env()})  # fmt: skip
     configure_data()
     quiet_ray_console()
     encoder = tiny_encoder()

@@ -45,7 +45,7 @@ from tapir_ray.curriculum.tapir_stages import (
     write_train_set,
 )
 from tapir_ray.oracle.stage import REQUESTS
-from tapir_ray.runtime import configure_data, quiet_ray_console
+from tapir_ray.runtime import configure_data, quiet_ray_console, worker_env
 
 RESULTS = Path(__file__).parent / "results" / "round_glue.json"
 CATEGORIES = ["Math", "Coding", "Writing", "Reasoning", "Brainstorming", "Others"]
@@ -178,8 +178,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     ray.init(
-        num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR"
-    )
+        num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+        runtime_env={"env_vars": worker_env()},  # the workers a run gets
+    )  # fmt: skip
     configure_data()
     quiet_ray_console()
     runs = []

@@ -79,6 +79,15 @@ def _notice_filter(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
 
 
+def worker_env() -> dict[str, str]:
+    """The environment of every Ray worker of a run (`runtime_env` env_vars): this process's
+    offline switches and asset cache, and the V1 Parquet path of `configure_data`. A task that
+    reads a stage's output (expansion checks, lookups) otherwise pays V2's ListFiles round
+    trips, about 4 s per read; a driver's DataContext does not reach the tasks it starts."""
+    env = {k: os.environ[k] for k in (*OFFLINE_ENV, "TAPIR_RAY_CACHE") if k in os.environ}
+    return env | {"RAY_DATA_USE_DATASOURCE_V2": "0"}
+
+
 def ensure_ray(resources: ResourcesConfig | None = None) -> None:
     """Initialise Ray once per process; a no-op when it already is (tests, Ray Jobs). Either way
     this process's Ray Data settings are ours (`configure_data`).
@@ -92,10 +101,7 @@ def ensure_ray(resources: ResourcesConfig | None = None) -> None:
     resources = resources or ResourcesConfig()
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
-    env_vars = {k: os.environ[k] for k in (*OFFLINE_ENV, "TAPIR_RAY_CACHE") if k in os.environ}
-    # The V1 Parquet path (configure_data) in every worker too: a task that reads a stage's output
-    # (expansion checks, lookups) otherwise pays V2's ListFiles round trips, ~4 s per read.
-    env_vars["RAY_DATA_USE_DATASOURCE_V2"] = "0"
+    env_vars = worker_env()
     address = resources.ray_address or os.environ.get("RAY_ADDRESS")
     verbose = _CONSOLE["verbose"]
     kwargs: dict = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": verbose}

@@ -29,14 +29,12 @@ def ray_cluster(asset_cache):
     each of the two pytest-xdist workers has its own)."""
     import ray
 
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"TAPIR_RAY_CACHE": str(asset_cache), "HF_HUB_OFFLINE": "1"}},
-    )
-    from tapir_ray.runtime import configure_data
+    from tapir_ray.runtime import configure_data, worker_env
 
+    env = worker_env() | {"TAPIR_RAY_CACHE": str(asset_cache), "HF_HUB_OFFLINE": "1"}
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env}
+    )
     configure_data()
     yield ray
     ray.shutdown()
