@@ -6,12 +6,18 @@ import argparse
 import json
 import os
 import platform
+import shlex
 from pathlib import Path
 
 
 def command_line(script: str, args: argparse.Namespace) -> str:
+    """The command that ran, as a shell would take it (lists as several values, quoted text)."""
+
+    def value(v) -> str:
+        return " ".join(map(value, v)) if isinstance(v, list | tuple) else shlex.quote(str(v))
+
     flags = " ".join(
-        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {value(v)}")
         for k, v in vars(args).items()
         if k != "out" and v is not None and v is not False
     )

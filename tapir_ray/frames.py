@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from tapir_ray import storage
@@ -135,16 +136,48 @@ def _local_sort(refs: list, column: str) -> pa.Table:
 
 
 def mark(
-    left: ray.data.Dataset, ids: ray.data.Dataset, column: str, *, size: int
+    left: ray.data.Dataset, ids: ray.data.Dataset, column: str, *, rows: int, ids_rows: int
 ) -> ray.data.Dataset:
-    """`left` with a boolean `column`: whether its id is among `ids` (ids may repeat)."""
+    """`left` with a boolean `column`: whether its id is among `ids` (ids may repeat). `rows`,
+    `ids_rows`: about how many rows each side has. Both small: one task (`join`). One small
+    against one large (an attempt's expansions against the pool): a broadcast join, the small
+    side's ids sent to every block of the other, which needs no hash partitions (their
+    aggregators take 5–8 s to start on a 2-CPU node, however few the rows). Both large: Ray
+    Data's hash joins."""
+    small, large = sorted((rows, ids_rows))
+    if large <= LOCAL_JOIN_ROWS or small > LOCAL_JOIN_ROWS:
 
-    def flag(value: bool):
-        return lambda b: b.append_column(column, pa.array([value] * b.num_rows, pa.bool_()))
+        def flag(value: bool):
+            return lambda b: b.append_column(column, pa.array([value] * b.num_rows, pa.bool_()))
 
-    yes = join(left, ids, "left_semi", size=size).map_batches(flag(True), batch_format="pyarrow")
-    no = join(left, ids, "left_anti", size=size).map_batches(flag(False), batch_format="pyarrow")
-    return yes.union(no)
+        yes = join(left, ids, "left_semi", size=large).map_batches(flag(True), batch_format="pyarrow")  # fmt: skip
+        no = join(left, ids, "left_anti", size=large).map_batches(flag(False), batch_format="pyarrow")  # fmt: skip
+        return yes.union(no)
+    if ids_rows <= LOCAL_JOIN_ROWS:
+        wanted = _ids_of(ids)
+    else:  # `left` is the small side: each block of `ids` sends back the ids of left it holds
+        left = left.materialize()  # read once: its ids go out, its rows come back marked
+        asked = ray.put(_ids_of(left))
+        wanted = pa.concat_arrays([pa.array([], pa.string()), *fold(ids, _holding, asked=asked)])
+    return left.map_batches(_flag_in, fn_args=(ray.put(wanted), column), batch_format="pyarrow")
+
+
+def _ids_of(ds: ray.data.Dataset) -> pa.Array:
+    """The id column of a small dataset, in this process."""
+    blocks = ray.get(ds.select_columns(["id"]).to_arrow_refs())
+    return pa.concat_arrays([pa.array([], pa.string()),
+                             *(b["id"].combine_chunks().cast(pa.string()) for b in blocks)])  # fmt: skip
+
+
+def _holding(batch: pa.Table, asked: Any) -> pa.Array:
+    ids = batch["id"].combine_chunks().cast(pa.string())
+    return pc.unique(ids.filter(pc.is_in(ids, value_set=ray.get(asked))))
+
+
+def _flag_in(batch: pa.Table, wanted: Any, column: str) -> pa.Table:
+    wanted = ray.get(wanted) if isinstance(wanted, ray.ObjectRef) else wanted
+    hit = pc.is_in(batch["id"].cast(pa.string()), value_set=wanted)
+    return batch.append_column(column, hit)
 
 
 def write(ds: ray.data.Dataset, folder: str, schema: pa.Schema) -> int:

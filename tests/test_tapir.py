@@ -765,7 +765,8 @@ def test_joins_by_id_agree_between_the_one_task_path_and_ray_datas_hash_join(
 ):
     """A round's glue joins answers to items by id: small tables in one task, large ones with Ray
     Data's hash-partitioned join. Both give the same rows, the one-task path keeps each column's
-    type and the left side's order, and `mark` flags ids that repeat on the right once. A sort
+    type and the left side's order, and `mark` flags ids that repeat on the right once, by each
+    of its paths (one task, either side broadcast, hash joins). A sort
     (expansion acceptance's request order) gives the same order by either path."""
     from tapir_ray import frames
 
@@ -793,9 +794,13 @@ def test_joins_by_id_agree_between_the_one_task_path_and_ray_datas_hash_join(
         "i2",
     ]
     assert table.schema.field("vec").type == pa.list_(pa.float32())
-    repeated = right.union(right)
-    marked = frames.mark(left, repeated.select_columns(["id"]), "seen", size=60)
+    repeated = right.union(right).select_columns(["id"])
+    marked = frames.mark(left, repeated, "seen", rows=40, ids_rows=40)
     assert sum(r[-1] for r in rows(marked)) == 14 and len(rows(marked)) == 40
+    # The broadcast paths (either side small, the other large) and the hash joins agree.
+    for sizes in ((40, 10**6), (10**6, 40), (10**6, 10**6)):
+        again = frames.mark(left, repeated, "seen", rows=sizes[0], ids_rows=sizes[1])
+        assert rows(again) == rows(marked), sizes
     monkeypatch.setattr(frames, "LOCAL_JOIN_ROWS", 0)  # Ray Data's hash join, as at scale
     assert rows(frames.join(left, right, "left_outer", size=60)) == rows(local["left_outer"])
     shuffled = left.random_shuffle(seed=1).repartition(4)

@@ -212,8 +212,9 @@ def _screen_and_embed(
     eval_prompts = frozenset(load_eval_prompts(eval_refs))
     joined = frames.join(frames.join(answers, requests, "inner", size=answered), labels, "left_outer", size=answered)  # fmt: skip
     screened = joined.map_batches(_screen, fn_args=(eval_prompts,), batch_format="pyarrow")
-    seen = frames.read([run.pool, *(e.accepted for e in rd.expansions(attempt))], ["id"])
-    marked = frames.mark(screened, seen, "seen", size=frames.rows(run.pool))
+    earlier = [run.pool, *(e.accepted for e in rd.expansions(attempt))]
+    seen = frames.read(earlier, ["id"])
+    marked = frames.mark(screened, seen, "seen", rows=answered, ids_rows=sum(map(frames.rows, earlier)))  # fmt: skip
     frames.write(marked.map_batches(_flag_duplicate, batch_format="pyarrow"), folder.screened, SCREENED)  # fmt: skip
     eval_vecs = encode(load_encoder(embedding_model), sorted(eval_prompts)) if eval_prompts else np.zeros((0, 1), np.float32)  # fmt: skip
     passing = frames.read(folder.screened, SCREENED.names).map_batches(_passing, batch_format="pyarrow")  # fmt: skip

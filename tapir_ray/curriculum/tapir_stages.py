@@ -124,7 +124,8 @@ def write_plan(
         candidates = candidates.map_batches(
             lambda b: b.append_column("used", pa.array([False] * b.num_rows, pa.bool_())), batch_format="pyarrow")  # fmt: skip
     else:
-        candidates = frames.mark(candidates, used, "used", size=n_items)
+        trained = sum(frames.rows(run.round(r).train_set) for r in range(round_))
+        candidates = frames.mark(candidates, used, "used", rows=n_items, ids_rows=trained)
     random = scores_dir is None
     plan, info = select_dataset(
         candidates, size=size, alpha=None if random else alpha,
