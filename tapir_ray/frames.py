@@ -3,8 +3,9 @@ fold a table into a small summary block by block.
 
 The run layer's glue between stages is built from these, so that no step holds a table that grows
 with the pool in one process: rows stay in blocks on the cluster's nodes, joins are Ray Data's
-hash-partitioned joins, and what comes back to the driver is per-block summaries (counts, sums,
-histograms) added up as they arrive.
+hash-partitioned joins (or, for a table of at most LOCAL_JOIN_ROWS, one task or a broadcast of
+its ids), and what comes back to the driver is per-block summaries (counts, sums, histograms)
+added up as they arrive.
 """
 
 from __future__ import annotations
