@@ -86,13 +86,22 @@ def rows(folder: str) -> int:
 
 
 def join(left: ray.data.Dataset, right: ray.data.Dataset, how: str, *, size: int,
-         on: str = "id", right_on: str | None = None) -> ray.data.Dataset:  # fmt: skip
+         on: str = "id", right_on: str | None = None, right_rows: int | None = None) -> ray.data.Dataset:  # fmt: skip
     """`left` joined with `right` on the id column (inner, left_outer, left_semi, left_anti);
     `size`: about how many rows the larger side has. Above LOCAL_JOIN_ROWS it is Ray Data's
-    hash-partitioned join; below, one task joins the two sides' blocks."""
+    hash-partitioned join; below, one task joins the two sides' blocks. A semi or anti join
+    whose `right_rows` are at most LOCAL_JOIN_ROWS sends right's ids to every block of left
+    instead (a broadcast join, see `mark`)."""
     if size <= LOCAL_JOIN_ROWS:
         return ray.data.from_arrow_refs([_local_join.remote(
             left.to_arrow_refs(), right.to_arrow_refs(), how, on, right_on or on)])  # fmt: skip
+    if (
+        how in ("left_semi", "left_anti")
+        and right_rows is not None
+        and right_rows <= LOCAL_JOIN_ROWS
+    ):
+        wanted = ray.put(_ids_of(right, right_on or on))
+        return left.map_batches(_keep_in, fn_args=(wanted, on, how == "left_semi"), batch_format="pyarrow")  # fmt: skip
     parts = max(2, min(256, math.ceil(size / ROWS_PER_PARTITION)))
     return left.join(right, how, num_partitions=parts, on=(on,),
                      right_on=(right_on,) if right_on else None)  # fmt: skip
@@ -155,19 +164,19 @@ def mark(
         no = join(left, ids, "left_anti", size=large).map_batches(flag(False), batch_format="pyarrow")  # fmt: skip
         return yes.union(no)
     if ids_rows <= LOCAL_JOIN_ROWS:
-        wanted = _ids_of(ids)
+        wanted = _ids_of(ids, "id")
     else:  # `left` is the small side: each block of `ids` sends back the ids of left it holds
         left = left.materialize()  # read once: its ids go out, its rows come back marked
-        asked = ray.put(_ids_of(left))
+        asked = ray.put(_ids_of(left, "id"))
         wanted = pa.concat_arrays([pa.array([], pa.string()), *fold(ids, _holding, asked=asked)])
     return left.map_batches(_flag_in, fn_args=(ray.put(wanted), column), batch_format="pyarrow")
 
 
-def _ids_of(ds: ray.data.Dataset) -> pa.Array:
+def _ids_of(ds: ray.data.Dataset, column: str) -> pa.Array:
     """The id column of a small dataset, in this process."""
-    blocks = ray.get(ds.select_columns(["id"]).to_arrow_refs())
+    blocks = ray.get(ds.select_columns([column]).to_arrow_refs())
     return pa.concat_arrays([pa.array([], pa.string()),
-                             *(b["id"].combine_chunks().cast(pa.string()) for b in blocks)])  # fmt: skip
+                             *(b[column].combine_chunks().cast(pa.string()) for b in blocks)])  # fmt: skip
 
 
 def _holding(batch: pa.Table, asked: Any) -> pa.Array:
@@ -175,10 +184,18 @@ def _holding(batch: pa.Table, asked: Any) -> pa.Array:
     return pc.unique(ids.filter(pc.is_in(ids, value_set=ray.get(asked))))
 
 
-def _flag_in(batch: pa.Table, wanted: Any, column: str) -> pa.Table:
+def _hits(batch: pa.Table, wanted: Any, on: str) -> pa.ChunkedArray:
     wanted = ray.get(wanted) if isinstance(wanted, ray.ObjectRef) else wanted
-    hit = pc.is_in(batch["id"].cast(pa.string()), value_set=wanted)
-    return batch.append_column(column, hit)
+    return pc.is_in(batch[on].cast(pa.string()), value_set=wanted)
+
+
+def _flag_in(batch: pa.Table, wanted: Any, column: str) -> pa.Table:
+    return batch.append_column(column, _hits(batch, wanted, "id"))
+
+
+def _keep_in(batch: pa.Table, wanted: Any, on: str, inside: bool) -> pa.Table:
+    hit = _hits(batch, wanted, on)
+    return batch.filter(hit if inside else pc.invert(hit))
 
 
 def write(ds: ray.data.Dataset, folder: str, schema: pa.Schema) -> int:

@@ -801,6 +801,10 @@ def test_joins_by_id_agree_between_the_one_task_path_and_ray_datas_hash_join(
     for sizes in ((40, 10**6), (10**6, 40), (10**6, 10**6)):
         again = frames.mark(left, repeated, "seen", rows=sizes[0], ids_rows=sizes[1])
         assert rows(again) == rows(marked), sizes
+    # A semi or anti join against a small right side is a broadcast of its ids at any left size.
+    for how in ("left_semi", "left_anti"):
+        broadcast = frames.join(left, repeated, how, size=10**6, right_rows=40)
+        assert rows(broadcast) == rows(local[how]), how
     monkeypatch.setattr(frames, "LOCAL_JOIN_ROWS", 0)  # Ray Data's hash join, as at scale
     assert rows(frames.join(left, right, "left_outer", size=60)) == rows(local["left_outer"])
     shuffled = left.random_shuffle(seed=1).repartition(4)

@@ -64,11 +64,12 @@ def build_items(run_dir: str, seed: int, heldout_fraction: float) -> dict[str, A
             "heldout": counts["heldout"], "candidates": counts["items"] - counts["heldout"]}  # fmt: skip
 
 
-def _used(run_dir: str, before_round: int) -> ray.data.Dataset | None:
-    """Ids trained in rounds before `before_round` (repeats included), or None before any."""
-    folders = [RunDir(run_dir).round(r).train_set for r in range(before_round)]
-    folders = [f for f in folders if frames.rows(f)]
-    return frames.read(folders, ["id"]) if folders else None
+def _used(run_dir: str, before_round: int) -> tuple[ray.data.Dataset | None, int]:
+    """Ids trained in rounds before `before_round` (repeats included), or None before any; and
+    how many rows they are."""
+    rows = {f: frames.rows(f) for f in (RunDir(run_dir).round(r).train_set for r in range(before_round))}  # fmt: skip
+    folders = [f for f, n in rows.items() if n]
+    return (frames.read(folders, ["id"]) if folders else None), sum(rows.values())
 
 
 def _candidates(run_dir: str, columns: list[str]) -> ray.data.Dataset:
@@ -87,9 +88,9 @@ def write_student_inputs(run_dir: str, round_: int) -> int:
     """student_in/: the unused candidates, as chat requests with the judge's context."""
     run = RunDir(run_dir)
     ds = _candidates(run_dir, ["id", *JUDGE_CONTEXT])
-    used = _used(run_dir, round_)
+    used, trained = _used(run_dir, round_)
     if used is not None:
-        ds = frames.join(ds, used, "left_anti", size=frames.rows(run.items))
+        ds = frames.join(ds, used, "left_anti", size=frames.rows(run.items), right_rows=trained)
     ds = ds.map_batches(_student_requests, batch_format="pyarrow")
     return frames.write(ds, run.round(round_).student_in, STUDENT_IN)
 
@@ -119,12 +120,11 @@ def write_plan(
     if scores_dir is not None:
         hard = frames.read(scores_dir, ["id", "hard"], {"hard": pa.bool_()})
         candidates = frames.join(candidates, hard, "left_outer", size=n_items)
-    used = _used(run_dir, round_)
+    used, trained = _used(run_dir, round_)
     if used is None:
         candidates = candidates.map_batches(
             lambda b: b.append_column("used", pa.array([False] * b.num_rows, pa.bool_())), batch_format="pyarrow")  # fmt: skip
     else:
-        trained = sum(frames.rows(run.round(r).train_set) for r in range(round_))
         candidates = frames.mark(candidates, used, "used", rows=n_items, ids_rows=trained)
     random = scores_dir is None
     plan, info = select_dataset(
