@@ -293,6 +293,29 @@ def test_a_key_is_never_sent_in_clear_to_another_host():
         parse_config({"oracle": {"teacher": {"base_url": "http://vllm.internal:8000/v1"}}})
 
 
+def test_a_proxy_from_the_environment_carries_the_requests(
+    ray_cluster, server, tmp_path, monkeypatch
+):
+    """HTTP_PROXY is honoured as the openai library honours it, read once when the client's
+    session is made. The scripted server stands in for the proxy: the endpoint's own host does not
+    resolve, so only the proxy can have answered. A host NO_PROXY names goes direct."""
+    from tapir_ray.oracle.client import _env_proxy
+
+    for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", server.base_url.rsplit("/v1", 1)[0])
+    url = "http://oracle.invalid/v1"
+    endpoint = EndpointConfig(base_url=url, model="local", api_key_env=None, retry_deadline_s=5.0)
+    client = OracleClient(endpoint, url, limiter=limiter_for(f"{url}|proxy", 60_000, 10**9),
+                          cache=ResponseCache(str(tmp_path / "cache")))  # fmt: skip
+    client.test_loop = asyncio.new_event_loop()
+    before = _attempts(server)
+    assert isinstance(_ask(client, "through the proxy"), Answer)
+    assert _attempts(server) == before + 1
+    monkeypatch.setenv("NO_PROXY", "oracle.invalid")
+    assert _env_proxy(url + "/chat/completions") == (None, None)
+
+
 # --- budget across kills, and one driver per run -----------------------------------------------------
 
 BUDGET_SCRIPT = """
