@@ -22,8 +22,12 @@ Measured per size:
 - the scoring phase's overlap: the share of the phase's judge requests that the server had
   received when the engine wrote its last block of answers. 0 means the stages ran one after the
   other; near 1, the judge kept pace with the engine.
-- with `--alone`: the student engine alone and the judge alone on the same work, after the run;
-  `overlap_ratio` = the phase's wall / the larger of the two (1.0: perfect overlap).
+- with `--alone [ROWS ...]`: the student engine alone and the judge alone on the same work, after
+  the run (on every size, or on the sizes named); `overlap_ratio` = the phase's wall / the larger
+  of the two (1.0: perfect overlap), from the largest size timed so (`overlap_ratio_pool`);
+- the driver's and the largest worker's RSS once a minute (`memory_timeline`), so growth over a
+  long run shows, not only its peak.
+With `--keep DIR --reuse`, a size whose run DIR already holds (its `measured.json`) is not run again.
 Results: benchmarks/results/round_scale.json (or --out), a plot of rows/s per stage next to it
 (.png) and tables on stdout.
 """
@@ -109,27 +113,42 @@ class Sampler(PeakRSS):
     workers (the processes under this benchmark's raylet), the node's memory in use, and the
     oracle server's request count over time."""
 
-    def __init__(self, pid: int, server: LocalOracle, interval: float = 0.5):
+    def __init__(self, pid: int, server: LocalOracle, interval: float = 0.5, every: float = 60.0):
         super().__init__(interval)
         self.pid, self.server = pid, server
         self.driver = self.worker = self.workers = self.node = 0
         self.requests: list[tuple[float, int]] = []  # (wall time, requests the server received)
         self.missed = 0  # samples whose request count the server did not give in time
+        self.worker_name = ""  # the process title of the largest Ray worker at its peak
+        # Every `every` seconds: [seconds since start, driver MB, largest worker MB, its title,
+        # node MB in use], so that growth over a long run shows, not only the peak.
+        self.timeline: list[list] = []
+        self.every, self._started, self._last = every, time.time(), -every
 
     def sample(self) -> None:
-        total = 0
+        total, driver, largest, title = 0, 0, 0, ""
         with contextlib.suppress(psutil.NoSuchProcess):
-            self.driver = max(self.driver, psutil.Process(self.pid).memory_info().rss)
+            driver = psutil.Process(self.pid).memory_info().rss
+            self.driver = max(self.driver, driver)
         for p in self.proc.children(recursive=True):
             try:
                 if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::"):
                     rss = p.memory_info().rss
-                    self.worker, total = max(self.worker, rss), total + rss
+                    total += rss
+                    if rss > largest:
+                        largest, title = rss, p.cmdline()[0]
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
+        if largest > self.worker:
+            self.worker, self.worker_name = largest, title
         self.workers = max(self.workers, total)
         vm = psutil.virtual_memory()
         self.node = max(self.node, vm.total - vm.available)
+        now = time.time() - self._started
+        if now - self._last >= self.every:
+            self._last = now
+            self.timeline.append([round(now), round(driver / 2**20), round(largest / 2**20), title,
+                                  round((vm.total - vm.available) / 2**20)])  # fmt: skip
         try:  # a server too busy to answer within the call's timeout: no count in this sample
             self.requests.append((time.time(), int(self.server.stats()["requests"])))
         except OSError:
@@ -234,10 +253,15 @@ def one_size(
         },
         "peak_rss_driver_mb": round(sampled.driver / 2**20),
         "peak_rss_worker_mb": round(sampled.worker / 2**20),
+        "peak_rss_worker_process": sampled.worker_name,
         "peak_rss_workers_total_mb": round(sampled.workers / 2**20),
         "peak_node_memory_in_use_mb": round(sampled.node / 2**20),
         "object_store_spilled_mb": spilled_mb() - spilled_before,
         "config": {k: config[k] for k in ("student", "oracle", "train")},
+        "memory_timeline": {
+            "columns": ["s", "driver_mb", "largest_worker_mb", "largest_worker", "node_mb"],
+            "rows": sampled.timeline,
+        },
     }
     measured.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -323,7 +347,10 @@ def report(runs: list[dict], command: str) -> dict:
             last["peak_rss_worker_mb"] / max(1, first["peak_rss_worker_mb"]), 2
         )
         out["wall_ratio"] = round(last["wall_s"] / first["wall_s"], 2)
-    out["overlap_ratio"] = last["scoring_phase"].get("overlap_ratio")  # the largest size's
+    # The largest size whose halves were timed alone (--alone can be limited to smaller sizes).
+    timed = [r for r in runs if r["scoring_phase"].get("overlap_ratio") is not None]
+    out["overlap_ratio"] = timed[-1]["scoring_phase"]["overlap_ratio"] if timed else None
+    out["overlap_ratio_pool"] = timed[-1]["pool"] if timed else None
     return out
 
 
@@ -347,8 +374,9 @@ def main() -> None:
         help="with --keep: a size whose run an earlier invocation finished and measured is not run again",
     )  # fmt: skip
     parser.add_argument(
-        "--alone", action="store_true",
-        help="also time the student engine alone and the judge alone on each run's scoring phase",
+        "--alone", type=int, nargs="*", default=None, metavar="ROWS",
+        help="also time the student engine alone and the judge alone on each run's scoring phase "
+             "(only on the sizes named, if any are)",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -361,13 +389,15 @@ def main() -> None:
     command = (
         f"python benchmarks/round_scale.py --rows {' '.join(map(str, args.rows))} "
         f"--round-share {args.round_share} --max-tokens {args.max_tokens} --cpus {args.cpus} "
-        f"--encoder {args.encoder}" + (" --alone" if args.alone else "")
+        f"--encoder {args.encoder}"
+        + ("" if args.alone is None else " --alone" + "".join(f" {n}" for n in args.alone))
     )
     runs = []
     with LocalOracle("--backend", "scripted", "--latency-ms", "5-20") as server:
         for rows in args.rows:
             run = one_size(rows, work, server, model, encoder, env, args)
-            if args.alone and "student_alone_s" not in run.get("scoring_phase", {}):
+            timed = args.alone is not None and (not args.alone or rows in args.alone)
+            if timed and "student_alone_s" not in run.get("scoring_phase", {}):
                 run["scoring_phase"].update(alone(rows, work, server))
                 (work / f"run-{rows}" / "measured.json").write_text(
                     json.dumps(run, indent=2) + "\n"
