@@ -116,6 +116,28 @@ def test_compaction_merges_small_segments_and_an_old_per_reply_cache_keeping_eve
     assert ResponseCache(str(root)).compact() == 0
 
 
+def test_a_writer_finds_what_it_wrote_without_holding_every_key_it_wrote(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_mod, "WRITTEN_FOLD", 8)
+    monkeypatch.setattr(cache_mod, "WRITTEN_CHUNKS", 2)
+    root = tmp_path / "oracle-cache"
+    writer = ResponseCache(str(root))
+    assert writer.get(_key(999)) is None  # its index is built before it writes, as in a stage
+    reads: list[list[str] | None] = []
+    real_read = ResponseCache._read
+
+    def counting(self, path, columns=None):
+        reads.append(columns)
+        return real_read(self, path, columns)
+
+    monkeypatch.setattr(ResponseCache, "_read", counting)
+    for i in range(300):  # one at a time: its segments are merged over and over meanwhile
+        writer.put(_key(i), _entry(i))
+    assert len(writer._written) < 8  # the keys as strings: a few, not 300
+    assert [writer.get(_key(i)) for i in range(300)] == [_entry(i) for i in range(300)]
+    assert writer.get(_key(1000)) is None
+    assert ["key"] not in reads  # found from what it wrote: the folder was not indexed again
+
+
 def test_keys_sharing_an_index_prefix_are_told_apart(tmp_path):
     root = tmp_path / "oracle-cache"
     a, b = "ab" * 8 + "0" * 48, "ab" * 8 + "1" * 48  # the same 8-byte prefix

@@ -56,6 +56,12 @@ MERGE_LEVELS = 3  # ... up to this level (16**3 groups); compact() merges the re
 COMPACT_BELOW = 65_536  # segments with fewer entries are merged by compact()
 COMPACT_WHEN = 16  # ... once there are more than this many of them
 DECODED_SEGMENTS = 8  # segments a reader keeps decoded
+# Keys a process wrote are held as Python strings only in groups of up to WRITTEN_FOLD; then they
+# become a sorted chunk of 8-byte prefixes (about 12 bytes a key instead of about 280: an actor
+# writing a million replies held a dict of them all), and beyond WRITTEN_CHUNKS chunks the chunks
+# are merged into one, less the segments this writer has merged away.
+WRITTEN_FOLD = 65_536
+WRITTEN_CHUNKS = 4
 
 
 def cache_key(base_url: str, model: str, messages: list[dict], params: dict[str, Any]) -> str:
@@ -111,7 +117,11 @@ class ResponseCache:
         self._paths: list[str] | None = None  # segment paths; None until the index is built
         self._prefixes = np.empty(0, np.uint64)  # sorted key prefixes of the indexed segments
         self._owners = np.empty(0, np.int32)  # ... and the segment each one is in
-        self._written: dict[str, int] = {}  # keys written by this process → segment
+        # Keys written by this process since its index was built → segment: the latest as a dict,
+        # older ones as sorted (prefix, segment) chunks, newest last (see WRITTEN_FOLD).
+        self._written: dict[str, int] = {}
+        self._chunks: list[tuple[np.ndarray, np.ndarray]] = []
+        self._gone: set[int] = set()  # segments this writer merged away since its index was built
         self._decoded: collections.OrderedDict[int, dict[str, str]] = collections.OrderedDict()
         self._own: dict[int, list[str]] = {}  # this writer's segments by merge level
         self._pending: tuple[list[tuple[str, dict]], asyncio.Future] | None = None
@@ -172,7 +182,7 @@ class ResponseCache:
                 return self._lookup(key)
             except FileNotFoundError:  # another writer merged a segment away: index again
                 with self._lock:
-                    self._paths, self._written = None, {}
+                    self._paths, self._written, self._chunks, self._gone = None, {}, [], set()
                     self._decoded.clear()
         return None
 
@@ -180,20 +190,48 @@ class ResponseCache:
         with self._lock:
             self._ensure_index()
             written = self._written.get(key)
-            p = np.uint64(_prefix(key))
-            lo = int(np.searchsorted(self._prefixes, p, "left"))
-            hi = int(np.searchsorted(self._prefixes, p, "right"))
-            owners = [written] if written is not None else self._owners[lo:hi].tolist()
-        for index in owners:  # more than one only for a key-prefix collision
+            if written is not None:
+                owners = [written]
+            else:  # the newest mapping first: a key merged into a new segment is looked up there
+                p = np.uint64(_prefix(key))
+                owners = [
+                    owner
+                    for prefixes, segments in (*reversed(self._chunks), (self._prefixes, self._owners))
+                    for owner in segments[
+                        np.searchsorted(prefixes, p, "left") : np.searchsorted(prefixes, p, "right")
+                    ].tolist()
+                ]  # fmt: skip
+        missing = False
+        for index in owners:  # more than one for a key-prefix collision or a merged segment
             try:
                 text = self._decoded_segment(index).get(key)
             except FileNotFoundError:
-                raise
+                missing = True  # merged away by another writer, or by this one
+                continue
             except (OSError, ValueError):
                 continue  # an unreadable segment: ask again rather than fail the row
             if text is not None:
                 return json.loads(text)
+        if missing:  # perhaps in a segment that is not indexed yet: `get` indexes again
+            raise FileNotFoundError(key)
         return None
+
+    def _fold_written(self) -> None:
+        """The dict of written keys becomes a sorted chunk of prefixes; too many chunks become
+        one, without the segments merged away. Called with the lock held."""
+        keys = list(self._written)
+        prefixes = np.fromiter((_prefix(k) for k in keys), np.uint64, len(keys))
+        owners = np.fromiter(self._written.values(), np.int32, len(keys))
+        self._written = {}
+        chunks = [*self._chunks, (prefixes, owners)]
+        if len(chunks) > WRITTEN_CHUNKS:
+            prefixes = np.concatenate([c[0] for c in chunks])
+            owners = np.concatenate([c[1] for c in chunks])
+            live = ~np.isin(owners, np.fromiter(self._gone, np.int32, len(self._gone)))
+            prefixes, owners = prefixes[live], owners[live]
+            chunks, self._gone = [], set()
+        order = np.argsort(prefixes, kind="stable")  # stable: the later of two mappings stays later
+        self._chunks = [*chunks, (prefixes[order], owners[order])]
 
     def entries(self):
         """Every cached (key, entry), segment by segment."""
@@ -253,6 +291,8 @@ class ResponseCache:
             if self._paths is not None:  # found by this reader from now on
                 self._paths.append(path)
                 self._written.update((k, len(self._paths) - 1) for k in keys)
+                if len(self._written) >= WRITTEN_FOLD:
+                    self._fold_written()
 
     def _write(self, group: list[tuple[str, dict[str, Any]]]) -> None:
         """One segment for `group`; then, while `MERGE_FANIN` of this writer's segments share a
@@ -271,6 +311,10 @@ class ResponseCache:
             self._write_rows(keys, usd, texts, level + 1)
             for path in own:  # merged: every entry is in the new segment
                 fs.rm(path)
+            with self._lock:
+                if self._paths is not None:
+                    merged = set(own)
+                    self._gone.update(i for i, p in enumerate(self._paths) if p in merged)
             self._own[level] = []
 
     def put(self, key: str, value: dict[str, Any]) -> None:
