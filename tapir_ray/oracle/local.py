@@ -126,13 +126,18 @@ class VLLMOracle(LocalOracle):
         self.max_model_len = max_model_len
         self.want_port = port
 
-    def command(self) -> list[str]:
+    @staticmethod
+    def on_cpu() -> bool:
+        """vLLM's CPU build serves here (no CUDA device)."""
         import torch
 
+        return not torch.cuda.is_available()
+
+    def command(self) -> list[str]:
         from tapir_ray.chat import DEFAULT_TEMPLATE, template_text
         from tapir_ray.runtime import vllm_cpu_dtype as cpu_dtype
 
-        cpu = not torch.cuda.is_available()
+        cpu = self.on_cpu()
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.model_path, "--served-model-name", "local",
@@ -170,7 +175,7 @@ class VLLMOracle(LocalOracle):
             "VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0))))
         )
         cmd = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *self.command()]
-        if "uni" in cmd:
+        if self.on_cpu():  # `command` asked for the in-process executor (`uni`)
             from tapir_ray.runtime import VLLM_CPU_ONE_PROCESS
 
             env.update(VLLM_CPU_ONE_PROCESS)
