@@ -1,6 +1,6 @@
 """CPU per oracle request: one OracleClient against the scripted server, limits that do not bind.
 
-    python benchmarks/oracle_client_cpu.py [--requests 3000] [--concurrency 64]
+    python benchmarks/oracle_client_cpu.py [--requests 3000] [--concurrency 64] [--arrival-rps R]
 
 At pool scale the judge's cost on a small cluster is CPU, not the endpoint's limits: every verdict
 passes through the client's event loop, the endpoint's limiter actor and (here) the scripted
@@ -8,7 +8,9 @@ server. The client runs in this process (its event loop, as in an oracle actor) 
 G-Eval-shaped judge requests (a prefilled score, 8 tokens, 20 top log-probabilities) with
 `max_concurrency` in flight to `tapir-ray oracle serve --backend scripted --latency-ms 5-20`.
 Measured: requests/s, and CPU milliseconds per request of this process (the client), of the
-limiter actor and of the server (user + system time, from /proc).
+limiter actor and of the server (user + system time, from /proc). All requests are there at once,
+or with `--arrival-rps R` they arrive R a second, as a round's judge requests do while the student
+engine writes its answers (a trickle: the client has fewer requests to reserve together).
 Results: benchmarks/results/oracle_client_cpu.json (or --out) and a line on stdout.
 """
 
@@ -53,6 +55,9 @@ def main() -> None:
     )
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--arrival-rps", type=float, default=None, help="requests arriving a second"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
@@ -71,12 +76,14 @@ def main() -> None:
             client = OracleClient(
                 ep, server.base_url, limiter=limiter, cache=ResponseCache(tempfile.mkdtemp())
             )
-            calls = (
-                client.call(str(i), "judge", judge_messages(i), PARAMS)
-                for i in range(args.requests)
-            )
+
+            async def one(i: int):
+                if args.arrival_rps:
+                    await asyncio.sleep(i / args.arrival_rps)
+                return await client.call(str(i), "judge", judge_messages(i), PARAMS)
+
             try:
-                return await asyncio.gather(*calls)
+                return await asyncio.gather(*(one(i) for i in range(args.requests)))
             finally:
                 await client.aclose()
 
@@ -91,6 +98,7 @@ def main() -> None:
         "command": command_line("oracle_client_cpu.py", args),
         "device": device_name(),
         "requests": args.requests,
+        "arrival_rps": args.arrival_rps,
         "answered": answered,
         "wall_s": round(wall, 2),
         "requests_per_s": round(args.requests / wall, 1),

@@ -141,11 +141,30 @@ def test_token_buckets_never_exceed_the_per_minute_limits():
     )  # paced at the rate, not bursting
 
 
+def test_after_the_first_minute_the_limiter_paces_at_99_percent_of_the_limit():
+    buckets = TokenBuckets(rpm=600, tpm=600_000)
+    sends, now = [], 0.0
+    while now < 240:  # clients asking every 0.1 s for what leaves within 2 s, as the client does
+        while (wait := buckets.reserve(10, now=now, horizon=2.0)) >= 0:
+            sends.append(now + wait)
+        now += 0.1
+    j = most = 0
+    for i in range(len(sends)):
+        while sends[i] - sends[j] >= 60:
+            j += 1
+        most = max(most, i - j + 1)
+    assert most <= 0.99 * 600  # no 60-second window holds more than 99 % of the limit
+    assert sum(s < 60 for s in sends) <= 0.98 * 600 + 1  # the first minute at 98 %
+    steady = [s for s in sends if 120 <= s < 180]
+    assert len(steady) >= 0.985 * 600  # later minutes at 98.9 %: 1 % more than 98 % sends
+
+
 def test_token_budget_binds_when_requests_are_large():
     buckets = TokenBuckets(rpm=10_000, tpm=6_000)
     waits = [buckets.reserve(1_000, now=0.0) for _ in range(6)]
-    # 6,000 tokens against a 60-token burst refilled at 98 tokens/s: tokens, not requests, set the pace.
-    assert waits[-1] == pytest.approx((6_000 - 60) / 98)
+    # 6,000 tokens against a 6-token burst refilled at 98 tokens/s (the first minute's rate):
+    # tokens, not requests, set the pace.
+    assert waits[-1] == pytest.approx((6_000 - 6) / 98)
     buckets.reconcile(
         estimated=1_000, actual=100
     )  # the server used less: the refund shortens the queue
@@ -290,14 +309,19 @@ def test_identical_requests_in_flight_together_are_sent_once(ray_cluster, tmp_pa
         other = [{"role": "user", "content": "Name three lakes."}]
 
         async def batch():
-            return await asyncio.gather(*[client.call(f"r{k}", "teacher", same, {"max_tokens": 32}) for k in range(5)],
-                                        client.call("x", "teacher", other, {"max_tokens": 32}))  # fmt: skip
+            answers = await asyncio.gather(*[client.call(f"r{k}", "teacher", same, {"max_tokens": 32}) for k in range(5)],
+                                           client.call("x", "teacher", other, {"max_tokens": 32}))  # fmt: skip
+            stats = server.stats()
+            # Asked again once the first has returned, with no cache: the server counts the
+            # repeat, the count the resume tests read to prove that nothing received is asked again.
+            await client.call("r9", "teacher", same, {"max_tokens": 32})
+            return answers, stats, server.stats()
 
-        answers = asyncio.run(batch())
-        stats = server.stats()
+        answers, stats, again = asyncio.run(batch())
     assert stats["requests"] == 2 and stats["repeats"] == 0
     assert len({a.text for a in answers[:5]}) == 1 and sum(a.cached for a in answers) == 4
-    assert client.delta.counts["cache_hits"] == 4 and client.delta.counts["succeeded"] == 6
+    assert client.delta.counts["cache_hits"] == 4 and client.delta.counts["succeeded"] == 6 + 1
+    assert again["repeats"] == 1 and [len(ids) for ids in again["repeated_ids"]] == [2]
 
 
 class _CountingLimiter:

@@ -300,6 +300,10 @@ class OracleServer:
         self.attempts: collections.Counter = collections.Counter()  # every request, by its key
         self.outage_until = 0.0
         self.response_ids: dict[str, list[str]] = collections.defaultdict(list)
+        # Kept as they happen, so `GET /stats` costs the same after millions of requests (a
+        # benchmark polls it twice a second; counting them on each call grew with the run).
+        self.repeats = 0  # answers beyond the first to the same request
+        self.repeated: list[str] = []  # the first 100 requests answered more than once
         self.rng = random.Random(0)
         self.generator = HFGenerator(model_path, max_batch=max_batch) if backend == "hf" else None
         self._reply = reference_or_scripted if backend == "reference" else scripted_reply
@@ -327,16 +331,15 @@ class OracleServer:
         )
 
     async def get_stats(self, request: web.Request) -> web.Response:
-        repeats = sum(n - 1 for n in self.answered.values() if n > 1)
         return web.json_response(
             {
                 **self.stats,
                 "by_status": dict(self.stats["by_status"]),
                 "distinct": len(self.answered),
-                "repeats": repeats,
+                "repeats": self.repeats,
                 # The response ids of each request answered more than once (a client that cached
                 # an answer never asks again, so none of these ids may be in a client's cache).
-                "repeated_ids": [ids for ids in self.response_ids.values() if len(ids) > 1][:100],
+                "repeated_ids": [self.response_ids[key] for key in self.repeated],
                 **self.batch.stats,
             }
         )
@@ -355,6 +358,7 @@ class OracleServer:
         self.answered.clear()
         self.attempts.clear()
         self.response_ids.clear()
+        self.repeats, self.repeated = 0, []
         return web.json_response({"ok": True})
 
     def _error(self, status: int, message: str, headers: dict | None = None) -> web.Response:
@@ -482,6 +486,10 @@ class OracleServer:
         if "refusal" in marked:
             text, finish = "", "content_filter"
         self.answered[key] += 1
+        if self.answered[key] > 1:
+            self.repeats += 1
+            if self.answered[key] == 2 and len(self.repeated) < 100:
+                self.repeated.append(key)
         response_id = f"chatcmpl-{uuid.uuid4().hex[:12]}"
         self.response_ids[key].append(response_id)
         self.stats["ok"] += 1
