@@ -66,11 +66,8 @@ def test_a_writer_merges_its_segments_and_a_reader_whose_index_is_older_still_fi
     assert ResponseCache(str(root)).total_usd() == pytest.approx(sum(0.01 * i for i in range(300)))
 
 
-def test_a_miss_reads_no_file_and_a_resumed_stage_reads_each_segment_once(tmp_path, monkeypatch):
-    root = tmp_path / "oracle-cache"
-    for start in range(0, 100, 10):  # ten segments, as ten groups of replies leave them
-        ResponseCache(str(root)).put_many([(_key(i), _entry(i)) for i in range(start, start + 10)])
-    assert len(_segments(root)) == 10
+def _count_reads(monkeypatch) -> list[list[str] | None]:
+    """The columns of every segment read from now on (None: all of them)."""
     reads: list[list[str] | None] = []
     real_read = ResponseCache._read
 
@@ -79,6 +76,15 @@ def test_a_miss_reads_no_file_and_a_resumed_stage_reads_each_segment_once(tmp_pa
         return real_read(self, path, columns)
 
     monkeypatch.setattr(ResponseCache, "_read", counting)
+    return reads
+
+
+def test_a_miss_reads_no_file_and_a_resumed_stage_reads_each_segment_once(tmp_path, monkeypatch):
+    root = tmp_path / "oracle-cache"
+    for start in range(0, 100, 10):  # ten segments, as ten groups of replies leave them
+        ResponseCache(str(root)).put_many([(_key(i), _entry(i)) for i in range(start, start + 10)])
+    assert len(_segments(root)) == 10
+    reads = _count_reads(monkeypatch)
     reader = ResponseCache(str(root))
     assert reader.get(_key(1000)) is None
     assert reads == [["key"]] * 10  # the index: each segment's key column, once
@@ -122,14 +128,7 @@ def test_a_writer_finds_what_it_wrote_without_holding_every_key_it_wrote(tmp_pat
     root = tmp_path / "oracle-cache"
     writer = ResponseCache(str(root))
     assert writer.get(_key(999)) is None  # its index is built before it writes, as in a stage
-    reads: list[list[str] | None] = []
-    real_read = ResponseCache._read
-
-    def counting(self, path, columns=None):
-        reads.append(columns)
-        return real_read(self, path, columns)
-
-    monkeypatch.setattr(ResponseCache, "_read", counting)
+    reads = _count_reads(monkeypatch)
     for i in range(300):  # one at a time: its segments are merged over and over meanwhile
         writer.put(_key(i), _entry(i))
     assert len(writer._written) < 8  # the keys as strings: a few, not 300
