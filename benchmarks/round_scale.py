@@ -17,7 +17,7 @@ under DeepSpeed ZeRO-2 and the held-out NLL.
 Measured per size:
 - each stage's seconds (from state.json) and the scoring phase's rows/s;
 - peak resident memory of the driver (the `tapir-ray run` process), of the largest Ray worker
-  and of all this cluster's Ray workers together (RSS, so shared pages count in each), and the
+  (vLLM's engine core counted as one) and of all this cluster's Ray workers together (RSS, so shared pages count in each), and the
   node's memory in use, sampled every 0.5 s;
 - the scoring phase's overlap: the share of the phase's judge requests that the server had
   received when the engine wrote its last block of answers. 0 means the stages ran one after the
@@ -132,7 +132,8 @@ class Sampler(PeakRSS):
             self.driver = max(self.driver, driver)
         for p in self.proc.children(recursive=True):
             try:
-                if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::"):
+                # Ray's workers, and vLLM's engine core (a child of the engine-stage actor)
+                if p.cmdline()[:1] and p.cmdline()[0].startswith(("ray::", "VLLM::")):
                     rss = p.memory_info().rss
                     total += rss
                     if rss > largest:
