@@ -122,6 +122,7 @@ class ResponseCache:
         self._written: dict[str, int] = {}
         self._chunks: list[tuple[np.ndarray, np.ndarray]] = []
         self._gone: set[int] = set()  # segments this writer merged away since its index was built
+        self._own_at: dict[str, int] = {}  # this writer's live segments written since → index
         self._decoded: collections.OrderedDict[int, dict[str, str]] = collections.OrderedDict()
         self._own: dict[int, list[str]] = {}  # this writer's segments by merge level
         self._pending: tuple[list[tuple[str, dict]], asyncio.Future] | None = None
@@ -183,6 +184,7 @@ class ResponseCache:
             except FileNotFoundError:  # another writer merged a segment away: index again
                 with self._lock:
                     self._paths, self._written, self._chunks, self._gone = None, {}, [], set()
+                    self._own_at = {}
                     self._decoded.clear()
         return None
 
@@ -290,6 +292,7 @@ class ResponseCache:
             self._own.setdefault(level, []).append(path)
             if self._paths is not None:  # found by this reader from now on
                 self._paths.append(path)
+                self._own_at[path] = len(self._paths) - 1
                 self._written.update((k, len(self._paths) - 1) for k in keys)
                 if len(self._written) >= WRITTEN_FOLD:
                     self._fold_written()
@@ -311,10 +314,8 @@ class ResponseCache:
             self._write_rows(keys, usd, texts, level + 1)
             for path in own:  # merged: every entry is in the new segment
                 fs.rm(path)
-            with self._lock:
-                if self._paths is not None:
-                    merged = set(own)
-                    self._gone.update(i for i, p in enumerate(self._paths) if p in merged)
+            with self._lock:  # by their index, not a scan of every path (one per group written)
+                self._gone.update(self._own_at.pop(p) for p in own if p in self._own_at)
             self._own[level] = []
 
     def put(self, key: str, value: dict[str, Any]) -> None:
