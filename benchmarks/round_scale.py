@@ -16,17 +16,20 @@ under DeepSpeed ZeRO-2 and the held-out NLL.
 
 Measured per size:
 - each stage's seconds (from state.json) and the scoring phase's rows/s;
-- peak resident memory of the driver (the `tapir-ray run` process), of the largest Ray worker
-  (vLLM's engine core counted as one) and of all this cluster's Ray workers together (RSS, so shared pages count in each), and the
-  node's memory in use, sampled every 0.5 s;
+- peak resident memory of the driver (the `tapir-ray run` process), of the largest Ray worker,
+  of vLLM's engine core (a child process of the engine-stage actor, sized by the engine: weights
+  and KV cache) and of all of them together (RSS, so shared pages count in each), and the node's
+  memory in use, sampled every 0.5 s;
 - the scoring phase's overlap: the share of the phase's judge requests that the server had
   received when the engine wrote its last block of answers. 0 means the stages ran one after the
   other; near 1, the judge kept pace with the engine.
 - with `--alone [ROWS ...]`: the student engine alone and the judge alone on the same work, after
   the run (on every size, or on the sizes named); `overlap_ratio` = the phase's wall / the larger
   of the two (1.0: perfect overlap), from the largest size timed so (`overlap_ratio_pool`);
-- the driver's and the largest worker's RSS once a minute (`memory_timeline`), so growth over a
-  long run shows, not only its peak.
+- the driver's, the largest worker's and the engine core's RSS once a minute (`memory_timeline`),
+  so growth over a long run shows, not only its peak.
+The ratios (`rss_ratio_driver`, `rss_ratio_worker`, `wall_ratio`) set the largest size against the
+next smaller one (`ratios_of`).
 With `--keep DIR --reuse`, a size whose run DIR already holds (its `measured.json`) is not run again.
 Results: benchmarks/results/round_scale.json (or --out), a plot of rows/s per stage next to it
 (.png) and tables on stdout.
@@ -116,32 +119,39 @@ class Sampler(PeakRSS):
     def __init__(self, pid: int, server: LocalOracle, interval: float = 0.5, every: float = 60.0):
         super().__init__(interval)
         self.pid, self.server = pid, server
-        self.driver = self.worker = self.workers = self.node = 0
+        self.driver = self.worker = self.workers = self.node = self.engine_core = 0
         self.requests: list[tuple[float, int]] = []  # (wall time, requests the server received)
         self.missed = 0  # samples whose request count the server did not give in time
         self.worker_name = ""  # the process title of the largest Ray worker at its peak
-        # Every `every` seconds: [seconds since start, driver MB, largest worker MB, its title,
-        # node MB in use], so that growth over a long run shows, not only the peak.
+        # Every `every` seconds: [seconds since start, driver MB, largest Ray worker MB, its title,
+        # engine core MB, node MB in use], so that growth over a long run shows, not only the peak.
         self.timeline: list[list] = []
         self.every, self._started, self._last = every, time.time(), -every
 
     def sample(self) -> None:
-        total, driver, largest, title = 0, 0, 0, ""
+        total, driver, largest, title, core = 0, 0, 0, "", 0
         with contextlib.suppress(psutil.NoSuchProcess):
             driver = psutil.Process(self.pid).memory_info().rss
             self.driver = max(self.driver, driver)
         for p in self.proc.children(recursive=True):
             try:
-                # Ray's workers, and vLLM's engine core (a child of the engine-stage actor)
-                if p.cmdline()[:1] and p.cmdline()[0].startswith(("ray::", "VLLM::")):
+                name = (p.cmdline() or [""])[0]
+                # Ray's workers, and apart from them vLLM's engine core: a child of the
+                # engine-stage actor whose size is the engine's (weights, KV cache), not the pool's.
+                if name.startswith("ray::"):
                     rss = p.memory_info().rss
                     total += rss
                     if rss > largest:
-                        largest, title = rss, p.cmdline()[0]
+                        largest, title = rss, name
+                elif name.startswith("VLLM::"):
+                    rss = p.memory_info().rss
+                    total += rss
+                    core = max(core, rss)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         if largest > self.worker:
             self.worker, self.worker_name = largest, title
+        self.engine_core = max(self.engine_core, core)
         self.workers = max(self.workers, total)
         vm = psutil.virtual_memory()
         self.node = max(self.node, vm.total - vm.available)
@@ -149,7 +159,7 @@ class Sampler(PeakRSS):
         if now - self._last >= self.every:
             self._last = now
             self.timeline.append([round(now), round(driver / 2**20), round(largest / 2**20), title,
-                                  round((vm.total - vm.available) / 2**20)])  # fmt: skip
+                                  round(core / 2**20), round((vm.total - vm.available) / 2**20)])  # fmt: skip
         try:  # a server too busy to answer within the call's timeout: no count in this sample
             self.requests.append((time.time(), int(self.server.stats()["requests"])))
         except OSError:
@@ -170,8 +180,11 @@ def _written(folder: Path) -> list[float]:
 def overlap(run_dir: Path, stage: dict, sampler: Sampler) -> dict:
     """How much of the judge's work the scoring phase did while the engine was still answering:
     the judge requests the server had received when the last block of answers was written, as a
-    share of the phase's judge requests (0: one after the other)."""
+    share of the phase's judge requests (0: one after the other). Also when the first and last
+    files of verdicts were written: a phase whose writer streams writes its first long before
+    the end."""
     answers = _written(run_dir / "round-1" / "student")
+    verdicts = _written(run_dir / "round-1" / "judge")
     end = stage["finished_at"]
     start = end - stage["seconds"]
     if not answers:
@@ -183,6 +196,9 @@ def overlap(run_dir: Path, stage: dict, sampler: Sampler) -> dict:
         "first_answers_after_s": round(answers[0] - start, 1),
         "last_answers_after_s": round(answers[-1] - start, 1),
         "first_judge_request_after_s": round(asked[0] - start, 1) if asked else None,
+        "verdict_files": len(verdicts),
+        "first_verdicts_written_after_s": round(verdicts[0] - start, 1) if verdicts else None,
+        "last_verdicts_written_after_s": round(verdicts[-1] - start, 1) if verdicts else None,
         "judge_requests": at_end - at_start,
         "overlap": round((at_last - at_start) / max(1, at_end - at_start), 3),
     }
@@ -255,12 +271,13 @@ def one_size(
         "peak_rss_driver_mb": round(sampled.driver / 2**20),
         "peak_rss_worker_mb": round(sampled.worker / 2**20),
         "peak_rss_worker_process": sampled.worker_name,
+        "peak_rss_engine_core_mb": round(sampled.engine_core / 2**20),
         "peak_rss_workers_total_mb": round(sampled.workers / 2**20),
         "peak_node_memory_in_use_mb": round(sampled.node / 2**20),
         "object_store_spilled_mb": spilled_mb() - spilled_before,
         "config": {k: config[k] for k in ("student", "oracle", "train")},
         "memory_timeline": {
-            "columns": ["s", "driver_mb", "largest_worker_mb", "largest_worker", "node_mb"],
+            "columns": ["s", "driver_mb", "worker_mb", "worker", "engine_core_mb", "node_mb"],
             "rows": sampled.timeline,
         },
     }
@@ -335,11 +352,13 @@ def plot(runs: list[dict], path: Path) -> None:
 
 
 def report(runs: list[dict], command: str) -> dict:
-    """The results file: every size's figures, and the largest size's against the smallest."""
+    """The results file: every size's figures, and the largest size's against the next smaller
+    one (1,000,000 rows against 100,000 when both ran)."""
     out = {"benchmark": "round_scale", "command": command, "device": device_name(),
            "ray": ray.__version__, "runs": runs}  # fmt: skip
-    first, last = runs[0], runs[-1]
     if len(runs) > 1:
+        first, last = sorted(runs, key=lambda r: r["pool"])[-2:]
+        out["ratios_of"] = [first["pool"], last["pool"]]
         out["pool_ratio"] = round(last["pool"] / first["pool"], 1)
         out["rss_ratio_driver"] = round(
             last["peak_rss_driver_mb"] / max(1, first["peak_rss_driver_mb"]), 2
@@ -416,10 +435,11 @@ def main() -> None:
             )  # after every size: a long run keeps what it measured
     plot(runs, args.out.with_suffix(".png"))
     print_table(
-        ["pool", "wall s", "scoring s", "cand./s", "overlap", "driver MB", "worker MB", "workers MB"],
+        ["pool", "wall s", "scoring s", "cand./s", "overlap", "driver MB", "worker MB", "engine core MB",
+         "workers MB"],
         [[r["pool"], r["wall_s"], r["scoring_phase"]["seconds"], r["scoring_phase"]["candidates_per_s"],
           r["scoring_phase"]["overlap"], r["peak_rss_driver_mb"], r["peak_rss_worker_mb"],
-          r["peak_rss_workers_total_mb"]] for r in runs],
+          r.get("peak_rss_engine_core_mb", ""), r["peak_rss_workers_total_mb"]] for r in runs],
     )  # fmt: skip
     stage_names = list(dict.fromkeys(k for r in runs for k in r["stage_seconds"]))
     print_table(["stage", *(f"{r['pool']:,}" for r in runs)],
