@@ -30,6 +30,9 @@ ROWS_PER_PARTITION = 50_000
 # small the tables, which a round with a dozen joins would pay each time. The bound holds memory
 # to a fixed size, whatever the pool (the same idea as Spark's broadcast-join threshold).
 LOCAL_JOIN_ROWS = 50_000
+# Write tasks at once in a streaming stage (write_as_it_goes): encoding a block takes far less
+# than making it (an engine or an oracle upstream), so a couple keep up.
+WRITERS = 2
 _HOW = {"inner": "inner", "left_outer": "left", "left_semi": "semi", "left_anti": "anti"}
 
 
@@ -208,6 +211,19 @@ def write(ds: ray.data.Dataset, folder: str, schema: pa.Schema) -> int:
     if n == 0:
         storage.write_table(schema.empty_table(), folder)
     return n
+
+
+def write_as_it_goes(ds: ray.data.Dataset, folder: str, writers: int = WRITERS) -> None:
+    """Write `ds` to `folder` (one file per block) while the operators before the write still run.
+
+    Ray Data reserves each operator's minimum CPUs from the first operator down, and a writer
+    waits while others hold what it needs ("downstream ops ... can wait for upstream ops to
+    finish", resource_manager.py). Behind actor pools that hold a node's CPUs (the student engine,
+    the oracle actors, the encoder) a writer that asks for CPU gets no reservation: the stage's
+    whole output waits in the object store until every other operator is done (a 1M-row scoring
+    phase had 1.2 GiB of verdicts queued and no file written after 45 minutes). Encoding a block
+    is light, so the writers ask for no CPU, and at most `writers` run at once."""
+    ds.write_parquet(folder, concurrency=writers, ray_remote_args={"num_cpus": 0})
 
 
 def fold(ds: ray.data.Dataset, fn: Callable[[pa.Table], Any], **fn_kwargs: Any) -> Iterator[Any]:

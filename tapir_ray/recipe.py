@@ -214,7 +214,6 @@ class Recipe:
             clear_dead_letters,
             oracle_map,
         )
-        from tapir_ray.student import LIGHT_CPUS
 
         ep, url, identity = self.endpoints[endpoint]
         key = f"{identity}|{ep.model}"
@@ -242,9 +241,7 @@ class Recipe:
         started = time.perf_counter()
         done = lambda: min(total, ray.get(self.ledger.done.remote(round_, role)) - before)  # noqa: E731
         with Progress(label, total, done, log=self.log, detail=detail):
-            ds.write_parquet(
-                out_dir, ray_remote_args={"num_cpus": LIGHT_CPUS}
-            )  # next to the actors
+            frames.write_as_it_goes(ds, out_dir)
         seconds = time.perf_counter() - started
         rows_out = storage.parquet_rows(out_dir)
         total = sent() if sent is not None else total
@@ -406,7 +403,7 @@ class Recipe:
         gpus = self.embedding_gpus()
         ds = embed(ray.data.read_parquet(self.paths.pool).map_batches(text, batch_format="pyarrow"),
                    self.embedding_model, gpus=gpus)  # fmt: skip
-        ds.select_columns(["id", "embedding"]).write_parquet(self.paths.embeddings)
+        frames.write_as_it_goes(ds.select_columns(["id", "embedding"]), self.paths.embeddings)
         storage.mark_success(self.paths.embeddings)
         actors = gpu_actors(gpus)
         where = f"{actors} GPU actor(s)" if actors else "CPU"

@@ -760,6 +760,55 @@ def test_the_teachers_verdicts_flow_while_the_student_has_not_answered(ray_clust
     assert "answer to q03" in messages["q03|S"][1]["content"]
 
 
+def _slowly(batch: pa.Table) -> pa.Table:
+    time.sleep(2.0)  # a reader that keeps running while the engine works (as a pool's read does)
+    return batch
+
+
+class _HoldsTheCPUs:
+    """Stands in for an engine whose actor holds most of the node's CPUs: from its third block
+    on, it answers only once the stage's writer has written something, and raises if nothing is
+    written within 10 s (the reader upstream still runs for longer than that)."""
+
+    def __init__(self, folder: str):
+        self.folder, self.calls = folder, 0
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self.calls += 1
+        deadline = time.monotonic() + 10
+        while self.calls > 2 and not list(Path(self.folder).glob("*.parquet")):
+            if time.monotonic() > deadline:
+                raise RuntimeError("nothing was written while the stage ran")
+            time.sleep(0.1)
+        return batch
+
+
+@pytest.mark.timeout(240)
+def test_a_streaming_stage_writes_its_output_while_its_engine_still_runs(ray_cluster, tmp_path):
+    """Behind an actor pool that holds most of the CPUs, the stage's writer runs as blocks arrive,
+    while the operators before it still run: the output does not wait in the object store for them
+    (Ray Data reserves CPUs for the operators upstream first, and a writer that asked for CPU got
+    none until they were done)."""
+    from tapir_ray import frames
+
+    out = str(tmp_path / "out")
+    Path(out).mkdir()
+    light = {"batch_format": "pyarrow", "num_cpus": 0.25}
+    ds = (
+        ray.data.from_items([{"id": i} for i in range(24)], override_num_blocks=24)
+        .map_batches(_slowly, **light)
+        .map_batches(
+            _HoldsTheCPUs,
+            fn_constructor_args=(out,),
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=1.5,
+        )
+    )  # the writer follows the actor pool directly, as it follows the oracle actors in a stage
+    frames.write_as_it_goes(ds, out)
+    assert sorted(storage.read_table(out, ["id"])["id"].to_pylist()) == list(range(24))
+
+
 def test_joins_by_id_agree_between_the_one_task_path_and_ray_datas_hash_join(
     ray_cluster, monkeypatch
 ):
