@@ -38,7 +38,7 @@ import yaml
 from common import command_line, device_name, print_table, write_results
 
 from tapir_ray.oracle.local import LocalOracle
-from tapir_ray.oracle.reference import FAMILIES, is_correct, make_split
+from tapir_ray.oracle.reference import FAMILIES, family_of, is_correct, make_split
 from tapir_ray.runtime import ensure_ray
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,6 +108,42 @@ def ledger_requests(run_dir: Path) -> dict[str, int]:
     return dict(sorted(by_role.items()))
 
 
+def selection_by_family(run_dir: Path) -> dict[str, dict[str, int]]:
+    """Why an arm trained on what it did, per family over the run's rounds: the candidates the
+    judge scored (`scored`) and those it found hard (MFD ≥ δ), and the training rows by where the
+    plan took them (`hard`, `easy`, `random`, `expanded`, `duplicate`)."""
+    from tapir_ray import storage
+    from tapir_ray.rundir import RunDir
+
+    run = RunDir(str(run_dir))
+    rounds = sorted(int(r) for r in json.loads((run_dir / "state.json").read_text())["rounds"])
+    texts: dict[str, str] = {}
+    for folder in [run.items, *(run.round(r).expanded for r in rounds)]:
+        if storage.exists(folder):
+            t = storage.read_table(folder, ["id", "instruction"])
+            texts.update(zip(t["id"].to_pylist(), t["instruction"].to_pylist(), strict=True))
+
+    def family(item_id: str) -> str:
+        found = family_of(texts.get(item_id, ""))
+        return found[0].name if found else "other"
+
+    out: dict[str, Counter] = {}
+    for r in rounds:
+        rd = run.round(r)
+        if storage.exists(rd.scores):
+            scores = storage.read_table(rd.scores, ["id", "hard"])
+            for item_id, hard in zip(
+                scores["id"].to_pylist(), scores["hard"].to_pylist(), strict=True
+            ):
+                counts = out.setdefault(family(item_id), Counter())
+                counts["scored"] += 1
+                counts["scored_hard"] += bool(hard)
+        plan = storage.read_table(rd.plan_final, ["id", "source"])
+        for item_id, source in zip(plan["id"].to_pylist(), plan["source"].to_pylist(), strict=True):
+            out.setdefault(family(item_id), Counter())[f"trained_{source}"] += 1
+    return {f: dict(sorted(c.items())) for f, c in sorted(out.items())}
+
+
 def train_rows(run_dir: Path) -> int:
     state = json.loads((run_dir / "state.json").read_text())
     return sum(int(s.get("rows") or 0) for k, s in state["stages"].items() if k.endswith("/train"))
@@ -133,6 +169,7 @@ def main() -> None:
     per_family: dict[str, dict[str, list[bool]]] = {a: {f: [] for f in FAMILIES} for a in correct}
     spend: dict[str, list[dict[str, int]]] = {a: [] for a in arms}
     rows: dict[str, list[int]] = {a: [] for a in arms}
+    chosen: dict[str, list[dict]] = {a: [] for a in arms}
     started = time.perf_counter()
     ensure_ray()  # one cluster: the runs attach to it, as a Ray Job's driver would
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
@@ -167,6 +204,7 @@ def main() -> None:
                         )
                     spend[arm].append(ledger_requests(run_dir))
                     rows[arm].append(train_rows(run_dir))
+                    chosen[arm].append(selection_by_family(run_dir))
                 saved = work / f"seed-{seed}" / f"{arm}-answers.json"
                 if saved.exists():  # with --keep, an arm's test answers are given once
                     answers = json.loads(saved.read_text())
@@ -181,11 +219,18 @@ def main() -> None:
                     per_family[arm][r["family"]].append(bool(hit))
                 print(f"seed {seed} {arm}: accuracy {ok.mean():.3f}", flush=True)
             # Written after every seed: a long benchmark that stops keeps what it measured.
-            report = summarise(args, arms, correct, per_family, spend, rows, started)
+            report = summarise(args, arms, correct, per_family, spend, rows, chosen, started)
             write_results(Path(args.out), report)
             plot(report, Path(args.out).with_suffix(".png"))
     print_table(["arm", "accuracy", *FAMILIES],
                 [[a, v["accuracy"], *(v["by_family"].get(f, "") for f in FAMILIES)] for a, v in report["arms"].items()])  # fmt: skip
+    # What each arm's judge found hard, and what each family trained on.
+    for arm, v in report["arms"].items():
+        if sel := v.get("selection_by_family"):
+            took = sorted({k for c in sel.values() for k in c if k.startswith("trained_")})
+            print_table([f"{arm}: family", "scored", "hard", *(k.removeprefix("trained_") for k in took)],
+                        [[f, c.get("scored", 0), c.get("scored_hard", 0), *(c.get(k, 0) for k in took)]
+                         for f, c in sel.items()])  # fmt: skip
     for key, label in (("tapir_minus_random", "random"),
                        ("tapir_minus_no_rebalance", "TAPIR without re-balancing")):  # fmt: skip
         if key in report:
@@ -193,7 +238,7 @@ def main() -> None:
 
 
 def summarise(args, arms: list[str], correct: dict, per_family: dict, spend: dict, rows: dict,
-              started: float) -> dict:  # fmt: skip
+              chosen: dict, started: float) -> dict:  # fmt: skip
     report = {
         "benchmark": "quality_verifiable",
         "command": command_line("quality_verifiable.py", args),
@@ -214,6 +259,8 @@ def summarise(args, arms: list[str], correct: dict, per_family: dict, spend: dic
                 "oracle_requests": [sum(s.values()) for s in spend[arm]] if arm in spend else None,
                 "oracle_requests_by_role": spend.get(arm),
                 "train_rows": rows.get(arm),
+                # Summed over the seeds: what the judge found hard and what each family trained on.
+                "selection_by_family": _summed(chosen.get(arm) or []) or None,
             }
             for arm in correct
             if correct[arm]
@@ -224,6 +271,14 @@ def summarise(args, arms: list[str], correct: dict, per_family: dict, spend: dic
         if {"tapir", other} <= set(arms) and (diff := _paired(correct["tapir"], correct[other])):
             report[key] = diff
     return report
+
+
+def _summed(per_seed: list[dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
+    total: dict[str, Counter] = {}
+    for seed in per_seed:
+        for family, counts in seed.items():
+            total.setdefault(family, Counter()).update(counts)
+    return {f: dict(sorted(c.items())) for f, c in sorted(total.items())}
 
 
 def _paired(ours: list[np.ndarray], theirs: list[np.ndarray]) -> dict | None:

@@ -19,17 +19,25 @@ Measured per size:
 - peak resident memory of the driver (the `tapir-ray run` process), of the largest Ray worker,
   of vLLM's engine core (a child process of the engine-stage actor, sized by the engine: weights
   and KV cache) and of all of them together (RSS, so shared pages count in each), and the node's
-  memory in use, sampled every 0.5 s;
+  memory in use, sampled every 0.5 s; and every 5 s the largest Ray worker's private memory
+  (`peak_anon_worker_mb`: its anonymous pages; RSS also counts the pages of Ray's object store
+  that a worker has mapped, which grow with the store's use over a long run, not with the
+  worker's own data);
 - the scoring phase's overlap: the share of the phase's judge requests that the server had
   received when the engine wrote its last block of answers. 0 means the stages ran one after the
-  other; near 1, the judge kept pace with the engine.
+  other; near 1, the judge kept pace with the engine. And the share of the node's cores that
+  worked during the phase (`cpu_busy_share`; 1.0: every core, all the time).
 - with `--alone [ROWS ...]`: the student engine alone and the judge alone on the same work, after
   the run (on every size, or on the sizes named); `overlap_ratio` = the phase's wall / the larger
   of the two (1.0: perfect overlap), from the largest size timed so (`overlap_ratio_pool`);
+  and the CPU seconds the node spent on each half alone (`student_alone_cpu_s`,
+  `judge_alone_cpu_s`): on a node whose cores both halves fill, no overlap can bring the phase
+  below their sum over the cores (`cpu_bound_s`; `overlap_ratio_cpu` = the phase's wall / the
+  larger of that and the halves' walls);
 - the driver's, the largest worker's and the engine core's RSS once a minute (`memory_timeline`),
   so growth over a long run shows, not only its peak.
-The ratios (`rss_ratio_driver`, `rss_ratio_worker`, `wall_ratio`) set the largest size against the
-next smaller one (`ratios_of`).
+The ratios (`rss_ratio_driver`, `rss_ratio_worker`, `anon_ratio_worker`, `wall_ratio`) set the
+largest size against the next smaller one (`ratios_of`).
 With `--keep DIR --reuse`, a size whose run DIR already holds (its `measured.json`) is not run again.
 Results: benchmarks/results/round_scale.json (or --out), a plot of rows/s per stage next to it
 (.png) and tables on stdout.
@@ -111,42 +119,102 @@ def run_config(
     }  # fmt: skip
 
 
+def role_of(cmd: list[str]) -> str:
+    """A process's part in the run: a Ray worker's title without its method
+    (`ray::MapWorker(MapBatches(OracleStage))`), vLLM's engine core, the oracle server, the run's
+    driver, or the program's name (raylet, gcs_server, dashboard.py, ...)."""
+    if not cmd:
+        return "?"
+    if cmd[0].startswith(("ray::", "VLLM::")):
+        return re.sub(r"\)\.\w+$", ")", cmd[0].split()[0])
+    text = " ".join(cmd)
+    if "oracle serve" in text:
+        return "oracle server"
+    if "tapir_ray.cli run" in text:
+        return "tapir-ray run (driver)"
+    return next((Path(a).name for a in cmd[1:] if a.endswith(".py")), Path(cmd[0]).name)
+
+
+def anonymous_bytes(pid: int) -> int | None:
+    """A process's private memory: its anonymous pages (heap, stacks), without the pages of
+    files and of shared memory it maps (Ray's object store among them), which RSS counts."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Anonymous:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 class Sampler(PeakRSS):
     """Sampled in a thread every `interval`: peak RSS of the driver and of this cluster's Ray
-    workers (the processes under this benchmark's raylet), the node's memory in use, and the
-    oracle server's request count over time."""
+    workers (the processes under this benchmark's raylet), the node's memory in use, the oracle
+    server's request count over time, and every `cpu_every` seconds the CPU each process under
+    this benchmark used, by its part in the run (`role_of`), and the largest Ray worker's private
+    memory (`anonymous_bytes`)."""
 
-    def __init__(self, pid: int, server: LocalOracle, interval: float = 0.5, every: float = 60.0):
+    def __init__(self, pid: int, server: LocalOracle, interval: float = 0.5, every: float = 60.0,
+                 cpu_every: float = 5.0):  # fmt: skip
         super().__init__(interval)
         self.pid, self.server = pid, server
         self.driver = self.worker = self.workers = self.node = self.engine_core = 0
         self.requests: list[tuple[float, int]] = []  # (wall time, requests the server received)
+        self.cpu: list[tuple[float, float]] = []  # (wall time, CPU seconds the node has worked)
         self.missed = 0  # samples whose request count the server did not give in time
         self.worker_name = ""  # the process title of the largest Ray worker at its peak
         # Every `every` seconds: [seconds since start, driver MB, largest Ray worker MB, its title,
         # engine core MB, node MB in use], so that growth over a long run shows, not only the peak.
         self.timeline: list[list] = []
         self.every, self._started, self._last = every, time.time(), -every
+        # (wall time, role, CPU seconds the process used since its last record): which parts of
+        # the run a phase's CPU went to.
+        self.by_process: list[tuple[float, str, float]] = []
+        self._process_cpu: dict[int, float] = {}
+        self.worker_anon, self.worker_anon_name = 0, ""
+        self.cpu_every, self._cpu_last = cpu_every, float("-inf")
 
-    def sample(self) -> None:
+    def __enter__(self) -> Sampler:
+        self.sample(cpu=True)  # every process's CPU before the work to measure starts
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        self.sample(cpu=True)  # and once the work is done
+
+    def _record(self, p: psutil.Process, cmd: list[str]) -> None:
+        t = p.cpu_times()
+        used = t.user + t.system
+        delta, self._process_cpu[p.pid] = used - self._process_cpu.get(p.pid, 0.0), used
+        if delta > 0:
+            self.by_process.append((time.time(), role_of(cmd), delta))
+        if cmd and cmd[0].startswith("ray::"):
+            anon = anonymous_bytes(p.pid) or 0
+            if anon > self.worker_anon:
+                self.worker_anon, self.worker_anon_name = anon, role_of(cmd)
+
+    def sample(self, cpu: bool = False) -> None:
         total, driver, largest, title, core = 0, 0, 0, "", 0
         with contextlib.suppress(psutil.NoSuchProcess):
             driver = psutil.Process(self.pid).memory_info().rss
             self.driver = max(self.driver, driver)
+        record = cpu or time.time() - self._cpu_last >= self.cpu_every
+        if record:
+            self._cpu_last = time.time()
         for p in self.proc.children(recursive=True):
             try:
-                name = (p.cmdline() or [""])[0]
+                cmd = p.cmdline()
+                name = (cmd or [""])[0]
+                if record:
+                    self._record(p, cmd)
                 # Ray's workers, and apart from them vLLM's engine core: a child of the
                 # engine-stage actor whose size is the engine's (weights, KV cache), not the pool's.
-                if name.startswith("ray::"):
-                    rss = p.memory_info().rss
-                    total += rss
-                    if rss > largest:
-                        largest, title = rss, name
-                elif name.startswith("VLLM::"):
-                    rss = p.memory_info().rss
-                    total += rss
+                if not name.startswith(("ray::", "VLLM::")):
+                    continue
+                rss = p.memory_info().rss
+                total += rss
+                if name.startswith("VLLM::"):
                     core = max(core, rss)
+                elif rss > largest:
+                    largest, title = rss, name
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         if largest > self.worker:
@@ -155,6 +223,7 @@ class Sampler(PeakRSS):
         self.workers = max(self.workers, total)
         vm = psutil.virtual_memory()
         self.node = max(self.node, vm.total - vm.available)
+        self.cpu.append((time.time(), busy_cpu_s()))
         now = time.time() - self._started
         if now - self._last >= self.every:
             self._last = now
@@ -169,6 +238,23 @@ class Sampler(PeakRSS):
         """Requests the server had received at wall time t (the last sample at or before it)."""
         before = [n for ts, n in self.requests if ts <= t]
         return before[-1] if before else 0
+
+    def cpu_share(self, start: float, end: float) -> float | None:
+        """The share of the node's cores that worked between two wall times (1.0: all of them)."""
+        inside = [(ts, c) for ts, c in self.cpu if start <= ts <= end]
+        if len(inside) < 2:
+            return None
+        (t0, c0), (t1, c1) = inside[0], inside[-1]
+        return round((c1 - c0) / ((t1 - t0) * psutil.cpu_count()), 3)
+
+    def cpu_by_process(self, start: float, end: float, top: int = 12) -> dict[str, float]:
+        """CPU seconds per part of the run between two wall times (within `cpu_every`), largest
+        first."""
+        used: dict[str, float] = {}
+        for ts, role, delta in self.by_process:
+            if start < ts <= end:
+                used[role] = used.get(role, 0.0) + delta
+        return {r: round(s, 1) for r, s in sorted(used.items(), key=lambda x: -x[1])[:top]}
 
 
 def _written(folder: Path) -> list[float]:
@@ -200,6 +286,8 @@ def overlap(run_dir: Path, stage: dict, sampler: Sampler) -> dict:
         "first_verdicts_written_after_s": round(verdicts[0] - start, 1) if verdicts else None,
         "last_verdicts_written_after_s": round(verdicts[-1] - start, 1) if verdicts else None,
         "judge_requests": at_end - at_start,
+        "cpu_busy_share": sampler.cpu_share(start, end),
+        "cpu_s_by_process": sampler.cpu_by_process(start, end),
         "overlap": round((at_last - at_start) / max(1, at_end - at_start), 3),
     }
 
@@ -271,6 +359,8 @@ def one_size(
         "peak_rss_driver_mb": round(sampled.driver / 2**20),
         "peak_rss_worker_mb": round(sampled.worker / 2**20),
         "peak_rss_worker_process": sampled.worker_name,
+        "peak_anon_worker_mb": round(sampled.worker_anon / 2**20),
+        "peak_anon_worker_process": sampled.worker_anon_name,
         "peak_rss_engine_core_mb": round(sampled.engine_core / 2**20),
         "peak_rss_workers_total_mb": round(sampled.workers / 2**20),
         "peak_node_memory_in_use_mb": round(sampled.node / 2**20),
@@ -285,11 +375,20 @@ def one_size(
     return result
 
 
+def busy_cpu_s() -> float:
+    """CPU seconds the node's cores have worked since boot, all together (not idle, waiting for
+    I/O or taken by the hypervisor; Linux counts guest time inside user time)."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+
 def alone(rows: int, work: Path, server: LocalOracle) -> dict:
     """The scoring phase's two halves, each alone on the same cluster after the run: the student
-    engine on the phase's candidates (start-up included, answers written to Parquet as the phase
-    writes them) and the judge on the phase's own requests, with a fresh cache so every one is
-    sent. Their larger time is what a perfectly overlapped phase would take."""
+    engine on the phase's candidates (start-up included) and the judge on the phase's own
+    requests, with a fresh cache so every one is sent; each writes its output to Parquet as the
+    phase does. Their larger time is what a perfectly overlapped phase would take. Also the CPU
+    seconds each used, all the node's cores together and by process."""
+    from tapir_ray import frames, storage
     from tapir_ray.config import parse_config
     from tapir_ray.oracle import prompts as P
     from tapir_ray.oracle.ledger import Ledger
@@ -300,27 +399,35 @@ def alone(rows: int, work: Path, server: LocalOracle) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cfg = parse_config(yaml.safe_load((work / f"run-{rows}.yaml").read_text()))
     candidates = ray.data.read_parquet(str(run_dir / "round-1" / "student_in"))
-    started = time.perf_counter()
-    answers, _ = answer(candidates.select_columns(["id", "messages"]), cfg.student,
-                        run_dir=str(out), round_=1)  # fmt: skip
-    answers.write_parquet(str(out / "student"))
-    student_s = time.perf_counter() - started
+    with Sampler(os.getpid(), server) as sampled:
+        started, cpu, wall = time.perf_counter(), busy_cpu_s(), time.time()
+        answers, _ = answer(candidates.select_columns(["id", "messages"]), cfg.student,
+                            run_dir=str(out), round_=1)  # fmt: skip
+        frames.write_as_it_goes(answers, str(out / "student"))
+        student_s, student_cpu = time.perf_counter() - started, busy_cpu_s() - cpu
+    student_by_process = sampled.cpu_by_process(wall, float("inf"))
     requests = ray.data.read_parquet(str(run_dir / "round-1" / "judge")).select_columns(
         ["id", "messages"]
     )
     total = requests.count()
     judge = cfg.curriculum.tapir.judge
     prefill = cfg.oracle.endpoint("judge").continue_final_message
-    started = time.perf_counter()
-    judged = oracle_map(
-        requests, role="judge", endpoint=cfg.oracle.endpoint("judge"), base_url=server.base_url,
-        run_dir=str(out), round_=1, params=P.verdict_params(judge, prefill), ledger=Ledger.remote(None, None),
-        actors=cfg.oracle.actors, cpus_per_actor=cfg.oracle.cpus_per_actor,
-        batch_size=max(8, min(64, math.ceil(total / (4 * cfg.oracle.actors)))),
-    ).count()  # fmt: skip
-    judge_s = time.perf_counter() - started
+    with Sampler(os.getpid(), server) as sampled:
+        started, cpu, wall = time.perf_counter(), busy_cpu_s(), time.time()
+        verdicts = oracle_map(
+            requests, role="judge", endpoint=cfg.oracle.endpoint("judge"), base_url=server.base_url,
+            run_dir=str(out), round_=1, params=P.verdict_params(judge, prefill), ledger=Ledger.remote(None, None),
+            actors=cfg.oracle.actors, cpus_per_actor=cfg.oracle.cpus_per_actor,
+            batch_size=max(8, min(64, math.ceil(total / (4 * cfg.oracle.actors)))),
+        )  # fmt: skip
+        frames.write_as_it_goes(verdicts, str(out / "judge"))
+        judge_s, judge_cpu = time.perf_counter() - started, busy_cpu_s() - cpu
+    judge_by_process = sampled.cpu_by_process(wall, float("inf"))
     return {"student_alone_s": round(student_s, 1), "judge_alone_s": round(judge_s, 1),
-            "judge_alone_verdicts": judged}  # fmt: skip
+            "judge_alone_verdicts": storage.parquet_rows(str(out / "judge")),
+            "student_alone_cpu_s": round(student_cpu, 1), "judge_alone_cpu_s": round(judge_cpu, 1),
+            "cpus": psutil.cpu_count(), "student_alone_cpu_s_by_process": student_by_process,
+            "judge_alone_cpu_s_by_process": judge_by_process}  # fmt: skip
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -366,11 +473,18 @@ def report(runs: list[dict], command: str) -> dict:
         out["rss_ratio_worker"] = round(
             last["peak_rss_worker_mb"] / max(1, first["peak_rss_worker_mb"]), 2
         )
+        if first.get("peak_anon_worker_mb") and last.get("peak_anon_worker_mb"):
+            out["anon_ratio_worker"] = round(
+                last["peak_anon_worker_mb"] / first["peak_anon_worker_mb"], 2
+            )
         out["wall_ratio"] = round(last["wall_s"] / first["wall_s"], 2)
     # The largest size whose halves were timed alone (--alone can be limited to smaller sizes).
     timed = [r for r in runs if r["scoring_phase"].get("overlap_ratio") is not None]
     out["overlap_ratio"] = timed[-1]["scoring_phase"]["overlap_ratio"] if timed else None
     out["overlap_ratio_pool"] = timed[-1]["pool"] if timed else None
+    out["overlap_ratio_cpu"] = (
+        timed[-1]["scoring_phase"].get("overlap_ratio_cpu") if timed else None
+    )
     return out
 
 
@@ -428,6 +542,16 @@ def main() -> None:
                 phase["overlap_ratio"] = round(
                     phase["seconds"] / max(phase["student_alone_s"], phase["judge_alone_s"]), 2
                 )
+                if phase.get("student_alone_cpu_s") is not None:
+                    # Both halves' CPU work on the node's cores: the phase can take no less.
+                    phase["cpu_bound_s"] = round(
+                        (phase["student_alone_cpu_s"] + phase["judge_alone_cpu_s"]) / phase["cpus"],
+                        1,
+                    )
+                    floor = max(
+                        phase["cpu_bound_s"], phase["student_alone_s"], phase["judge_alone_s"]
+                    )
+                    phase["overlap_ratio_cpu"] = round(phase["seconds"] / floor, 2)
             runs.append(run)
             print(json.dumps(run), file=sys.stderr, flush=True)
             write_results(
@@ -435,11 +559,12 @@ def main() -> None:
             )  # after every size: a long run keeps what it measured
     plot(runs, args.out.with_suffix(".png"))
     print_table(
-        ["pool", "wall s", "scoring s", "cand./s", "overlap", "driver MB", "worker MB", "engine core MB",
-         "workers MB"],
+        ["pool", "wall s", "scoring s", "cand./s", "overlap", "driver MB", "worker MB", "worker anon MB",
+         "engine core MB", "workers MB"],
         [[r["pool"], r["wall_s"], r["scoring_phase"]["seconds"], r["scoring_phase"]["candidates_per_s"],
           r["scoring_phase"]["overlap"], r["peak_rss_driver_mb"], r["peak_rss_worker_mb"],
-          r.get("peak_rss_engine_core_mb", ""), r["peak_rss_workers_total_mb"]] for r in runs],
+          r.get("peak_anon_worker_mb", ""), r.get("peak_rss_engine_core_mb", ""),
+          r["peak_rss_workers_total_mb"]] for r in runs],
     )  # fmt: skip
     stage_names = list(dict.fromkeys(k for r in runs for k in r["stage_seconds"]))
     print_table(["stage", *(f"{r['pool']:,}" for r in runs)],

@@ -402,8 +402,8 @@ class Recipe:
         storage.remove(self.paths.embeddings)
         gpus = self.embedding_gpus()
         ds = embed(ray.data.read_parquet(self.paths.pool).map_batches(text, batch_format="pyarrow"),
-                   self.embedding_model, gpus=gpus)  # fmt: skip
-        frames.write_as_it_goes(ds.select_columns(["id", "embedding"]), self.paths.embeddings)
+                   self.embedding_model, gpus=gpus, drop_text=True)  # id, embedding  # fmt: skip
+        frames.write_as_it_goes(ds, self.paths.embeddings)
         storage.mark_success(self.paths.embeddings)
         actors = gpu_actors(gpus)
         where = f"{actors} GPU actor(s)" if actors else "CPU"

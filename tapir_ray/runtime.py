@@ -15,6 +15,14 @@ log = logging.getLogger(__name__)
 
 # Offline by default: nothing in tapir-ray downloads weights at run time unless asked to.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+# The raylet kills a pooled worker idle for 1 s whenever the node runs more worker processes than
+# it has CPUs (`num_workers_soft_limit`), and a round's actors alone (engine, oracle, limiter,
+# ledger, curriculum, Ray Data's own) outnumber a small node's CPUs. Nearly every Ray Data task
+# then started a new Python process (over a second of CPU each), and workers started ahead for
+# queued tasks were killed unused: a 100,000-row scoring phase on 2 cores started about 120 of
+# them, 140 s of CPU. Idle workers now wait 30 s for the next task (a local cluster gets it from
+# `ensure_ray`; a `ray start` node from RAY_idle_worker_killing_time_threshold_ms, see cluster/).
+RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 30_000}
 
 
 def configure_data() -> None:
@@ -114,7 +122,7 @@ def ensure_ray(resources: ResourcesConfig | None = None) -> None:
             kwargs["num_cpus"] = resources.num_cpus
         if resources.object_store_gb:
             kwargs["object_store_memory"] = int(resources.object_store_gb * 2**30)
-        ray.init(include_dashboard=False, **kwargs)
+        ray.init(include_dashboard=False, _system_config=RAY_SYSTEM_CONFIG, **kwargs)
     if not verbose:
         node = getattr(ray._private.worker, "_global_node", None)
         where = node.get_logs_dir_path() if node is not None else "the head node's session folder"

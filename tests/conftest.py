@@ -29,12 +29,11 @@ def ray_cluster(asset_cache):
     each of the two pytest-xdist workers has its own)."""
     import ray
 
-    from tapir_ray.runtime import configure_data, worker_env
+    from tapir_ray.runtime import RAY_SYSTEM_CONFIG, configure_data, worker_env
 
     env = worker_env() | {"TAPIR_RAY_CACHE": str(asset_cache), "HF_HUB_OFFLINE": "1"}
-    ray.init(
-        num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env}
-    )
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": env}, _system_config=RAY_SYSTEM_CONFIG)  # fmt: skip
     configure_data()
     yield ray
     ray.shutdown()

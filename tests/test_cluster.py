@@ -156,13 +156,34 @@ def parquet_path():
     return "v2" if ray.data.DataContext.get_current().use_datasource_v2 else "v1"
 
 print("a task reads Parquet by", ray.get(parquet_path.remote()))
+
+@ray.remote(num_cpus=0.5)
+def pid():
+    import os, time
+    time.sleep(2.0)
+    return os.getpid()
+
+import os, time
+workers = set(ray.get([pid.remote() for _ in range(4)]))  # more workers than the node's CPUs
+time.sleep(4)
+alive = 0
+for worker in workers:
+    try:
+        os.kill(worker, 0)
+        alive += 1
+    except ProcessLookupError:
+        pass
+print(f"idle for 4 s: {alive} of {len(workers)} workers still there")
 """
 
 
 def test_a_local_cluster_starts_with_our_lines_only(tmp_path):
     """What `tapir-ray run` prints when it starts its own cluster: where Ray's logs are, not Ray's
     INFO lines or its token-authentication notice. Its tasks read Parquet as the driver does
-    (Ray Data's V1 path: V2 cost a task about 4 s per read)."""
+    (Ray Data's V1 path: V2 cost a task about 4 s per read). Workers idle for a few seconds are
+    kept for the next tasks, more of them than the node has CPUs (Ray's default stops those
+    beyond the CPU count after 1 s, and a round's Ray Data tasks then each started a new
+    process)."""
     import os
     import subprocess
     import sys
@@ -176,3 +197,6 @@ def test_a_local_cluster_starts_with_our_lines_only(tmp_path):
     assert "Ray's own logs:" in out and "Token authentication" not in out, out
     assert "Started a local Ray instance" not in out, out
     assert "a task reads Parquet by v1" in out, out
+    alive, workers = map(int, re.search(r"idle for 4 s: (\d+) of (\d+) workers", out).groups())
+    cpus = float(re.search(r"^cpus (\S+)", out, re.M).group(1))
+    assert alive == workers > cpus, out  # the default keeps only as many as the CPUs

@@ -33,6 +33,11 @@ def test_minilm_embeddings_classify_by_centroid_and_find_near_duplicates(ray_clu
     out = sorted(embed(rows, "bundled:all-minilm-l6-v2").take_all(), key=lambda r: int(r["id"]))
     vecs = np.stack([np.asarray(r["embedding"], dtype=np.float32) for r in out])
     assert vecs.shape == (6, 384) and np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
+    # Without the text (as a run writes its pool's embeddings): the same vectors, no text column.
+    bare = sorted(embed(rows, "bundled:all-minilm-l6-v2", drop_text=True).take_all(),
+                  key=lambda r: int(r["id"]))  # fmt: skip
+    assert all(set(r) == {"id", "embedding"} for r in bare)
+    assert np.allclose(np.stack([np.asarray(r["embedding"], dtype=np.float32) for r in bare]), vecs)
     cents = centroids(vecs, labels)
     from tapir_ray.embed import encode, load_encoder
 
