@@ -15,13 +15,14 @@ log = logging.getLogger(__name__)
 
 # Offline by default: nothing in tapir-ray downloads weights at run time unless asked to.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-# The raylet kills a pooled worker idle for 1 s whenever the node runs more worker processes than
-# it has CPUs (`num_workers_soft_limit`), and a round's actors alone (engine, oracle, limiter,
-# ledger, curriculum, Ray Data's own) outnumber a small node's CPUs. Nearly every Ray Data task
+# The raylet stops the idle workers beyond `num_workers_soft_limit` (the node's CPU count) once
+# they have been idle for 1 s, and a round runs more Ray Data tasks at once than a small node has
+# CPUs (light tasks at a fraction of a CPU, writers at none, beside the actors). Nearly every task
 # then started a new Python process (over a second of CPU each), and workers started ahead for
-# queued tasks were killed unused: a 100,000-row scoring phase on 2 cores started about 120 of
-# them, 140 s of CPU. Idle workers now wait 30 s for the next task (a local cluster gets it from
-# `ensure_ray`; a `ray start` node from RAY_idle_worker_killing_time_threshold_ms, see cluster/).
+# queued tasks were stopped unused: a 100,000-row round on 2 cores started 150 worker processes
+# (128 stopped idle; 140 s of CPU in its scoring phase). Idle workers now wait 30 s for the next
+# task (a local cluster gets it from `ensure_ray`; a `ray start` node from
+# RAY_idle_worker_killing_time_threshold_ms, see cluster/).
 RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 30_000}
 
 
