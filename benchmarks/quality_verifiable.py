@@ -228,7 +228,7 @@ def main() -> None:
     for arm, v in report["arms"].items():
         if sel := v.get("selection_by_family"):
             took = sorted({k for c in sel.values() for k in c if k.startswith("trained_")})
-            print_table([f"{arm}: family", "scored", "hard", *(k.removeprefix("trained_") for k in took)],
+            print_table([f"{arm}: family", "judged", "judged hard", *(k.replace("_", " ") for k in took)],
                         [[f, c.get("scored", 0), c.get("scored_hard", 0), *(c.get(k, 0) for k in took)]
                          for f, c in sel.items()])  # fmt: skip
     for key, label in (("tapir_minus_random", "random"),
