@@ -1,7 +1,7 @@
 """Does the curriculum help? TAPIR against random selection on instructions a program can check.
 
     python benchmarks/quality_verifiable.py [--seeds 3] [--pool 240] [--test-per-family 20]
-        [--arms tapir,random] [--round-sizes 48,80] [--keep DIR]
+        [--arms tapir,random] [--round-sizes 48,80] [--warmup ROWS] [--keep DIR]
 
 For each seed: a pool and a held-out test set of the reference oracle's task families
 (tapir_ray.oracle.reference: arithmetic, date arithmetic, sorting, reversal, counting, CSV→JSON,
@@ -13,6 +13,10 @@ so the arms train on the same number of rows:
 - `tapir`: MFD selection with the α schedule, re-balancing and expansion;
 - `random`: the same round sizes chosen at random (`curriculum.tapir.selection: random`);
 - `tapir_no_rebalance`: MFD without the taxonomy's quotas (one flat category).
+
+With `--warmup ROWS`, every arm first fine-tunes the student on the same seeded slice of ROWS pool
+items (TAPIR's optional round 0), so that the judge measures difficulty on a student that has seen
+each family; the training rows reported include the warm-up's.
 
 Each arm's last-round student answers the test set; a program checks the answers (exact match
 per family). Reported per arm: accuracy (overall and per family), oracle requests, training rows;
@@ -50,7 +54,7 @@ def arm_config(arm: str, run_dir: Path, pool: Path, base_url: str, seed: int, ar
     sizes = [int(x) for x in args.round_sizes.split(",")]
     tapir = {
         "rounds": len(sizes), "round_sizes": sizes, "alpha": [0.3, 0.5, 0.7][: len(sizes)],
-        "warmup": False, "heldout_fraction": 0.02, "nll_max_rows": 16, "expansion_attempts": 1,
+        "warmup": args.warmup > 0, "warmup_rows": max(1, args.warmup), "heldout_fraction": 0.02, "nll_max_rows": 16, "expansion_attempts": 1,
         "expansion_max_tokens": 96, "delta": 1.0, "selection": "random" if arm == "random" else "mfd",
         "judge": {"mode": "single", "logprob_scoring": True},
         # A family's instances share one template and differ in their numbers and words: to a
@@ -157,6 +161,10 @@ def main() -> None:
     parser.add_argument("--arms", default="tapir,random")
     parser.add_argument("--round-sizes", default="48,80")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument(
+        "--warmup", type=int, default=0, metavar="ROWS",
+        help="a warm-up fine-tune on ROWS pool items before round 1, the same for every arm (0: none)",
+    )  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--keep", default=None, help="keep the runs under DIR")
     parser.add_argument("--out", default=str(RESULTS))
@@ -247,6 +255,7 @@ def summarise(args, arms: list[str], correct: dict, per_family: dict, spend: dic
         "seeds": len(correct["base"]),
         "pool": args.pool,
         "round_sizes": [int(x) for x in args.round_sizes.split(",")],
+        "warmup_rows": args.warmup,
         "test_per_family": args.test_per_family,
         "arms": {
             arm: {
