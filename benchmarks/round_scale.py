@@ -19,10 +19,10 @@ Measured per size:
 - peak resident memory of the driver (the `tapir-ray run` process), of the largest Ray worker,
   of vLLM's engine core (a child process of the engine-stage actor, sized by the engine: weights
   and KV cache) and of all of them together (RSS, so shared pages count in each), and the node's
-  memory in use, sampled every 0.5 s; and every 5 s the largest Ray worker's private memory
-  (`peak_anon_worker_mb`: its anonymous pages; RSS also counts the pages of Ray's object store
-  that a worker has mapped, which grow with the store's use over a long run, not with the
-  worker's own data);
+  memory in use, sampled every 0.5 s; and every 5 s the private memory of the largest Ray worker
+  and of the driver (`peak_anon_worker_mb`, `peak_anon_driver_mb`: anonymous pages; RSS also
+  counts the pages of Ray's object store that a process has mapped, which grow with the store's
+  use over a long run, not with the process's own data);
 - the scoring phase's overlap: the share of the phase's judge requests that the server had
   received when the engine wrote its last block of answers. 0 means the stages ran one after the
   other; near 1, the judge kept pace with the engine. And the share of the node's cores that
@@ -34,10 +34,10 @@ Measured per size:
   `judge_alone_cpu_s`): on a node whose cores both halves fill, no overlap can bring the phase
   below their sum over the cores (`cpu_bound_s`; `overlap_ratio_cpu` = the phase's wall / the
   larger of that and the halves' walls);
-- the driver's, the largest worker's and the engine core's RSS once a minute (`memory_timeline`),
-  so growth over a long run shows, not only its peak.
-The ratios (`rss_ratio_driver`, `rss_ratio_worker`, `anon_ratio_worker`, `wall_ratio`) set the
-largest size against the next smaller one (`ratios_of`).
+- the driver's, the largest worker's and the engine core's RSS and the driver's private memory
+  once a minute (`memory_timeline`), so growth over a long run shows, not only its peak.
+The ratios (`rss_ratio_driver`, `rss_ratio_worker`, `anon_ratio_driver`, `anon_ratio_worker`,
+`wall_ratio`) set the largest size against the next smaller one (`ratios_of`).
 With `--keep DIR --reuse`, a size whose run DIR already holds (its `measured.json`) is not run again.
 Results: benchmarks/results/round_scale.json (or --out), a plot of rows/s per stage next to it
 (.png) and tables on stdout.
@@ -135,6 +135,11 @@ def role_of(cmd: list[str]) -> str:
     return next((Path(a).name for a in cmd[1:] if a.endswith(".py")), Path(cmd[0]).name)
 
 
+# memory_timeline's columns: seconds since start, driver MB, largest Ray worker MB, its title,
+# engine core MB, node MB in use, the driver's private MB.
+TIMELINE = ["s", "driver_mb", "worker_mb", "worker", "engine_core_mb", "node_mb", "driver_anon_mb"]
+
+
 def anonymous_bytes(pid: int) -> int | None:
     """A process's private memory: its anonymous pages (heap, stacks), without the pages of
     files and of shared memory it maps (Ray's object store among them), which RSS counts."""
@@ -161,8 +166,8 @@ class Sampler(PeakRSS):
         self.cpu: list[tuple[float, float]] = []  # (wall time, CPU seconds the node has worked)
         self.missed = 0  # samples whose request count the server did not give in time
         self.worker_name = ""  # the process title of the largest Ray worker at its peak
-        # Every `every` seconds: [seconds since start, driver MB, largest Ray worker MB, its title,
-        # engine core MB, node MB in use], so that growth over a long run shows, not only the peak.
+        # Every `every` seconds, a row of TIMELINE, so that growth over a long run shows, not only
+        # the peak.
         self.timeline: list[list] = []
         self.every, self._started, self._last = every, time.time(), -every
         # (wall time, role, CPU seconds the process used since its last record): which parts of
@@ -170,6 +175,7 @@ class Sampler(PeakRSS):
         self.by_process: list[tuple[float, str, float]] = []
         self._process_cpu: dict[int, float] = {}
         self.worker_anon, self.worker_anon_name = 0, ""
+        self.driver_anon = 0  # the driver's private memory, with the workers' (every cpu_every s)
         self.cpu_every, self._cpu_last = cpu_every, float("-inf")
 
     def __enter__(self) -> Sampler:
@@ -199,6 +205,7 @@ class Sampler(PeakRSS):
         record = cpu or time.time() - self._cpu_last >= self.cpu_every
         if record:
             self._cpu_last = time.time()
+            self.driver_anon = max(self.driver_anon, anonymous_bytes(self.pid) or 0)
         for p in self.proc.children(recursive=True):
             try:
                 cmd = p.cmdline()
@@ -228,7 +235,8 @@ class Sampler(PeakRSS):
         if now - self._last >= self.every:
             self._last = now
             self.timeline.append([round(now), round(driver / 2**20), round(largest / 2**20), title,
-                                  round(core / 2**20), round((vm.total - vm.available) / 2**20)])  # fmt: skip
+                                  round(core / 2**20), round((vm.total - vm.available) / 2**20),
+                                  round((anonymous_bytes(self.pid) or 0) / 2**20)])  # fmt: skip
         try:  # a server too busy to answer within the call's timeout: no count in this sample
             self.requests.append((time.time(), int(self.server.stats()["requests"])))
         except OSError:
@@ -357,6 +365,7 @@ def one_size(
             "request_count_samples_missed": sampled.missed,
         },
         "peak_rss_driver_mb": round(sampled.driver / 2**20),
+        "peak_anon_driver_mb": round(sampled.driver_anon / 2**20),
         "peak_rss_worker_mb": round(sampled.worker / 2**20),
         "peak_rss_worker_process": sampled.worker_name,
         "peak_anon_worker_mb": round(sampled.worker_anon / 2**20),
@@ -367,7 +376,7 @@ def one_size(
         "object_store_spilled_mb": spilled_mb() - spilled_before,
         "config": {k: config[k] for k in ("student", "oracle", "train")},
         "memory_timeline": {
-            "columns": ["s", "driver_mb", "worker_mb", "worker", "engine_core_mb", "node_mb"],
+            "columns": TIMELINE,
             "rows": sampled.timeline,
         },
     }
@@ -473,6 +482,10 @@ def report(runs: list[dict], command: str) -> dict:
         out["rss_ratio_worker"] = round(
             last["peak_rss_worker_mb"] / max(1, first["peak_rss_worker_mb"]), 2
         )
+        if first.get("peak_anon_driver_mb") and last.get("peak_anon_driver_mb"):
+            out["anon_ratio_driver"] = round(
+                last["peak_anon_driver_mb"] / first["peak_anon_driver_mb"], 2
+            )
         if first.get("peak_anon_worker_mb") and last.get("peak_anon_worker_mb"):
             out["anon_ratio_worker"] = round(
                 last["peak_anon_worker_mb"] / first["peak_anon_worker_mb"], 2
