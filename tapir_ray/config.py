@@ -232,7 +232,12 @@ class EndpointConfig(_Strict):
     )
     rpm: PositiveInt = 500
     tpm: PositiveInt = 200_000
-    max_concurrency: PositiveInt = 32
+    max_concurrency: PositiveInt = Field(
+        32,
+        description="Requests one oracle actor keeps in flight. An actor left with rows at the end "
+        "of a stage borrows the slots its stage's other actors leave unused: a stage holds at most "
+        "its actors times this.",
+    )
     timeout_s: Annotated[float, Field(gt=0)] = 120.0
     max_retries: Annotated[int, Field(ge=0)] | None = Field(
         None,

@@ -337,6 +337,7 @@ class _CountingLimiter:
             return type("Method", (), {"remote": staticmethod(fn)})
 
         self.reserve = call(self._reserve)
+        self.load = call(self.limiter.load)
         self.settled = call(self.limiter.settled)
         self.rate_limited = call(self.limiter.rate_limited)
 
@@ -375,6 +376,103 @@ def test_waiting_requests_are_reserved_together_and_do_not_poll_the_limiter_in_a
     assert stats["reservations"] == 400  # each request reserved once
     assert limiter.calls <= elapsed / MIN_POLL_S + 5, limiter.calls
     assert stats["refused"] >= limiter.calls - 5  # nearly every call but the last ends refused
+
+
+def test_a_stages_actors_share_their_slots_and_take_them_back():
+    """Four actors of 10 slots: those left with rows at the end borrow what the others leave
+    unused, in proportion to their waiting requests; an actor that lent its slots and gets rows
+    again has them back as the borrowers' requests finish; a stopped actor's slots go to the
+    rest."""
+    from tapir_ray.oracle.limiter import LOAD_STALE_S, SharedConcurrency
+
+    pool = SharedConcurrency()
+    for name in "ab":  # finished their rows
+        assert pool.grant("stage", 40, name, 0, 0, 10, now=0.0) == 10
+    pool.grant("stage", 40, "d", 10, 10, 10, now=0.0)
+    c = pool.grant("stage", 40, "c", 10, 30, 10, now=0.0)  # 20 slots unused, 3/4 of the demand
+    d = pool.grant("stage", 40, "d", 10, 10, 10, now=0.0)
+    assert (c, d) == (25, 15) and c + d <= 40
+    # a has rows again and its own 10 in flight: c and d are over by 10 and start nothing new
+    # until they are back within their shares, never below their own 10
+    pool.grant("stage", 40, "a", 10, 5, 10, now=1.0)
+    c = pool.grant("stage", 40, "c", 25, 20, 10, now=1.0)
+    d = pool.grant("stage", 40, "d", 15, 5, 10, now=1.0)
+    assert 10 <= c < 25 and 10 <= d < 15
+    # b and a stop reporting (their actors were stopped): c, alone with d, may use the rest
+    later = 1.0 + LOAD_STALE_S + 0.1
+    pool.grant("stage", 40, "d", 10, 0, 10, now=later)
+    assert pool.grant("stage", 40, "c", 10, 50, 10, now=later) == 30
+    # another stage's pool is its own
+    assert pool.grant("other", 10, "x", 10, 50, 10, now=later) == 10
+
+
+def test_a_client_left_with_rows_borrows_its_stages_unused_slots():
+    """One client of a stage of four 8-slot actors whose other three have finished (as at the end
+    of a stage): with its load reported every 0.1 s it keeps more than its own 8 requests in
+    flight, and never more than the stage's 32."""
+    import asyncio
+
+    from tapir_ray.oracle.client import OracleClient
+
+    with LocalOracle("--backend", "scripted", "--latency-ms", "200-200") as server:
+        limiter = _CountingLimiter(rpm=600_000)
+        ep = EndpointConfig(base_url=server.base_url, model="local", api_key_env=None,
+                            max_concurrency=8)  # fmt: skip
+        client = OracleClient(ep, server.base_url, limiter=limiter, cache=None, pool=("stage", 32))
+        most = 0
+
+        async def report():
+            nonlocal most
+            while True:
+                await client.share_load()
+                for _ in range(10):
+                    most = max(most, client.slots.in_flight)
+                    await asyncio.sleep(0.01)
+
+        async def many():
+            reporter = asyncio.ensure_future(report())
+            try:
+                return await asyncio.gather(*[
+                    client.call(f"r{k}", "teacher", [{"role": "user", "content": f"q{k}"}], {"max_tokens": 8})
+                    for k in range(200)
+                ])  # fmt: skip
+            finally:
+                reporter.cancel()
+
+        answers = asyncio.run(many())
+    assert len(answers) == 200 and all(a.text for a in answers)
+    assert 8 < most <= 32, most
+    assert client.slots.in_flight == 0 and client.slots.waiting == 0
+
+
+def test_slots_take_a_new_capacity_while_requests_wait_and_survive_cancellation():
+    import asyncio
+
+    from tapir_ray.oracle.client import Slots
+
+    async def scenario():
+        slots, inside, gate = Slots(2), [], asyncio.Event()
+
+        async def request(k):
+            async with slots:
+                inside.append(k)
+                await gate.wait()
+
+        tasks = [asyncio.ensure_future(request(k)) for k in range(6)]
+        await asyncio.sleep(0.01)
+        assert (len(inside), slots.waiting) == (2, 4)
+        tasks[2].cancel()  # a waiting request cancelled leaves no slot taken
+        await asyncio.sleep(0.01)
+        slots.resize(4)
+        await asyncio.sleep(0.01)
+        assert (len(inside), slots.waiting, slots.in_flight) == (4, 1, 4)
+        slots.resize(1)  # fewer: the requests inside finish, none starts until below it
+        gate.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return inside, slots
+
+    inside, slots = asyncio.run(scenario())
+    assert sorted(inside) == [0, 1, 3, 4, 5] and slots.in_flight == 0 and slots.waiting == 0
 
 
 def test_client_errors_are_not_retried_and_are_dead_lettered(ray_cluster, tmp_path):

@@ -122,6 +122,29 @@ def test_compaction_merges_small_segments_and_an_old_per_reply_cache_keeping_eve
     assert ResponseCache(str(root)).compact() == 0
 
 
+def test_compaction_streams_into_segments_of_at_most_compact_below_entries(tmp_path, monkeypatch):
+    """Merged a few segments at a time: every output segment holds at most COMPACT_BELOW entries,
+    its name counts them, and every reply and its cost are kept."""
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(cache_mod, "COMPACT_BELOW", 16)
+    monkeypatch.setattr(cache_mod, "COMPACT_ROW_GROUP", 5)
+    root, i = tmp_path / "oracle-cache", 0
+    for size in [7, 3, 11, 1, 9, 4, 13, 2, 6, 8, 5, 10, 1, 3, 12, 7, 2, 9]:  # 113 replies
+        ResponseCache(str(root)).put_many([(_key(k), _entry(k)) for k in range(i, i + size)])
+        i += size
+    before = ResponseCache(str(root)).total_usd()
+    assert ResponseCache(str(root)).compact() == 18
+    out = _segments(root)
+    counts = [pq.ParquetFile(p).metadata.num_rows for p in out]
+    assert sum(counts) == i and counts.count(16) == i // 16 and max(counts) == 16
+    assert [int(p.stem.rsplit("-n", 1)[1]) for p in out] == counts
+    assert not list((root / "segments").glob(".*"))  # no temporary file left
+    reader = ResponseCache(str(root))
+    assert [reader.get(_key(k)) for k in range(i)] == [_entry(k) for k in range(i)]
+    assert reader.total_usd() == pytest.approx(before)
+
+
 def test_a_writer_finds_what_it_wrote_without_holding_every_key_it_wrote(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod, "WRITTEN_FOLD", 8)
     monkeypatch.setattr(cache_mod, "WRITTEN_CHUNKS", 2)

@@ -24,11 +24,13 @@ Reasons never carry a credential: they are redacted of the key and of anything s
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import json
 import logging
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,6 +137,7 @@ class OracleClient:
         cache: ResponseCache | None,
         seed: int = 0,
         identity: str | None = None,
+        pool: tuple[str, int] | None = None,
     ):
         self.endpoint = endpoint
         self.base_url = base_url
@@ -150,7 +153,10 @@ class OracleClient:
         self._http: aiohttp.ClientSession | None = None
         self._proxy: tuple[Any, Any] = (None, None)  # (URL, auth) from the environment, or none
         self._api = None  # the openai library's client, for the Batch API only (batch.py)
-        self.sem = asyncio.Semaphore(endpoint.max_concurrency)
+        # max_concurrency slots, more while the other actors of its stage (`pool`: its name and
+        # all its actors' slots) leave theirs unused (share_load).
+        self.slots = Slots(endpoint.max_concurrency)
+        self.name, self.pool = uuid.uuid4().hex, pool
         # This client's requests waiting for a reservation, asked for together by one task in
         # arrival order; and what its replies reported since (see _reserve, _settle).
         self._waiting: list[tuple[float, asyncio.Future]] = []
@@ -292,6 +298,16 @@ class OracleClient:
         taken, self._settled = tuple(self._settled), [0.0, 0.0, 0]
         return taken if taken[2] else None
 
+    async def share_load(self) -> None:
+        """Tells the limiter this client's load and takes the concurrency it grants (see
+        limiter.SharedConcurrency): a client left with rows at the end of a stage borrows the
+        slots of the actors that finished."""
+        if self.pool is None:  # a client on its own
+            return
+        granted = await self.limiter.load.remote(*self.pool, self.name, self.slots.in_flight,
+                                                 self.slots.waiting, self.endpoint.max_concurrency)  # fmt: skip
+        self.slots.resize(int(granted))
+
     def flush(self) -> None:
         """Hands the limiter what the replies since the last reservation reported."""
         if (taken := self._take_settled()) is not None:
@@ -312,7 +328,7 @@ class OracleClient:
                 # A slot first, then the endpoint's pacing: a reservation is made only when the
                 # request can leave at its reserved time (reserving early and queueing on the slot
                 # would send bunched bursts the endpoint answers with 429s).
-                async with self.sem:
+                async with self.slots:
                     wait = await self._reserve(estimate)
                     if wait > 0:
                         await asyncio.sleep(wait)
@@ -479,6 +495,51 @@ class OracleClient:
                 text=text, parsed=parsed, usage=entry["usage"], cached=cached, logprobs=logprobs
             )
         raise AssertionError("unreachable")
+
+
+class Slots:
+    """A semaphore whose capacity can change while requests wait on it (asyncio's cannot)."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.in_flight = capacity, 0
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def resize(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._wake()
+
+    async def __aenter__(self) -> None:
+        if self.in_flight < self.capacity and not self._waiters:
+            self.in_flight += 1
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            await future  # the slot was taken for this request when it was woken
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():  # woken, then cancelled
+                self._release()
+            elif future in self._waiters:  # (a wake-up may have passed over it already)
+                self._waiters.remove(future)
+            raise
+
+    async def __aexit__(self, *exc) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_flight < self.capacity:
+            future = self._waiters.popleft()
+            if not future.done():
+                self.in_flight += 1
+                future.set_result(None)
 
 
 def _parse(parse, text, logprobs, messages):

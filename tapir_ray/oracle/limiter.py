@@ -36,6 +36,9 @@ FIRST_MINUTE_SHARE = 0.98
 # The requests in flight when a window overflows come back as 429s together: one cut for all of
 # them (a cut each took the rate to its floor and minutes of successes to win it back).
 CUT_HOLD_S = 2.0
+# A client that has not told the limiter its load for this long has gone (its stage ended): its
+# share of the endpoint's concurrency is no longer counted.
+LOAD_STALE_S = 5.0
 
 
 class TokenBuckets:
@@ -109,6 +112,49 @@ class TokenBuckets:
         self.scale = min(1.0, self.scale * 1.01)
 
 
+class SharedConcurrency:
+    """A stage's concurrency as one pool: each of its clients (one per oracle actor) may keep its
+    own `max_concurrency` requests in flight, and more while the stage's other actors leave theirs
+    unused.
+
+    At the end of a stage the rows left sit in the actors that got the last batches, each capped at
+    its own concurrency, while Ray Data stops the actors that have finished: with answers taking
+    1-30 s (15 s on average) and 256 slots an actor, four actors of eight send at most 66 requests
+    a second, 0.8 of a 5,000 RPM limit. Each client tells the limiter its load about once a second
+    (requests in flight, and requests waiting for a slot). The pool holds the stage's actors times
+    their concurrency; a client with requests waiting may keep in flight what it has plus a share
+    of the slots the pool's live clients leave unused, in proportion to its waiting requests, and
+    never less than its own concurrency. When the pool is over-full (an actor that lent its slots
+    gets rows again) the shares turn negative and the borrowers send nothing new until they are
+    back within theirs. Together a stage's clients hold no more than its pool but for the second a
+    report takes.
+    """
+
+    def __init__(self) -> None:
+        # pool: {client: (time of its report, requests in flight, requests waiting)}
+        self.pools: dict[str, dict[str, tuple[float, int, int]]] = {}
+
+    def grant(self, pool: str, size: int, client: str, in_flight: int, waiting: int, own: int,
+              now: float) -> int:  # fmt: skip
+        """Records a client's load; returns how many requests it may now keep in flight."""
+        loads = self.pools.setdefault(pool, {})
+        loads[client] = (now, in_flight, waiting)
+        for name, (t, _, _) in list(loads.items()):
+            if now - t > LOAD_STALE_S:  # its actor was stopped
+                del loads[name]
+        if not waiting:
+            return own
+        spare = size - sum(f for _, f, _ in loads.values())
+        demand = sum(w for _, _, w in loads.values())
+        return max(own, in_flight + spare * waiting // demand)
+
+    def forget(self, now: float) -> None:
+        """Drops the pools whose clients have all gone (their stages ended)."""
+        for pool, loads in list(self.pools.items()):
+            if all(now - t > LOAD_STALE_S for t, _, _ in loads.values()):
+                del self.pools[pool]
+
+
 @ray.remote(num_cpus=0, max_concurrency=1000)
 class RateLimiter:
     """The shared budget of one endpoint; look it up with `limiter_for`. An async actor: every
@@ -116,6 +162,7 @@ class RateLimiter:
 
     def __init__(self, rpm: float, tpm: float):
         self.buckets = TokenBuckets(rpm, tpm)
+        self.concurrency = SharedConcurrency()
         self.stats = {"reservations": 0, "refused": 0, "rate_limited": 0, "waited_s": 0.0}
 
     async def reserve(
@@ -147,6 +194,14 @@ class RateLimiter:
 
     async def settled(self, estimated: float, actual: float, successes: int) -> None:
         self._settle(estimated, actual, successes)
+
+    async def load(self, pool: str, size: int, client: str, in_flight: int, waiting: int,
+                   own: int) -> int:  # fmt: skip
+        """A client's requests in flight and waiting for a slot: how many it may keep in flight
+        (see SharedConcurrency; `pool` names its stage, whose actors hold `size` slots)."""
+        now = time.monotonic()
+        self.concurrency.forget(now)
+        return self.concurrency.grant(pool, size, client, in_flight, waiting, own, now)
 
     async def rate_limited(self, retry_after: float) -> None:
         self.stats["rate_limited"] += 1

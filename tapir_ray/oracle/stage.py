@@ -70,6 +70,7 @@ class OracleStage:
         identity: str | None = None,
         stage: str | None = None,
         mode: str = "online",
+        pool: tuple[str, int] | None = None,
     ):
         self.endpoint = EndpointConfig.model_validate(endpoint)
         self.role, self.round, self.params, self.parse = role, round_, params, parse
@@ -82,6 +83,7 @@ class OracleStage:
             limiter=limiter,
             cache=ResponseCache(RunDir(run_dir).oracle_cache),
             identity=identity,
+            pool=pool,
         )  # made on the loop's thread would be the same: it holds no loop-bound state until used
         self.dead_dir = RunDir(run_dir).dead_letter
         self.dead_prefix = dead_letter_prefix(stage or f"round-{round_}-{role}")
@@ -181,12 +183,15 @@ class OracleStage:
 
     async def _report_every(self, seconds: float) -> None:
         """The ledger and the limiter hear from this actor every `seconds` (the limiter also with
-        each reservation call; the ledger, with a budget, after each paid reply)."""
+        each reservation call; the ledger, with a budget, after each paid reply), and the actor
+        learns how many requests it may keep in flight (limiter.SharedConcurrency)."""
         while True:
             await asyncio.sleep(seconds)
             with contextlib.suppress(Exception):
                 self.client.flush()
                 await self._report()
+            with contextlib.suppress(Exception):
+                await self.client.share_load()
 
     def _write_dead(self, dead: list[DeadLetter]) -> None:
         lines = [
@@ -304,7 +309,7 @@ def oracle_map(
         fn_constructor_kwargs=dict(
             endpoint=endpoint.model_dump(), base_url=base_url, role=role, run_dir=run_dir, round_=round_,
             params=params, parse=parse, limiter=limiter, ledger=ledger, identity=identity, stage=stage,
-            mode=mode,
+            mode=mode, pool=(uuid.uuid4().hex, actors * endpoint.max_concurrency),
         ),
         batch_size=batch_size,
         batch_format="numpy",
