@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: env demo test lint bench-demo bench-quality bench-ingest bench-oracle-batch bench-glue bench-expansion bench-round bench-scale bench-gpu clean-demo
+.PHONY: env demo test lint bench-demo bench-quality bench-ingest bench-oracle-batch bench-glue bench-expansion bench-round bench-scale bench-gpu bench-cache clean-demo
 
 env:
 	@bash scripts/setup_env.sh $(VENV)
@@ -58,6 +58,10 @@ bench-gpu: env
 
 bench-oracle-batch: env
 	$(PY) benchmarks/oracle_batch.py --requests 100000
+
+# the response cache's compaction of a 1M-row round's 2 million replies: the driver's memory
+bench-cache: env
+	$(PY) benchmarks/cache_compaction.py --replies 2000000
 
 clean-demo:
 	rm -rf runs/demo

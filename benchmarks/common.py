@@ -44,3 +44,13 @@ def print_table(header: list[str], rows: list[list]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     for row in (header, *rows):
         print("  ".join(str(x).rjust(w) for x, w in zip(row, widths, strict=True)))
+
+
+def anonymous_bytes(pid: int) -> int | None:
+    """A process's private memory: its anonymous pages (heap, stacks), without the pages of
+    files and of shared memory it maps (Ray's object store among them), which RSS counts."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Anonymous:"))
+    except (OSError, StopIteration, ValueError):
+        return None

@@ -61,7 +61,7 @@ from pathlib import Path
 import psutil
 import ray
 import yaml
-from common import device_name, print_table, write_results
+from common import anonymous_bytes, device_name, print_table, write_results
 from ingest_throughput import PeakRSS
 
 from tapir_ray.assets import TINY_LLAMA_VLLM, tiny_encoder, tiny_llama
@@ -138,16 +138,6 @@ def role_of(cmd: list[str]) -> str:
 # memory_timeline's columns: seconds since start, driver MB, largest Ray worker MB, its title,
 # engine core MB, node MB in use, the driver's private MB.
 TIMELINE = ["s", "driver_mb", "worker_mb", "worker", "engine_core_mb", "node_mb", "driver_anon_mb"]
-
-
-def anonymous_bytes(pid: int) -> int | None:
-    """A process's private memory: its anonymous pages (heap, stacks), without the pages of
-    files and of shared memory it maps (Ray's object store among them), which RSS counts."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Anonymous:"))
-    except (OSError, StopIteration, ValueError):
-        return None
 
 
 class Sampler(PeakRSS):
