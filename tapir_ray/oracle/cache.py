@@ -55,7 +55,7 @@ MERGE_FANIN = 16  # a writer's segments of one level merged into one of the next
 MERGE_LEVELS = 3  # ... up to this level (16**3 groups); compact() merges the rest
 COMPACT_BELOW = 65_536  # segments with fewer entries are merged by compact()
 COMPACT_WHEN = 16  # ... once there are more than this many of them
-COMPACT_ROW_GROUP = 8_192  # entries compact() writes at once (or fewer, at a segment's end)
+COMPACT_ROW_GROUP = 8_192  # compact() writes a row group once this many entries wait
 DECODED_SEGMENTS = 8  # segments a reader keeps decoded
 # Keys a process wrote are held as Python strings only in groups of up to WRITTEN_FOLD; then they
 # become a sorted chunk of 8-byte prefixes (about 12 bytes a key instead of about 280: an actor
