@@ -14,10 +14,14 @@ env:
 demo: env
 	@bash scripts/demo.sh $(VENV)
 
-# Two pytest workers, each with its own local Ray cluster, one test file at a time: the slowest
-# files (the end-to-end runs) start first so that neither worker is left with a long tail.
+# Two pytest workers, each with its own local Ray cluster, one test file at a time, the slowest
+# files first (the end-to-end runs, then every file over ~20 s) and the quick ones last, so that
+# neither worker is left with a long tail while the other has nothing to do.
 TEST_WORKERS ?= 2
-FIRST := tests/test_tapir.py tests/test_citing.py tests/test_oracle.py tests/test_student.py
+FIRST := tests/test_tapir.py tests/test_citing.py tests/test_oracle.py tests/test_student.py \
+	tests/test_oracle_batch.py tests/test_embed.py tests/test_oracle_replies.py tests/test_ingest.py \
+	tests/test_train.py tests/test_submit.py tests/test_expansion.py tests/test_assets.py \
+	tests/test_cluster.py
 test: env
 	$(VENV)/bin/ruff check tapir_ray tests benchmarks
 	$(PY) -m pytest -q --durations=12 -n $(TEST_WORKERS) --dist loadfile $(FIRST) tests
@@ -59,7 +63,8 @@ bench-gpu: env
 bench-oracle-batch: env
 	$(PY) benchmarks/oracle_batch.py --requests 100000
 
-# the response cache's compaction of a 1M-row round's 2 million replies: the driver's memory
+# the response cache at a 1M-row round's scale: the driver's memory compacting its 2 million
+# replies, and an oracle actor's while it stores its share of them
 bench-cache: env
 	$(PY) benchmarks/cache_compaction.py --replies 2000000
 

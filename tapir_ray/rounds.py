@@ -146,9 +146,7 @@ class TapirRun(Recipe):
             "items", 0, lambda: build_items(self.run_dir, self.seed, tapir.heldout_fraction)
         )
         base = self.student_after(-1)
-        if not tapir.warmup:
-            self.base_nll(base)
-        else:
+        if tapir.warmup:
             self.step(
                 "round-0/plan",
                 0,
@@ -176,8 +174,9 @@ class TapirRun(Recipe):
         return ray.get(self.actor.get.remote())
 
     def base_nll(self, base: dict, from_fit: dict | None = None) -> None:
-        """The base student's held-out NLL: the warm-up fit computes it before its first step;
-        a task loads the base model when there is no warm-up (or its fit resumed mid-way)."""
+        """The base student's held-out NLL: the first fit (the warm-up's, else round 1's, which
+        starts from the base model too) computes it before its first step; a task loads the base
+        model only when that fit did not (a run from an older version resumed)."""
         nll = (from_fit or {}).get("nll")
         if nll is None:
             nll = self.step("round-0/nll-base", 0, lambda: self.nll(0, None, base["model"])).get("nll")  # fmt: skip
@@ -256,12 +255,15 @@ class TapirRun(Recipe):
             r,
             lambda: write_train_set(self.run_dir, r, here.refine, "response", tapir.styles),
         )
-        trained = self.step(f"{rd}/train", r, lambda: self.train(r, student))
+        first = r == 1 and not tapir.warmup  # the base model's fit: its NLL before training too
+        trained = self.step(f"{rd}/train", r, lambda: self.train(r, student, before=first))
         ray.get(
             self.actor.update_round.remote(
                 r, {"adapter": trained["adapter"], "adapter_sha256": trained["adapter_sha256"]}
             )
         )
+        if first:
+            self.base_nll(self.student_after(-1), trained.get("heldout_before"))
         nll = self.step(f"{rd}/nll", r, lambda: self.round_nll(r, trained))
         ray.get(self.actor.update_round.remote(r, {
             "scores": scored, "plan": plan, "final": final, "refine": refined, "train_set": train_set,

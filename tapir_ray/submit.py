@@ -204,20 +204,29 @@ def _call(what: str, fn, *args, **kwargs):
 
 
 AGENT_WAIT_S = 60.0
+# What a head that has just started answers while its job agent or its dashboard is not up yet.
+NOT_READY = ("No available agent", "Connection aborted", "RemoteDisconnected", "Connection refused")
 
 
 def _until_agent(send, **kwargs):
-    """`send(**kwargs)`, asked again while a head that has just started answers "No available agent
-    to submit job, please try again later" (its job agent is not up yet), for up to a minute."""
+    """`send(**kwargs)`, asked again while a head that has just started is not ready, for up to a
+    minute: its job agent is not up ("No available agent to submit job, please try again
+    later"), or its dashboard drops the connection. A dropped request may have submitted the job:
+    asked again, "already exists" for our own submission id means it did."""
     import time
 
     deadline = time.monotonic() + AGENT_WAIT_S
+    dropped = False
     while True:
         try:
             return send(**kwargs)
         except Exception as exc:
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+            text, sid = str(exc), kwargs.get("submission_id")
+            if dropped and sid and f"submission_id {sid} already exists" in text:
+                return sid
+            if not any(s in text for s in NOT_READY) or time.monotonic() > deadline:
                 raise
+            dropped = dropped or "No available agent" not in text
             time.sleep(2)
 
 

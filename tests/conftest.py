@@ -12,13 +12,23 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# What a run's driver sets for itself and its cluster (runtime.ensure_ray), here for the tests'
+# own processes too: two test workers share the machine's cores by design.
+from tapir_ray.runtime import CPU_THREADS_ENV  # noqa: E402
+
+for _k, _v in CPU_THREADS_ENV.items():
+    os.environ.setdefault(_k, _v)
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
 def asset_cache(tmp_path_factory) -> Path:
-    """A cache directory fresh for this session, so the real GGUF conversion runs once per session."""
-    path = tmp_path_factory.mktemp("tapir-ray-cache")
+    """A cache directory fresh for this test run and shared by its pytest-xdist workers (each
+    worker's temporary folder is one of the run's), so the real GGUF conversion and the tiny
+    Llama are built once a run, under a file lock, by whichever worker asks first."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tapir-ray-cache"
+    path.mkdir(exist_ok=True)
     os.environ["TAPIR_RAY_CACHE"] = str(path)
     return path
 

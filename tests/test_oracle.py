@@ -445,6 +445,31 @@ def test_a_client_left_with_rows_borrows_its_stages_unused_slots():
     assert client.slots.in_flight == 0 and client.slots.waiting == 0
 
 
+def test_a_limiter_that_does_not_answer_leaves_the_client_its_slots(monkeypatch):
+    """The load report shares its loop with the ledger's: a limiter that never answers costs it
+    at most LOAD_STALE_S, and the client keeps the concurrency it had."""
+    import asyncio
+
+    from tapir_ray.oracle import client as C
+
+    monkeypatch.setattr(C, "LOAD_STALE_S", 0.2)
+
+    class Silent:
+        load = type("Method", (), {"remote": staticmethod(lambda *a: asyncio.Event().wait())})
+
+    ep = EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m", api_key_env=None,
+                        max_concurrency=8)  # fmt: skip
+    client = C.OracleClient(ep, ep.base_url, limiter=Silent(), cache=None, pool=("stage", 32))
+
+    async def report():
+        start = time.monotonic()
+        await client.share_load()
+        return time.monotonic() - start
+
+    assert asyncio.run(report()) < 2.0
+    assert client.slots.capacity == 8
+
+
 def test_slots_take_a_new_capacity_while_requests_wait_and_survive_cancellation():
     import asyncio
 

@@ -49,7 +49,12 @@ def test_replies_arriving_together_share_a_segment_and_are_durable_when_put_retu
     assert ResponseCache(str(root)).total_usd() == pytest.approx(sum(0.01 * i for i in range(300)))
 
 
-def test_a_writer_merges_its_segments_and_a_reader_whose_index_is_older_still_finds_them(tmp_path):
+def test_a_writer_merges_its_segments_and_a_reader_whose_index_is_older_still_finds_them(
+    tmp_path, monkeypatch
+):
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(cache_mod, "COMPACT_ROW_GROUP", 64)
     root = tmp_path / "oracle-cache"
     writer = ResponseCache(str(root))
     writer.put(_key(0), _entry(0))
@@ -60,6 +65,9 @@ def test_a_writer_merges_its_segments_and_a_reader_whose_index_is_older_still_fi
     fanin = cache_mod.MERGE_FANIN
     assert len(_segments(root)) < 3 * fanin  # not 300
     assert {p.name.split("-L")[1][0] for p in _segments(root)} >= {"1", "2"}  # merged twice over
+    # A merge streams: its output is written a row group at a time as its inputs are read.
+    (merged,) = [pq.ParquetFile(p).metadata for p in _segments(root) if "-L2-" in p.name]
+    assert merged.num_rows == fanin**2 and merged.num_row_groups == fanin**2 // 64
     assert [writer.get(_key(i)) for i in range(300)] == [_entry(i) for i in range(300)]
     # Its segment is gone: the reader indexes again and finds it, and what came later too.
     assert stale.get(_key(0)) == _entry(0) and stale.get(_key(7)) == _entry(7)
@@ -155,6 +163,8 @@ def test_a_writer_finds_what_it_wrote_without_holding_every_key_it_wrote(tmp_pat
     for i in range(300):  # one at a time: its segments are merged over and over meanwhile
         writer.put(_key(i), _entry(i))
     assert len(writer._written) < 8  # the keys as strings: a few, not 300
+    # Each key indexed once: a merged segment is found under the keys of the ones it replaced.
+    assert len(writer._written) + sum(len(prefixes) for prefixes, _ in writer._chunks) == 300
     assert [writer.get(_key(i)) for i in range(300)] == [_entry(i) for i in range(300)]
     assert writer.get(_key(1000)) is None
     assert ["key"] not in reads  # found from what it wrote: the folder was not indexed again

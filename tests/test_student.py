@@ -167,8 +167,8 @@ def test_fit_prompt_keeps_the_template_and_shortens_the_content(tokenizer):
 # --- transformers engine -----------------------------------------------------------------------------
 
 
-def test_over_long_prompts_can_go_to_the_dead_letter(ray_cluster, smollm2, tmp_path):
-    student = StudentConfig(model="bundled:smollm2-135m", engine="transformers", max_model_len=256, over_length="dead-letter",
+def test_over_long_prompts_can_go_to_the_dead_letter(ray_cluster, tiny_llama, tmp_path):
+    student = StudentConfig(model=tiny_llama, engine="transformers", max_model_len=256, over_length="dead-letter",
                             batch_size=4, cpus_per_replica=0.5, sampling={"max_tokens": 8})  # fmt: skip
     over_long = "Summarise this text: " + "lorem ipsum " * 400
     metrics = run_student(
@@ -187,19 +187,30 @@ def test_over_long_prompts_can_go_to_the_dead_letter(ray_cluster, smollm2, tmp_p
     )
 
 
-def test_the_transformers_engine_computes_with_the_nodes_cores(ray_cluster, smollm2):
+def test_the_transformers_engine_computes_with_the_nodes_cores(ray_cluster, tiny_llama):
     """Ray starts a 1-CPU actor with one OpenMP thread; the engine takes the node's cores (as
     vLLM-CPU does) unless `student.cpu_threads` says how many."""
     from tapir_ray.student.hf_engine import HFStudent
 
     def threads(**kwargs) -> int:
-        engine = ray.remote(num_cpus=0.5)(HFStudent).remote(smollm2, {"max_tokens": 4}, **kwargs)
+        engine = ray.remote(num_cpus=0.5)(HFStudent).remote(tiny_llama, {"max_tokens": 4}, **kwargs)
         try:
             return ray.get(engine.__ray_call__.remote(lambda self: self.torch.get_num_threads()))
         finally:
             ray.kill(engine)
 
     assert threads() == len(os.sched_getaffinity(0)) and threads(cpu_threads=1) == 1
+
+
+def test_torch_threads_wait_passively_unless_the_environment_says(monkeypatch):
+    """Every worker of a run, and the local servers, get OMP_WAIT_POLICY=PASSIVE (engines on
+    every core beside other torch processes; runtime.CPU_THREADS_ENV); a user's setting stands."""
+    from tapir_ray.runtime import worker_env
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert worker_env()["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert worker_env()["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 # --- vLLM engine (one engine start for the session) and LoRA ----------------------------------------

@@ -148,6 +148,36 @@ def ray_head(ray_cluster, asset_cache, tmp_path):
         assert ray.get(ray.put("still here")) == "still here"  # the session's cluster lives on
 
 
+def test_a_head_that_is_not_ready_is_asked_again_and_a_dropped_submission_is_not_doubled(
+    monkeypatch,
+):
+    from tapir_ray import submit as S
+
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    replies = [
+        RuntimeError("No available agent to submit job, please try again later."),
+        ConnectionError(
+            "('Connection aborted.', RemoteDisconnected('Remote end closed connection'))"
+        ),
+        ValueError("Job with submission_id tapir-1 already exists. Please use a different one."),
+    ]
+    sent = []
+
+    def send(**kwargs):
+        sent.append(kwargs)
+        raise replies.pop(0)
+
+    # The dropped request had submitted it: the job is ours, not submitted a second time.
+    assert S._until_agent(send, submission_id="tapir-1") == "tapir-1" and len(sent) == 3
+    # An id already taken before anything was dropped is the user's error, said as it is.
+    replies[:] = [ValueError("Job with submission_id tapir-1 already exists.")]
+    with pytest.raises(ValueError, match="already exists"):
+        S._until_agent(send, submission_id="tapir-1")
+    replies[:] = [PermissionError("401 Authentication required")]
+    with pytest.raises(PermissionError):  # not a head starting up: not asked again
+        S._until_agent(send, submission_id="tapir-2")
+
+
 def test_submit_runs_the_demo_config_on_a_ray_head_with_token_auth(ray_head, smollm2, tmp_path):
     key, token, address = ray_head["key"], ray_head["token"], ray_head["address"]
     os.environ[KEY_ENV] = key  # the submitting shell has the key too; it must stay here

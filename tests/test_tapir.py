@@ -386,6 +386,10 @@ def test_two_tapir_rounds_end_to_end(finished_run):
         state["rounds"]["2"]["nll"],
     ]
     assert nll[2] < nll[1] < 0.9 * nll[0], nll
+    # The base model's came from round 1's fit (which starts from it), killed and resumed after
+    # computing it: no task loaded the base model for it.
+    assert nll[0] == state["rounds"]["1"]["train"]["heldout_before"]["nll"]
+    assert "round-0/nll-base" not in state["stages"]
     report = (Path(run_dir) / "metrics/report.md").read_text()
     assert "## Round 2" in report and "held-out NLL" in report
     # A healthy run's console: our progress lines, no traceback, no error line, no worker chatter.

@@ -122,7 +122,9 @@ class ResponseCache:
         # older ones as sorted (prefix, segment) chunks, newest last (see WRITTEN_FOLD).
         self._written: dict[str, int] = {}
         self._chunks: list[tuple[np.ndarray, np.ndarray]] = []
-        self._gone: set[int] = set()  # segments this writer merged away since its index was built
+        # Segments this writer merged away since its index was built → the segment they went
+        # into: a key indexed under one is looked up in what it became (no key is indexed twice).
+        self._moved: dict[int, int] = {}
         self._own_at: dict[str, int] = {}  # this writer's live segments written since → index
         self._decoded: collections.OrderedDict[int, dict[str, str]] = collections.OrderedDict()
         self._own: dict[int, list[str]] = {}  # this writer's segments by merge level
@@ -184,7 +186,7 @@ class ResponseCache:
                 return self._lookup(key)
             except FileNotFoundError:  # another writer merged a segment away: index again
                 with self._lock:
-                    self._paths, self._written, self._chunks, self._gone = None, {}, [], set()
+                    self._paths, self._written, self._chunks, self._moved = None, {}, [], {}
                     self._own_at = {}
                     self._decoded.clear()
         return None
@@ -195,7 +197,7 @@ class ResponseCache:
             written = self._written.get(key)
             if written is not None:
                 owners = [written]
-            else:  # the newest mapping first: a key merged into a new segment is looked up there
+            else:  # the newest mapping first
                 p = np.uint64(_prefix(key))
                 owners = [
                     owner
@@ -204,6 +206,8 @@ class ResponseCache:
                         np.searchsorted(prefixes, p, "left") : np.searchsorted(prefixes, p, "right")
                     ].tolist()
                 ]  # fmt: skip
+            # A segment this writer merged away: the one it went into.
+            owners = list(dict.fromkeys(self._live(o) for o in owners))
         missing = False
         for index in owners:  # more than one for a key-prefix collision or a merged segment
             try:
@@ -219,20 +223,27 @@ class ResponseCache:
             raise FileNotFoundError(key)
         return None
 
+    def _live(self, index: int) -> int:
+        """The segment that holds what segment `index` held (itself, unless it was merged)."""
+        while index in self._moved:
+            index = self._moved[index]
+        return index
+
     def _fold_written(self) -> None:
         """The dict of written keys becomes a sorted chunk of prefixes; too many chunks become
-        one, without the segments merged away. Called with the lock held."""
+        one, pointing at the segments the merged ones went into. Called with the lock held."""
         keys = list(self._written)
         prefixes = np.fromiter((_prefix(k) for k in keys), np.uint64, len(keys))
         owners = np.fromiter(self._written.values(), np.int32, len(keys))
         self._written = {}
-        chunks = [*self._chunks, (prefixes, owners)]
-        if len(chunks) > WRITTEN_CHUNKS:
-            prefixes = np.concatenate([c[0] for c in chunks])
-            owners = np.concatenate([c[1] for c in chunks])
-            live = ~np.isin(owners, np.fromiter(self._gone, np.int32, len(self._gone)))
-            prefixes, owners = prefixes[live], owners[live]
-            chunks, self._gone = [], set()
+        chunks = self._chunks
+        if len(chunks) >= WRITTEN_CHUNKS:
+            prefixes = np.concatenate([*(c[0] for c in chunks), prefixes])
+            live = np.arange(len(self._paths), dtype=np.int32)
+            for index in self._moved:
+                live[index] = self._live(index)
+            owners = live[np.concatenate([*(c[1] for c in chunks), owners])]
+            chunks = []
         order = np.argsort(prefixes, kind="stable")  # stable: the later of two mappings stays later
         self._chunks = [*chunks, (prefixes[order], owners[order])]
 
@@ -268,56 +279,60 @@ class ResponseCache:
             self._seq += 1
             return f"{self.writer}-{self._seq:08d}-L{level}-n{entries}"
 
-    def _write_rows(self, keys: list[str], usd: list[float], texts: list[str], level: int) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        name = self._segment_name(level, len(keys))
+    def _write_group(self, group: list[tuple[str, dict[str, Any]]]) -> None:
+        """A new group as a few JSON lines: a tenth of a Parquet file's cost to write, and one is
+        written for every reply a slow endpoint sends."""
+        name = self._segment_name(0, len(group)) + ".jsonl"
         fs, folder = storage.fs_and_path(self.segments_dir)
         fs.makedirs(folder, exist_ok=True)
-        # A new group as a few JSON lines (a tenth of a Parquet file's cost to write, and written
-        # for every reply a slow endpoint sends); merged segments as Parquet, whose key column
-        # an index reads alone.
-        name += ".jsonl" if level == 0 else ".parquet"
         path, tmp = f"{folder}/{name}", f"{folder}/.{name}.tmp"
-        if level == 0:
-            with fs.open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(f"{k}\t{u!r}\t{t}\n" for k, u, t in zip(keys, usd, texts, strict=True))
-        else:
-            table = pa.table({"key": pa.array(keys, pa.string()), "usd": pa.array(usd, pa.float64()),
-                              "entry": pa.array(texts, pa.string())})  # fmt: skip
-            with fs.open(tmp, "wb") as f:
-                pq.write_table(table, f)
+        with fs.open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(f"{k}\t{float(e.get('usd') or 0.0)!r}\t{json.dumps(e, ensure_ascii=False)}\n"
+                         for k, e in group)  # fmt: skip
         _publish(fs, tmp, path)
         with self._lock:
-            self._own.setdefault(level, []).append(path)
+            self._own.setdefault(0, []).append(path)
             if self._paths is not None:  # found by this reader from now on
                 self._paths.append(path)
                 self._own_at[path] = len(self._paths) - 1
-                self._written.update((k, len(self._paths) - 1) for k in keys)
+                self._written.update((k, len(self._paths) - 1) for k, _ in group)
                 if len(self._written) >= WRITTEN_FOLD:
                     self._fold_written()
+
+    def _merge(self, level: int) -> None:
+        """This writer's segments of `level` become one Parquet segment of the next level (whose
+        key column an index reads alone), streamed a row group at a time: a merge holds one of
+        its inputs, not all of them (read as Python strings all at once, merging 16 segments of
+        level 2 into one of level 3 held the replies of 4,096 groups, twice over)."""
+        own = self._own[level]
+        with _SegmentWriter(self, level + 1, limit=None) as out:
+            for path in own:
+                out.add(self._read(path))
+        with self._lock:
+            self._own[level] = []
+            self._own.setdefault(level + 1, []).extend(out.paths)
+            if self._paths is not None and out.paths:  # found from now on, under the old keys
+                self._paths.extend(out.paths)
+                merged = len(self._paths) - 1
+                self._own_at[out.paths[-1]] = merged
+                for path in own:  # by their index, not a scan of every path (one per group)
+                    index = self._own_at.pop(path, None)
+                    if index is None and path in self._paths:  # written before the index was built
+                        index = self._paths.index(path)
+                    if index is not None:
+                        self._moved[index] = merged
+        fs, _ = storage.fs_and_path(self.segments_dir)
+        for path in own:  # merged: every entry is in the new segment
+            fs.rm(path)
 
     def _write(self, group: list[tuple[str, dict[str, Any]]]) -> None:
         """One segment for `group`; then, while `MERGE_FANIN` of this writer's segments share a
         level, they become one segment of the next level (up to `MERGE_LEVELS`)."""
-        self._write_rows([k for k, _ in group], [float(e.get("usd") or 0.0) for _, e in group],
-                         [json.dumps(e, ensure_ascii=False) for _, e in group], 0)  # fmt: skip
-        fs, _ = storage.fs_and_path(self.segments_dir)
+        self._write_group(group)
         for level in range(MERGE_LEVELS):
-            own = self._own.get(level, [])
-            if len(own) < MERGE_FANIN:
+            if len(self._own.get(level, [])) < MERGE_FANIN:
                 break
-            tables = [self._read(p) for p in own]
-            keys, usd, texts = (
-                [v for t in tables for v in t[c].to_pylist()] for c in ("key", "usd", "entry")
-            )
-            self._write_rows(keys, usd, texts, level + 1)
-            for path in own:  # merged: every entry is in the new segment
-                fs.rm(path)
-            with self._lock:  # by their index, not a scan of every path (one per group written)
-                self._gone.update(self._own_at.pop(p) for p in own if p in self._own_at)
-            self._own[level] = []
+            self._merge(level)
 
     def put(self, key: str, value: dict[str, Any]) -> None:
         """Stores one reply at once; the oracle stage uses `put_async`."""
@@ -387,7 +402,7 @@ class ResponseCache:
         # took a process's private memory 180 MB up merging the 2 million replies of a 1M-row
         # round (it kept 150 MB of it); streamed, 120 MB from Arrow's default allocator
         # (mimalloc), and 75 MB from the system's (45 MB kept).
-        with _system_arrow_memory(), _Compacted(self, MERGE_LEVELS + 1) as out:
+        with _system_arrow_memory(), _SegmentWriter(self, MERGE_LEVELS + 1, COMPACT_BELOW) as out:
             for start in range(0, len(legacy), COMPACT_ROW_GROUP):
                 out.add(self._legacy_table(fs, legacy[start : start + COMPACT_ROW_GROUP]))
             for path in small:
@@ -423,14 +438,17 @@ def _publish(fs, tmp: str, path: str) -> None:
         fs.mv(tmp, path)  # object stores: a put is atomic per object
 
 
-class _Compacted:
-    """compact()'s output: segments of `COMPACT_BELOW` entries (the last one fewer), written a row
-    group at a time as the merged segments are read."""
+class _SegmentWriter:
+    """Merged segments of `level`: of `limit` entries each (the last one fewer; one segment if
+    None), written a row group at a time as the segments merged into them are read. `paths`:
+    those published, in order."""
 
-    def __init__(self, cache: ResponseCache, level: int):
+    def __init__(self, cache: ResponseCache, level: int, limit: int | None):
         import pyarrow as pa
 
         self.cache, self.level = cache, level
+        self.limit = limit
+        self.paths: list[str] = []
         self.fs, self.folder = storage.fs_and_path(cache.segments_dir)
         self.schema = pa.schema(
             [("key", pa.string()), ("usd", pa.float64()), ("entry", pa.string())]
@@ -439,14 +457,14 @@ class _Compacted:
         self.file = self.writer = self.tmp = None
         self.entries = 0  # in the segment being written
 
-    def __enter__(self) -> _Compacted:
+    def __enter__(self) -> _SegmentWriter:
         return self
 
     def __exit__(self, kind, *exc) -> None:
         if kind is None:
             self._write(final=True)
             self._close()
-        elif self.writer is not None:  # a failed compaction leaves its inputs and no output
+        elif self.writer is not None:  # a failed merge leaves its inputs and no output
             self.writer.close()
             self.file.close()
             with contextlib.suppress(OSError):
@@ -454,8 +472,10 @@ class _Compacted:
 
     def add(self, table) -> None:
         table = table.select(self.schema.names).cast(self.schema)
-        while table.num_rows:  # no segment over COMPACT_BELOW entries
-            room = COMPACT_BELOW - self.entries - sum(t.num_rows for t in self.buffered)
+        while table.num_rows:  # no segment over `limit` entries
+            room = table.num_rows
+            if self.limit is not None:
+                room = self.limit - self.entries - sum(t.num_rows for t in self.buffered)
             self.buffered.append(table.slice(0, room))
             table = table.slice(room)
             self._write(final=False)
@@ -465,12 +485,12 @@ class _Compacted:
         import pyarrow.parquet as pq
 
         waiting = sum(t.num_rows for t in self.buffered)
-        full = self.entries + waiting >= COMPACT_BELOW
+        full = self.limit is not None and self.entries + waiting >= self.limit
         if not waiting or not (final or full or waiting >= COMPACT_ROW_GROUP):
             return
         if self.writer is None:
             self.fs.makedirs(self.folder, exist_ok=True)
-            self.tmp = f"{self.folder}/.compact-{uuid.uuid4().hex}.tmp"
+            self.tmp = f"{self.folder}/.merge-{uuid.uuid4().hex}.tmp"
             self.file = self.fs.open(self.tmp, "wb")
             self.writer = pq.ParquetWriter(self.file, self.schema)
         self.writer.write_table(pa.concat_tables(self.buffered).combine_chunks())
@@ -485,6 +505,7 @@ class _Compacted:
         self.writer.close()
         self.file.close()
         name = self.cache._segment_name(self.level, self.entries)
-        _publish(self.fs, self.tmp, f"{self.folder}/{name}.parquet")
+        self.paths.append(f"{self.folder}/{name}.parquet")
+        _publish(self.fs, self.tmp, self.paths[-1])
         self.file = self.writer = self.tmp = None
         self.entries = 0

@@ -41,6 +41,7 @@ from tapir_ray.config import EndpointConfig, redact
 from tapir_ray.oracle import batch
 from tapir_ray.oracle.cache import ResponseCache, cache_key
 from tapir_ray.oracle.ledger import BudgetExceeded, empty_entry
+from tapir_ray.oracle.limiter import LOAD_STALE_S
 from tapir_ray.oracle.prompts import CONTINUE_PARAMS, ParseError
 from tapir_ray.oracle.reply import RETRY_STATUSES, Reply, _Malformed, _reply, request_body
 from tapir_ray.oracle.server import estimate_tokens
@@ -304,8 +305,14 @@ class OracleClient:
         slots of the actors that finished."""
         if self.pool is None:  # a client on its own
             return
-        granted = await self.limiter.load.remote(*self.pool, self.name, self.slots.in_flight,
-                                                 self.slots.waiting, self.endpoint.max_concurrency)  # fmt: skip
+        ask = self.limiter.load.remote(*self.pool, self.name, self.slots.in_flight,
+                                       self.slots.waiting, self.endpoint.max_concurrency)  # fmt: skip
+        # A limiter that does not answer (busy, restarting) must not hold up the ledger reports
+        # that share this loop: the client keeps the concurrency it has and asks again later.
+        try:
+            granted = await asyncio.wait_for(ask, LOAD_STALE_S)
+        except asyncio.TimeoutError:
+            return
         self.slots.resize(int(granted))
 
     def flush(self) -> None:

@@ -80,7 +80,10 @@ class LocalOracle:
             str(os.getpid()),
             *self.args,
         ]
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        from tapir_ray.runtime import cpu_threads_env
+
+        env = {**os.environ, **cpu_threads_env()}  # an hf backend computes on every core
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
         self._wait_until(lambda: os.path.exists(ready), "the local oracle server", 0.1)
         with open(ready) as f:
             self.port = int(f.read())
@@ -176,9 +179,10 @@ class VLLMOracle(LocalOracle):
         )
         cmd = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *self.command()]
         if self.on_cpu():  # `command` asked for the in-process executor (`uni`)
-            from tapir_ray.runtime import VLLM_CPU_ONE_PROCESS
+            from tapir_ray.runtime import VLLM_CPU_EAGER, VLLM_CPU_ONE_PROCESS, cpu_threads_env
 
             env.update(VLLM_CPU_ONE_PROCESS)
+            env.update({**VLLM_CPU_EAGER, **cpu_threads_env()})
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
         self.ready = False
         return self

