@@ -36,59 +36,58 @@ from common import command_line, device_name, print_table, write_results
 
 RESULTS = Path(__file__).parent / "results" / "cache_compaction.json"
 
-# Run in a fresh process: the figure is what compaction adds to a process that had not run it.
-CHILD = """
+# Each phase runs in a fresh process: the figure is what it adds to a process that had not run it.
+# Its private memory is sampled every 50 ms from `start()` on; `figures()` stops and reports.
+SAMPLED = """
 import json, os, sys, threading, time
-import pyarrow, pyarrow.parquet
 from common import anonymous_bytes
 from tapir_ray.oracle.cache import ResponseCache
-peak, done = [0], threading.Event()
+peak, done, began = [0], threading.Event(), {}
 def sample():
     while not done.is_set():
         peak[0] = max(peak[0], anonymous_bytes(os.getpid()) or 0)
         time.sleep(0.05)
-cache = ResponseCache(sys.argv[1])
-cache._read(cache._segment_files()[0])  # the modules a read loads, loaded before the figure
-before = anonymous_bytes(os.getpid())
-threading.Thread(target=sample, daemon=True).start()
-started = time.perf_counter()
-replaced = cache.compact()
-seconds = time.perf_counter() - started
-done.set()
-print(json.dumps({"replaced_files": replaced, "seconds": round(seconds, 2), "before_mb": before / 2**20,
-                  "peak_mb": max(peak[0], anonymous_bytes(os.getpid())) / 2**20,
-                  "after_mb": anonymous_bytes(os.getpid()) / 2**20}))
+def start():
+    began.update(before=anonymous_bytes(os.getpid()), at=time.perf_counter())
+    threading.Thread(target=sample, daemon=True).start()
+def figures():
+    seconds = time.perf_counter() - began["at"]
+    done.set()
+    return {"seconds": round(seconds, 2), "before_mb": began["before"] / 2**20,
+            "peak_mb": max(peak[0], anonymous_bytes(os.getpid())) / 2**20,
+            "after_mb": anonymous_bytes(os.getpid()) / 2**20}
 """
 
+# The driver's compaction before an oracle stage.
+CHILD = (
+    SAMPLED
+    + """
+import pyarrow, pyarrow.parquet
+cache = ResponseCache(sys.argv[1])
+cache._read(cache._segment_files()[0])  # the modules a read loads, loaded before the figure
+start()
+replaced = cache.compact()
+print(json.dumps({"replaced_files": replaced, **figures()}))
+"""
+)
 
 # An actor's cache, storing replies as they come (put_many: one segment a group, then its merges).
-WRITER = """
-import json, os, sys, threading, time
-from common import anonymous_bytes
+WRITER = (
+    SAMPLED
+    + """
 from cache_compaction import entry, key
-from tapir_ray.oracle.cache import ResponseCache
 replies, group = int(sys.argv[2]), int(sys.argv[3])
-peak, done = [0], threading.Event()
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], anonymous_bytes(os.getpid()) or 0)
-        time.sleep(0.05)
 cache = ResponseCache(sys.argv[1])
 cache.get(key(-1))  # its index, built before it writes, as an oracle stage's is
-before = anonymous_bytes(os.getpid())
-threading.Thread(target=sample, daemon=True).start()
-started = time.perf_counter()
-for start in range(0, replies, group):
-    cache.put_many([(key(i), json.loads(entry(i))) for i in range(start, min(replies, start + group))])
-seconds = time.perf_counter() - started
-done.set()
-out = {"seconds": round(seconds, 2), "before_mb": before / 2**20,
-       "peak_mb": max(peak[0], anonymous_bytes(os.getpid())) / 2**20,
-       "after_mb": anonymous_bytes(os.getpid()) / 2**20}
+start()
+for begin in range(0, replies, group):
+    cache.put_many([(key(i), json.loads(entry(i))) for i in range(begin, min(replies, begin + group))])
+out = figures()
 # Then (not measured: a lookup decodes the segment it reads) every stored reply is found again.
 out["found_of_1000"] = sum(cache.get(key(i)) is not None for i in range(0, replies, max(1, replies // 1000)))
 print(json.dumps(out))
 """
+)
 
 
 def key(i: int) -> str:
