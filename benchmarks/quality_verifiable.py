@@ -1,7 +1,7 @@
 """Does the curriculum help? TAPIR against random selection on instructions a program can check.
 
     python benchmarks/quality_verifiable.py [--seeds 3] [--pool 240] [--test-per-family 20]
-        [--arms tapir,random] [--round-sizes 48,80] [--warmup ROWS] [--keep DIR]
+        [--arms tapir,random] [--round-sizes 48,80] [--warmup ROWS] [--levels 1-3] [--keep DIR]
 
 For each seed: a pool and a held-out test set of the reference oracle's task families
 (tapir_ray.oracle.reference: arithmetic, date arithmetic, sorting, reversal, counting, CSV→JSON,
@@ -14,12 +14,17 @@ so the arms train on the same number of rows:
 - `random`: the same round sizes chosen at random (`curriculum.tapir.selection: random`);
 - `tapir_no_rebalance`: MFD without the taxonomy's quotas (one flat category).
 
+`--levels 0-3` adds the families' easy level (reference.LEVELS), which the base student partly
+answers: a pool where the judge has easy candidates to tell from hard ones. Levels 1-3 (the
+default) are nearly all hard for the bundled 135M student, so MFD's split has little to choose.
+
 With `--warmup ROWS`, every arm first fine-tunes the student on the same seeded slice of ROWS pool
 items (TAPIR's optional round 0), so that the judge measures difficulty on a student that has seen
 each family; the training rows reported include the warm-up's.
 
 Each arm's last-round student answers the test set; a program checks the answers (exact match
-per family). Reported per arm: accuracy (overall and per family), oracle requests, training rows;
+per family). Reported per arm: accuracy (overall, per family and per level), oracle requests,
+training rows;
 and the TAPIR − random difference in accuracy with a 95 % bootstrap interval over test items and
 seeds. Results: benchmarks/results/quality_verifiable.json (or --out) and a plot next to it.
 """
@@ -165,6 +170,9 @@ def main() -> None:
         "--warmup", type=int, default=0, metavar="ROWS",
         help="a warm-up fine-tune on ROWS pool items before round 1, the same for every arm (0: none)",
     )  # fmt: skip
+    parser.add_argument(
+        "--levels", default="1-3", help="difficulty levels LOW-HIGH (0-3: with the easy one)"
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--keep", default=None, help="keep the runs under DIR")
     parser.add_argument("--out", default=str(RESULTS))
@@ -175,6 +183,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     correct: dict[str, list[np.ndarray]] = {a: [] for a in ["base", *arms]}
     per_family: dict[str, dict[str, list[bool]]] = {a: {f: [] for f in FAMILIES} for a in correct}
+    per_level: dict[str, dict[int, list[bool]]] = {a: {} for a in correct}
+    levels = tuple(int(x) for x in args.levels.split("-"))
     spend: dict[str, list[dict[str, int]]] = {a: [] for a in arms}
     rows: dict[str, list[int]] = {a: [] for a in arms}
     chosen: dict[str, list[dict]] = {a: [] for a in arms}
@@ -183,7 +193,7 @@ def main() -> None:
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     with LocalOracle("--backend", "reference") as server:
         for seed in range(args.seeds):
-            pool, test = make_split(seed, args.pool, args.test_per_family)
+            pool, test = make_split(seed, args.pool, args.test_per_family, levels=levels)
             pool_path = work / f"seed-{seed}" / "pool.jsonl"
             pool_path.parent.mkdir(parents=True, exist_ok=True)
             pool_path.write_text("".join(json.dumps({k: r[k] for k in ("id", "instruction", "input", "output")}) + "\n"
@@ -225,13 +235,18 @@ def main() -> None:
                 correct[arm].append(ok)
                 for r, hit in zip(test, ok, strict=True):
                     per_family[arm][r["family"]].append(bool(hit))
+                    per_level[arm].setdefault(r["level"], []).append(bool(hit))
                 print(f"seed {seed} {arm}: accuracy {ok.mean():.3f}", flush=True)
             # Written after every seed: a long benchmark that stops keeps what it measured.
-            report = summarise(args, arms, correct, per_family, spend, rows, chosen, started)
+            report = summarise(args, arms, correct, per_family, per_level, spend, rows, chosen,
+                               started)  # fmt: skip
             write_results(Path(args.out), report)
             plot(report, Path(args.out).with_suffix(".png"))
     print_table(["arm", "accuracy", *FAMILIES],
                 [[a, v["accuracy"], *(v["by_family"].get(f, "") for f in FAMILIES)] for a, v in report["arms"].items()])  # fmt: skip
+    lv = sorted({k for v in report["arms"].values() for k in v["by_level"]})
+    print_table(["arm", *(f"level {k}" for k in lv)],
+                [[a, *(v["by_level"].get(k, "") for k in lv)] for a, v in report["arms"].items()])  # fmt: skip
     # What each arm's judge found hard, and what each family trained on.
     for arm, v in report["arms"].items():
         if sel := v.get("selection_by_family"):
@@ -245,8 +260,8 @@ def main() -> None:
             print(f"TAPIR − {label}:", report[key])
 
 
-def summarise(args, arms: list[str], correct: dict, per_family: dict, spend: dict, rows: dict,
-              chosen: dict, started: float) -> dict:  # fmt: skip
+def summarise(args, arms: list[str], correct: dict, per_family: dict, per_level: dict,
+              spend: dict, rows: dict, chosen: dict, started: float) -> dict:  # fmt: skip
     report = {
         "benchmark": "quality_verifiable",
         "command": command_line("quality_verifiable.py", args),
@@ -257,12 +272,16 @@ def summarise(args, arms: list[str], correct: dict, per_family: dict, spend: dic
         "round_sizes": [int(x) for x in args.round_sizes.split(",")],
         "warmup_rows": args.warmup,
         "test_per_family": args.test_per_family,
+        "levels": args.levels,
         "arms": {
             arm: {
                 "accuracy": round(float(np.concatenate(correct[arm]).mean()), 4),
                 "accuracy_by_seed": [round(float(c.mean()), 4) for c in correct[arm]],
                 "by_family": {
                     f: round(float(np.mean(v)), 4) for f, v in per_family[arm].items() if v
+                },
+                "by_level": {
+                    str(k): round(float(np.mean(v)), 4) for k, v in sorted(per_level[arm].items())
                 },
                 # Per seed: all requests, and by role (where the arms' spend differs).
                 "oracle_requests": [sum(s.values()) for s in spend[arm]] if arm in spend else None,

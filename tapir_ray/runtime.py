@@ -41,7 +41,17 @@ def cpu_threads_env() -> dict[str, str]:
 # (128 stopped idle; 140 s of CPU in its scoring phase). Idle workers now wait 30 s for the next
 # task (a local cluster gets it from `ensure_ray`; a `ray start` node from
 # RAY_idle_worker_killing_time_threshold_ms, see cluster/).
-RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 30_000}
+# The raylet also prints on the driver's console ("N PYTHON worker processes have been started
+# ... 4x the maximum expected startup concurrency") once a node's workers, less its spill workers,
+# reach 4x its start-up concurrency (the CPU count by default). A round's actors (curriculum,
+# ledger, limiters, Train's controller and workers, Data's coordinators, the stage pools) and
+# those idle workers do not depend on the node's size: on the 2-CPU demo node they passed 8 in
+# every round-1 fit. With 8 (or the CPU count, if larger) 8 workers may start at once and the
+# warning comes from 32: a sign of workers piling up, not of a round's usual set.
+RAY_SYSTEM_CONFIG = {
+    "idle_worker_killing_time_threshold_ms": 30_000,
+    "worker_maximum_startup_concurrency": max(8, os.cpu_count() or 1),
+}
 
 
 def configure_data() -> None:

@@ -15,6 +15,7 @@ from tapir_ray.oracle.local import LocalOracle
 from tapir_ray.oracle.reference import (
     DEFAULT_SKEW,
     FAMILIES,
+    LEVELS,
     family_of,
     is_correct,
     make_split,
@@ -33,7 +34,7 @@ def _reply(prompt: P.Prompt) -> str | None:
 def test_each_family_solves_checks_and_levels_its_own_instances(name):
     family, rng = FAMILIES[name], random.Random(name)
     assert family.category in DEFAULT_TAXONOMY
-    for level in (1, 2, 3):
+    for level in LEVELS:
         for _ in range(20):
             text = family.make(rng, level)
             found = family_of(text)
@@ -85,6 +86,11 @@ def test_the_split_is_skewed_disjoint_and_seeded():
     assert all(is_correct(r["instruction"], r["output"]) for r in pool + test)
     assert make_split(seed=1, pool_size=200, test_per_family=5) == (pool, test)
     assert make_split(seed=2, pool_size=200, test_per_family=5)[0] != pool
+    assert {r["level"] for r in pool + test} == {1, 2, 3}
+    # With the easy level: every family has level-0 instances, and each names its level.
+    easy, _ = make_split(seed=1, pool_size=400, test_per_family=5, levels=(0, 3))
+    assert {r["family"] for r in easy if r["level"] == 0} == set(FAMILIES)
+    assert all(FAMILIES[r["family"]].difficulty(r["instruction"]) == r["level"] for r in easy)
 
 
 def test_the_oracle_roles_on_our_own_prompts():

@@ -397,7 +397,8 @@ def test_two_tapir_rounds_end_to_end(finished_run):
     assert "round-2/train: done in" in console and "Traceback" not in console, console[-3000:]
     assert not [line for line in console.splitlines() if " ERROR " in line or " E " in line[:40]
                 or "Reporting training result" in line or "Starting execution of Dataset" in line
-                or "DeprecationWarning" in line or "does not have any available CPUs" in line]  # fmt: skip
+                or "DeprecationWarning" in line or "does not have any available CPUs" in line
+                or "worker processes have been started" in line]  # fmt: skip
     assert all(
         (Path(run_dir) / "metrics" / p).exists()
         for p in ("mfd.png", "loss.png", "nll.png", "categories.png")

@@ -37,13 +37,20 @@ from tapir_ray.oracle.prompts import unfenced
 class Family:
     name: str
     category: str  # a label of the default TAPIR taxonomy
-    make: Callable[[random.Random, int], str]  # (rng, difficulty 1..3) -> instruction
+    make: Callable[[random.Random, int], str]  # (rng, difficulty LEVELS) -> instruction
     solve: Callable[[str], Any]  # instruction -> answer, or None when it is not this family's
     show: Callable[[Any], str]  # answer -> its canonical text
     extract: Callable[[str], Any]  # a reply -> the answer it gives, or None
     difficulty: Callable[[str], int]  # instruction -> its difficulty level
     credit: Callable[[Any, Any], float] | None = None  # partial credit in [0, 1]
     work: Callable[[str], list[str]] | None = None  # the worked steps a student can imitate
+
+
+# Difficulty levels. Level 0 is what a ~100M-parameter student partly answers before any tuning
+# (two one-digit terms, one day on, three numbers, a three-letter word, one CSV row, a loop that
+# runs at most once): a pool with it gives the judge easy candidates to tell from hard ones.
+# Levels 1-3 are all hard for such a student; `make_split` draws levels 1-3 unless asked.
+LEVELS = (0, 1, 2, 3)
 
 
 def _last(pattern: str, text: str, flags: int = 0) -> str | None:
@@ -114,19 +121,20 @@ ARITHMETIC = Family(
 
 
 # 2. dates (Reasoning): a date plus or minus a number of days (more days: more month ends).
-_DAY_RANGES = ((2, 40), (41, 160), (161, 360))
+_DAY_RANGES = ((1, 1), (2, 40), (41, 160), (161, 360))  # by level
 
 
 def _date_make(rng: random.Random, level: int) -> str:
     start = dt.date(2000, 1, 1) + dt.timedelta(days=rng.randint(0, 9000))
-    days = rng.randint(*_DAY_RANGES[level - 1])
+    days = rng.randint(*_DAY_RANGES[level])
     way = rng.choice(["after", "before"])
-    return f"What is the date {days} days {way} {start.isoformat()}? Answer in YYYY-MM-DD format."
+    unit = "day" if days == 1 else "days"
+    return f"What is the date {days} {unit} {way} {start.isoformat()}? Answer in YYYY-MM-DD format."
 
 
 def _date_solve(text: str) -> str | None:
-    m = re.fullmatch(r"What is the date (\d+) days (after|before) (\d{4}-\d{2}-\d{2})\? Answer in "
-                     r"YYYY-MM-DD format\.", text.strip())  # fmt: skip
+    m = re.fullmatch(r"What is the date (\d+) days? (after|before) (\d{4}-\d{2}-\d{2})\? Answer "
+                     r"in YYYY-MM-DD format\.", text.strip())  # fmt: skip
     if not m:
         return None
     days = int(m.group(1)) * (1 if m.group(2) == "after" else -1)
@@ -135,7 +143,7 @@ def _date_solve(text: str) -> str | None:
 
 def _date_steps(text: str) -> list[str]:
     """Month ends crossed on the way: `2020-02-15 + 14 days = 2020-02-29`, ..."""
-    m = re.search(r"date (\d+) days (after|before) (\d{4}-\d{2}-\d{2})", text)
+    m = re.search(r"date (\d+) days? (after|before) (\d{4}-\d{2}-\d{2})", text)
     left, forward, day = int(m.group(1)), m.group(2) == "after", dt.date.fromisoformat(m.group(3))
     steps = []
     while left:
@@ -149,7 +157,10 @@ def _date_steps(text: str) -> list[str]:
         else:
             hop = min(left, day.day) or 1
             new = day - dt.timedelta(days=hop)
-        steps.append(f"{day.isoformat()} {'+' if forward else '-'} {hop} days = {new.isoformat()}")
+        unit = "day" if hop == 1 else "days"
+        steps.append(
+            f"{day.isoformat()} {'+' if forward else '-'} {hop} {unit} = {new.isoformat()}"
+        )
         day, left = new, left - hop
     return steps
 
@@ -157,7 +168,7 @@ def _date_steps(text: str) -> list[str]:
 DATES = Family(
     "dates", "Reasoning", _date_make, _date_solve, str,
     lambda r: _last(r"\d{4}-\d{2}-\d{2}", r),
-    lambda t: 1 + sum(int(re.search(r"(\d+) days", t).group(1)) > hi for _, hi in _DAY_RANGES[:2]),
+    lambda t: sum(int(re.search(r"(\d+) days?", t).group(1)) > hi for _, hi in _DAY_RANGES[:3]),
     work=_date_steps,
 )  # fmt: skip
 
@@ -193,8 +204,13 @@ _WORDS = ("planet", "lantern", "harvest", "meadow", "compass", "pepper", "orchar
           "glacier", "thunder", "biscuit", "velvet", "horizon", "cathedral", "labyrinth", "marmalade")  # fmt: skip
 
 
+_SHORT = ("cat", "sun", "map", "red", "box", "pen", "cup", "hat", "dog", "fox", "bus", "jam",
+          "owl", "bed", "ink", "log", "mud", "net", "pig", "rug", "tea", "van", "web", "zip",
+          "arm", "bag", "cow", "den", "egg", "fig", "gum", "hen", "ice", "jar", "kit", "lid")  # fmt: skip
+
+
 def _rev_make(rng: random.Random, level: int) -> str:
-    word = "".join(rng.sample(_WORDS, level))
+    word = "".join(rng.sample(_WORDS, level)) if level else rng.choice(_SHORT)
     return f"Write the letters of the word '{word}' in reverse order."
 
 
@@ -204,8 +220,10 @@ def _rev_solve(text: str) -> str | None:
 
 
 def _rev_level(text: str) -> int:
-    """How many of the family's words the reversed word is made of."""
+    """How many of the family's words the reversed word is made of (0: a short word)."""
     word = (_rev_solve(text) or "")[::-1]
+    if word in _SHORT:
+        return 0
     best = {0: 0}  # prefix length -> fewest words that make it
     for end in range(1, len(word) + 1):
         parts = [
@@ -247,7 +265,7 @@ def _count_steps(text: str) -> list[str]:
 COUNTING = Family(
     "counting", "Common-Sense", _count_make, _count_solve, str,
     lambda r: int(v) if (v := _last(r"\d+", r)) is not None else None,
-    lambda t: max(1, len(t.split("'")[3].split()) - 1) if t.count("'") >= 4 else 1,
+    lambda t: max(0, len(t.split("'")[3].split()) - 1) if t.count("'") >= 4 else 1,
     work=_count_steps,
 )  # fmt: skip
 
@@ -361,10 +379,11 @@ def is_correct(instruction: str, reply: str) -> bool:
 
 
 def make_split(seed: int, pool_size: int, test_per_family: int,
-               skew: dict[str, float] | None = None) -> tuple[list[dict], list[dict]]:  # fmt: skip
-    """A pool (`id`, `instruction`, `input`, `output`, `family`) drawn with `skew`, and a test set
-    of `test_per_family` instances of every family; difficulty levels 1-3 uniformly; no
-    instruction in both."""
+               skew: dict[str, float] | None = None,
+               levels: tuple[int, int] = (1, 3)) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """A pool (`id`, `instruction`, `input`, `output`, `family`, `level`) drawn with `skew`, and a
+    test set of `test_per_family` instances of every family; difficulty levels from `levels`
+    (lowest, highest) uniformly; no instruction in both."""
     rng = random.Random(seed)
     skew = skew or DEFAULT_SKEW
     seen: set[str] = set()
@@ -372,11 +391,12 @@ def make_split(seed: int, pool_size: int, test_per_family: int,
     def draw(name: str) -> dict:
         family = FAMILIES[name]
         for _ in range(1000):
-            text = family.make(rng, rng.randint(1, 3))
+            level = rng.randint(*levels)
+            text = family.make(rng, level)
             if text not in seen:
                 seen.add(text)
                 return {"instruction": text, "input": "", "output": family.show(family.solve(text)),
-                        "family": name}  # fmt: skip
+                        "family": name, "level": level}  # fmt: skip
         raise RuntimeError(f"family {name} has too few distinct instances for this split")
 
     test = [draw(name) for name in FAMILIES for _ in range(test_per_family)]
@@ -436,7 +456,7 @@ def reference_reply(messages: list[dict[str, Any]]) -> str | None:
             return None
         family = found[0]
         rng = random.Random(user)
-        level = max(1, min(3, family.difficulty(example)))
+        level = max(LEVELS[0], min(LEVELS[-1], family.difficulty(example)))
         for _ in range(100):
             text = family.make(rng, level)
             if text != example.strip():
