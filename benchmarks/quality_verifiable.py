@@ -1,7 +1,7 @@
 """Does the curriculum help? TAPIR against random selection on instructions a program can check.
 
     python benchmarks/quality_verifiable.py [--seeds 3] [--pool 240] [--test-per-family 20]
-        [--arms tapir,random] [--round-sizes 48,80] [--warmup ROWS] [--levels 1-3] [--keep DIR]
+        [--arms tapir,random] [--round-sizes 48,80] [--warmup ROWS] [--levels 0-3] [--keep DIR]
 
 For each seed: a pool and a held-out test set of the reference oracle's task families
 (tapir_ray.oracle.reference: arithmetic, date arithmetic, sorting, reversal, counting, CSV→JSON,
@@ -14,9 +14,9 @@ so the arms train on the same number of rows:
 - `random`: the same round sizes chosen at random (`curriculum.tapir.selection: random`);
 - `tapir_no_rebalance`: MFD without the taxonomy's quotas (one flat category).
 
-`--levels 0-3` adds the families' easy level (reference.LEVELS), which the base student partly
-answers: a pool where the judge has easy candidates to tell from hard ones. Levels 1-3 (the
-default) are nearly all hard for the bundled 135M student, so MFD's split has little to choose.
+`--levels 0-3` (the default) includes the families' easy level (reference.LEVELS), which the base
+student partly answers, so the judge has easy candidates to tell from hard ones; with `--levels 1-3`
+nearly every candidate is hard for the bundled 135M student and MFD's split has little to choose.
 
 With `--warmup ROWS`, every arm first fine-tunes the student on the same seeded slice of ROWS pool
 items (TAPIR's optional round 0), so that the judge measures difficulty on a student that has seen
@@ -171,7 +171,7 @@ def main() -> None:
         help="a warm-up fine-tune on ROWS pool items before round 1, the same for every arm (0: none)",
     )  # fmt: skip
     parser.add_argument(
-        "--levels", default="1-3", help="difficulty levels LOW-HIGH (0-3: with the easy one)"
+        "--levels", default="0-3", help="difficulty levels LOW-HIGH (0: the easy one, see --help)"
     )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--keep", default=None, help="keep the runs under DIR")
@@ -342,7 +342,9 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xticks(np.arange(len(names)) + width * (len(arms) - 1) / 2, names, rotation=20)
     ax.set_ylabel("held-out exact match")
     ax.set_ylim(0, 1)
-    ax.set_title(f"TAPIR vs random selection ({report['seeds']} seeds)")
+    ax.set_title(
+        f"TAPIR vs random selection ({report['seeds']} seeds, levels {report.get('levels', '1-3')})"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
