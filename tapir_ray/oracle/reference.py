@@ -124,12 +124,15 @@ ARITHMETIC = Family(
 _DAY_RANGES = ((1, 1), (2, 40), (41, 160), (161, 360))  # by level
 
 
+def _days(n: int) -> str:
+    return f"{n} day" if n == 1 else f"{n} days"
+
+
 def _date_make(rng: random.Random, level: int) -> str:
     start = dt.date(2000, 1, 1) + dt.timedelta(days=rng.randint(0, 9000))
     days = rng.randint(*_DAY_RANGES[level])
     way = rng.choice(["after", "before"])
-    unit = "day" if days == 1 else "days"
-    return f"What is the date {days} {unit} {way} {start.isoformat()}? Answer in YYYY-MM-DD format."
+    return f"What is the date {_days(days)} {way} {start.isoformat()}? Answer in YYYY-MM-DD format."
 
 
 def _date_solve(text: str) -> str | None:
@@ -157,9 +160,8 @@ def _date_steps(text: str) -> list[str]:
         else:
             hop = min(left, day.day) or 1
             new = day - dt.timedelta(days=hop)
-        unit = "day" if hop == 1 else "days"
         steps.append(
-            f"{day.isoformat()} {'+' if forward else '-'} {hop} {unit} = {new.isoformat()}"
+            f"{day.isoformat()} {'+' if forward else '-'} {_days(hop)} = {new.isoformat()}"
         )
         day, left = new, left - hop
     return steps
@@ -265,7 +267,7 @@ def _count_steps(text: str) -> list[str]:
 COUNTING = Family(
     "counting", "Common-Sense", _count_make, _count_solve, str,
     lambda r: int(v) if (v := _last(r"\d+", r)) is not None else None,
-    lambda t: max(0, len(t.split("'")[3].split()) - 1) if t.count("'") >= 4 else 1,
+    lambda t: len(t.split("'")[3].split()) - 1 if t.count("'") >= 4 else 1,
     work=_count_steps,
 )  # fmt: skip
 
