@@ -277,6 +277,9 @@ def summarise(args, arms: list[str], correct: dict, per_family: dict, per_level:
             arm: {
                 "accuracy": round(float(np.concatenate(correct[arm]).mean()), 4),
                 "accuracy_by_seed": [round(float(c.mean()), 4) for c in correct[arm]],
+                # Each test item right (1) or not, in make_split's order: an arm run later, on the
+                # same seeds and test sets, is compared with this one item by item.
+                "correct_by_seed": ["".join("1" if x else "0" for x in c) for c in correct[arm]],
                 "by_family": {
                     f: round(float(np.mean(v)), 4) for f, v in per_family[arm].items() if v
                 },
