@@ -114,6 +114,22 @@ def test_every_format_gives_the_same_canonical_rows(ray_cluster, tmp_path, suffi
     assert rows[1]["origin"].endswith(":2") and all(r["source"] == "seed" for r in rows)
 
 
+def test_an_arrow_stream_batch_larger_than_a_block_is_read_whole_and_in_order(
+    ray_cluster, tmp_path
+):
+    """A saved HF dataset of 10 rows is one record batch; read in blocks of 4 rows (as the pool's
+    Python rows are made a block at a time), every row comes once, in order."""
+    records = [
+        {"instruction": f"Say the number {k}.", "input": "", "output": str(k)} for k in range(10)
+    ]
+    _as_hf(tmp_path / "pool", records)
+    summary = ingest(PoolConfig(paths=[str(tmp_path / "pool")], decontaminate_against=[]),
+                     str(tmp_path / "out"), block_rows=4)  # fmt: skip
+    rows = sorted(read_pool(str(tmp_path / "out")).take_all(), key=lambda r: r["order"])
+    assert (summary.read, summary.kept) == (10, 10)
+    assert [r["output"] for r in rows] == [str(k) for k in range(10)]
+
+
 def test_a_folder_of_mixed_files_is_read_in_name_order(ray_cluster, tmp_path):
     folder = tmp_path / "pool"
     folder.mkdir()

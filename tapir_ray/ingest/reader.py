@@ -298,8 +298,11 @@ class PoolDatasource(FileBasedDatasource):
 
     def _arrow_stream(self, f, builder: BlockBuilder, pf: PoolFile) -> Iterator[None]:
         n = 0
+        # A stream's record batches are as large as its writer made them (one batch can hold the
+        # whole file): rows become Python a block at a time, as Parquet's are.
         for batch in pyarrow.ipc.open_stream(f):
-            for record in batch.to_pylist():
-                n += 1
-                builder.add(n, record)
-                yield
+            for start in range(0, batch.num_rows, self._block_rows):
+                for record in batch.slice(start, self._block_rows).to_pylist():
+                    n += 1
+                    builder.add(n, record)
+                    yield
