@@ -12,7 +12,9 @@ so the arms train on the same number of rows:
 
 - `tapir`: MFD selection with the α schedule, re-balancing and expansion;
 - `random`: the same round sizes chosen at random (`curriculum.tapir.selection: random`);
-- `tapir_no_rebalance`: MFD without the taxonomy's quotas (one flat category).
+- `tapir_no_rebalance`: MFD without the taxonomy's quotas (one flat category);
+- `random_judged`: the random arm's picks, with the student and judge run all the same
+  (`judge_random: true`), so that it spends the oracle requests TAPIR spends.
 
 `--levels 0-3` (the default) includes the families' easy level (reference.LEVELS), which the base
 student partly answers, so the judge has easy candidates to tell from hard ones; with `--levels 1-3`
@@ -52,7 +54,7 @@ from tapir_ray.runtime import ensure_ray
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results" / "quality_verifiable.json"
-ARMS = ("tapir", "random", "tapir_no_rebalance")
+ARMS = ("tapir", "random", "tapir_no_rebalance", "random_judged")
 
 
 def arm_config(arm: str, run_dir: Path, pool: Path, base_url: str, seed: int, args) -> dict:
@@ -60,7 +62,8 @@ def arm_config(arm: str, run_dir: Path, pool: Path, base_url: str, seed: int, ar
     tapir = {
         "rounds": len(sizes), "round_sizes": sizes, "alpha": [0.3, 0.5, 0.7][: len(sizes)],
         "warmup": args.warmup > 0, "warmup_rows": max(1, args.warmup), "heldout_fraction": 0.02, "nll_max_rows": 16, "expansion_attempts": 1,
-        "expansion_max_tokens": 96, "delta": 1.0, "selection": "random" if arm == "random" else "mfd",
+        "expansion_max_tokens": 96, "delta": 1.0, "selection": "random" if arm.startswith("random") else "mfd",
+        "judge_random": arm == "random_judged",
         "judge": {"mode": "single", "logprob_scoring": True},
         # A family's instances share one template and differ in their numbers and words: to a
         # sentence encoder they are all near-duplicates at the default 0.92.
@@ -153,6 +156,14 @@ def selection_by_family(run_dir: Path) -> dict[str, dict[str, int]]:
     return {f: dict(sorted(c.items())) for f, c in sorted(out.items())}
 
 
+def random_picks_judged(run_dir: Path) -> dict[str, int] | None:
+    """A judged random arm's picks over the run's rounds: how many the judge scored, and found hard."""
+    state = json.loads((run_dir / "state.json").read_text())
+    got = [r.get("plan", {}).get("judged") for r in state["rounds"].values()]
+    got = [g for g in got if g]
+    return {k: sum(g[k] for g in got) for k in ("scored", "hard")} if got else None
+
+
 def train_rows(run_dir: Path) -> int:
     state = json.loads((run_dir / "state.json").read_text())
     return sum(int(s.get("rows") or 0) for k, s in state["stages"].items() if k.endswith("/train"))
@@ -188,6 +199,7 @@ def main() -> None:
     spend: dict[str, list[dict[str, int]]] = {a: [] for a in arms}
     rows: dict[str, list[int]] = {a: [] for a in arms}
     chosen: dict[str, list[dict]] = {a: [] for a in arms}
+    judged: dict[str, list[dict | None]] = {a: [] for a in arms}
     started = time.perf_counter()
     ensure_ray()  # one cluster: the runs attach to it, as a Ray Job's driver would
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
@@ -223,6 +235,7 @@ def main() -> None:
                     spend[arm].append(ledger_requests(run_dir))
                     rows[arm].append(train_rows(run_dir))
                     chosen[arm].append(selection_by_family(run_dir))
+                    judged[arm].append(random_picks_judged(run_dir))
                 saved = work / f"seed-{seed}" / f"{arm}-answers.json"
                 if saved.exists():  # with --keep, an arm's test answers are given once
                     answers = json.loads(saved.read_text())
@@ -239,7 +252,7 @@ def main() -> None:
                 print(f"seed {seed} {arm}: accuracy {ok.mean():.3f}", flush=True)
             # Written after every seed: a long benchmark that stops keeps what it measured.
             report = summarise(args, arms, correct, per_family, per_level, spend, rows, chosen,
-                               started)  # fmt: skip
+                               judged, started)  # fmt: skip
             write_results(Path(args.out), report)
             plot(report, Path(args.out).with_suffix(".png"))
     print_table(["arm", "accuracy", *FAMILIES],
@@ -261,7 +274,7 @@ def main() -> None:
 
 
 def summarise(args, arms: list[str], correct: dict, per_family: dict, per_level: dict,
-              spend: dict, rows: dict, chosen: dict, started: float) -> dict:  # fmt: skip
+              spend: dict, rows: dict, chosen: dict, judged: dict, started: float) -> dict:  # fmt: skip
     report = {
         "benchmark": "quality_verifiable",
         "command": command_line("quality_verifiable.py", args),
@@ -292,6 +305,8 @@ def summarise(args, arms: list[str], correct: dict, per_family: dict, per_level:
                 "train_rows": rows.get(arm),
                 # Summed over the seeds: what the judge found hard and what each family trained on.
                 "selection_by_family": _summed(chosen.get(arm) or []) or None,
+                # Per seed, a judged random arm's picks: how many the judge scored and found hard.
+                "random_picks_judged": judged.get(arm) if any(judged.get(arm) or []) else None,
             }
             for arm in correct
             if correct[arm]

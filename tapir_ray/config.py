@@ -492,6 +492,12 @@ class TapirConfig(_Strict):
     random_quotas: bool = Field(
         True, description="With selection: random, keep the taxonomy's per-category quotas."
     )
+    judge_random: bool = Field(
+        False,
+        description="With selection: random, still answer and judge the unused candidates as mfd "
+        "does (the same oracle spend, for a control arm at equal budget) and record how many of "
+        "the random picks the judge found hard; the picks stay random.",
+    )
     heldout_fraction: Fraction = Field(
         0.02, description="Share of the pool held out for the per-round NLL."
     )

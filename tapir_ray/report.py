@@ -69,6 +69,7 @@ def round_metrics(run_dir: str, r: int) -> dict[str, Any]:
         "stages": [_throughput(n, i) for n, i in _round_stages(state, r)],
         "scores": {k: v for k, v in info.get("scores", {}).items() if k != "seconds"},
         "hard_share": info.get("hard_share"),
+        "random_picks_judged": plan.get("judged"),
         "by_source": final.get("by_source", {}),
         "categories": categories,
         "oracle": ledger,
@@ -295,6 +296,9 @@ def write_report(run_dir: str) -> str:
             parts += [f"Scored {sc.get('scored')} candidates ({sc.get('unscored')} unscored): mean judge score teacher "
                       f"{sc.get('mean_score_teacher')}, student {sc.get('mean_score_student')}; mean MFD {sc.get('mean_mfd')}; "
                       f"hard {sc.get('hard')} ({sc.get('hard_share')}). Training set by source: {m['by_source']}.", ""]  # fmt: skip
+            if picks := m.get("random_picks_judged"):
+                parts += [f"Selection random, judged all the same: the judge found {picks['hard']} of the "
+                          f"{picks['scored']} scored random picks hard.", ""]  # fmt: skip
             judge = sc.get("judge") or {}
             if judge:
                 parts += [f"Judge diagnostics: order consistency {_num(judge.get('order_consistency'))}, score spread "

@@ -205,7 +205,7 @@ class TapirRun(Recipe):
             )
         )
         scores_dir: str | None = here.scores
-        if tapir.selection == "random":  # the control arm: no student answers, no judge
+        if tapir.selection == "random" and not tapir.judge_random:  # the control arm: no judge
             scores_dir, scored = None, {}
         elif r == 1 or tapir.rescore_unused:
             n = self.step(
@@ -291,7 +291,7 @@ class TapirRun(Recipe):
 
     def _plan(self, r: int, scores_dir: str | None, size: int, alpha: float) -> dict:
         info = write_plan(self.run_dir, r, scores_dir, size, alpha, self.tapir.taxonomy,
-                     self.seed, self.tapir.random_quotas)  # fmt: skip
+                     self.seed, self.tapir.random_quotas, self.tapir.selection == "random")  # fmt: skip
         storage.write_json_atomic(self.paths.round(r).plan_info, info)
         return info
 

@@ -669,6 +669,45 @@ def test_selection_at_scale_takes_the_same_ids_with_exact_totals_from_a_dataset(
         assert [i for i, _ in taken(got)] == sorted(want.ids) and len(want.ids) == 900
 
 
+def test_a_judged_random_arm_picks_what_the_random_arm_picks_and_counts_the_hard_ones(
+    ray_cluster, tmp_path
+):
+    """`judge_random`: the control arm's plan with the judge's scores beside it is the plan
+    without them, row for row, and records how many of its picks the judge scored and found
+    hard; MFD on the same scores picks differently."""
+    import random
+
+    from tapir_ray.curriculum.tapir_stages import write_plan
+    from tapir_ray.rundir import RunDir
+
+    rng = random.Random(3)
+    n = 400
+    ids = [f"i{k}" for k in range(n)]
+    category = [rng.choice(["Math", "Writing"]) for _ in range(n)]
+    hard = [None if k % 10 == 0 else rng.random() < 0.3 for k in range(n)]
+    ratios = {"Math": 0.5, "Writing": 0.5}
+    plans = {}
+    for name, judged in (("plain", False), ("judged", True), ("mfd", None)):
+        run = RunDir(str(tmp_path / name))
+        storage.write_table(
+            pa.table({"id": ids, "category": category, "heldout": [False] * n}), run.items
+        )
+        scores = run.round(1).scores
+        storage.write_table(pa.table({"id": ids, "hard": pa.array(hard, pa.bool_())}), scores)
+        info = write_plan(run.root, 1, scores if judged is not False else None, 60, 0.5, ratios, 7,
+                          random=judged is not None)  # fmt: skip
+        plan = storage.read_table(run.round(1).plan)
+        plans[name] = (sorted(plan["id"].to_pylist()), info)
+    assert plans["judged"][0] == plans["plain"][0] and len(plans["plain"][0]) == 60
+    assert "judged" not in plans["plain"][1] and plans["judged"][1]["selection"] == "random"
+    picked = [hard[int(i[1:])] for i in plans["judged"][0]]
+    assert plans["judged"][1]["judged"] == {
+        "scored": sum(h is not None for h in picked),
+        "hard": sum(h is True for h in picked),
+    }
+    assert plans["mfd"][0] != plans["plain"][0]
+
+
 def _answers(batch: pa.Table, fail_after: int | None = None) -> pa.Table:
     """Stands in for the engine: an answer per row with the engine's output columns."""
     from tapir_ray.student import OUTPUT_COLUMNS

@@ -108,10 +108,11 @@ def _plan_counts(batch: pa.Table) -> Counter:
 
 def write_plan(
     run_dir: str, round_: int, scores_dir: str | None, size: int, alpha: float, ratios: dict, seed: int,
-    random_quotas: bool = True,
+    random_quotas: bool = True, random: bool | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """plan/: the round's selection (curriculum/sample.py: exact quotas, seeded ranks, nothing
-    collected); with no scores (selection: random) the control arm's."""
+    collected); with `random` (default: when there are no scores) the control arm's, which with
+    scores (`judge_random`) also counts the picks the judge found hard, and picks the same rows."""
     from tapir_ray.curriculum.sample import select_dataset
 
     run = RunDir(run_dir)
@@ -126,7 +127,7 @@ def write_plan(
             lambda b: b.append_column("used", pa.array([False] * b.num_rows, pa.bool_())), batch_format="pyarrow")  # fmt: skip
     else:
         candidates = frames.mark(candidates, used, "used", rows=n_items, ids_rows=trained)
-    random = scores_dir is None
+    random = scores_dir is None if random is None else random
     plan, info = select_dataset(
         candidates, size=size, alpha=None if random else alpha,
         ratios=ratios if (random_quotas or not random) else None, seed=seed, round_=round_,
@@ -139,8 +140,11 @@ def write_plan(
         targets = info["targets"] or {
             k: n for (kind, k), n in sorted(counts.items()) if kind == "category"
         }
-        return {"size": size, "alpha": None, "selection": "random", "targets": targets, "hard_targets": {},
-                "shortfall": info["shortfall"], "selected": selected}  # fmt: skip
+        out = {"size": size, "alpha": None, "selection": "random", "targets": targets, "hard_targets": {},
+               "shortfall": info["shortfall"], "selected": selected}  # fmt: skip
+        if scores_dir is not None:
+            out["judged"] = _judged(folder, scores_dir, n_items)
+        return out
     pools = Counter()
     for key, n in info["pool_rows"].items():
         pools[key.rsplit("/", 1)[1]] += n
@@ -150,6 +154,19 @@ def write_plan(
         "hard_pool": {"path": scores_dir, "filter": "hard and not used", "rows": pools["hard"]},
         "easy_pool": {"path": scores_dir, "filter": "not hard, or used (replay)", "rows": pools["easy"]},
     }  # fmt: skip
+
+
+def _judged(plan: str, scores_dir: str, n_items: int) -> dict[str, int]:
+    """How many of a random plan's picks the judge scored, and found hard."""
+    hard = frames.read(scores_dir, ["id", "hard"], {"hard": pa.bool_()})
+    picked = frames.join(frames.read(plan, ["id"]), hard, "inner", size=n_items)
+    counts = sum(frames.fold(picked, _hard_counts), Counter())
+    return {"scored": counts["scored"], "hard": counts["hard"]}
+
+
+def _hard_counts(batch: pa.Table) -> Counter:
+    valid = pc.drop_null(batch["hard"])
+    return Counter(scored=len(valid), hard=int(pc.sum(valid).as_py() or 0))
 
 
 def _plan_rows(batch: pa.Table, source: str) -> pa.Table:

@@ -51,10 +51,18 @@ def write_requests(rows: list[dict], folder: str) -> None:
 
 
 class OracleStage:
-    """Several batches run at once on one actor (Ray Data calls it from a few threads), and all of
-    their requests share one event loop and the endpoint's concurrency, so the actor keeps up to
-    `max_concurrency` requests in flight continuously: a batch's slowest reply holds up only that
-    batch's output, never the next requests. The ledger hears about spend every second."""
+    """Several batches run at once on one actor, and all of their requests share one event loop
+    and the endpoint's concurrency, so the actor keeps up to `max_concurrency` requests in flight
+    continuously: a batch's slowest reply holds up only that batch's output, never the next
+    requests. The ledger hears about spend every second.
+
+    Two levels run batches at once: Ray Data hands an actor several tasks (threads), and a task's
+    input (blocks bundled up to at least `batch_size` rows, often two or more batches) goes
+    through `__call__` a few batches at a time because `__call__` is a coroutine (Ray Data runs an
+    async UDF's batches concurrently, four by default). With a plain function, a task's second
+    batch waited for its first one's slowest reply: with answers taking 1-30 s, a stage's last
+    rows reached the endpoint late (oracle_throughput's heavy-tailed phase, 0.91-0.99 of the
+    limit from run to run)."""
 
     def __init__(
         self,
@@ -100,13 +108,15 @@ class OracleStage:
             )  # fmt: skip
         asyncio.run_coroutine_threadsafe(self._report_every(1.0), self.loop)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # Ray Data's loop runs this; the requests run on the client's own loop (made with the
+        # actor, where the ledger's reports run too).
         ids = [str(x) for x in batch["id"]]
         messages = [json.loads(m) for m in batch["messages"]]
         try:
-            results = asyncio.run_coroutine_threadsafe(self._all(ids, messages), self.loop).result()
+            results = await self._on_loop(self._all(ids, messages))
         finally:
-            asyncio.run_coroutine_threadsafe(self._report(), self.loop).result()
+            await self._on_loop(self._report())
         # Rows the budget stopped before sending are left out, neither answered nor dead: the batch
         # still ends normally, so every request already in flight on any actor is received and
         # cached (raising here would tear down the other actors' in-flight requests, paid for and
@@ -118,7 +128,7 @@ class OracleStage:
             raise other[0]
         dead = [r for r in results if isinstance(r, DeadLetter)]
         if dead:
-            self._write_dead(dead)
+            await asyncio.to_thread(self._write_dead, dead)
         keep = [k for k, r in enumerate(results) if isinstance(r, Answer)]
         out = {
             col: np.asarray(values)[keep] if len(keep) else np.asarray(values)[:0]
@@ -135,6 +145,9 @@ class OracleStage:
         )
         out["cached"] = np.array([a.cached for a in answers], dtype=bool)
         return out
+
+    def _on_loop(self, coroutine) -> asyncio.Future:
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self.loop))
 
     async def _all(self, ids: list[str], messages: list[list[dict]]) -> list:
         if self.submitter is not None:
