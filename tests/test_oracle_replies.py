@@ -228,6 +228,22 @@ def test_a_stage_writes_its_dead_letters_under_its_own_name(ray_cluster, server,
     assert read_dead_letters(str(tmp_path), "round-1/judge") == []
 
 
+def test_a_slow_reply_does_not_hold_back_the_next_batch_of_its_task(ray_cluster, server, tmp_path):
+    """One Ray Data task takes 8 rows as two batches of 4. The first row's reply comes only once 7
+    more requests have reached the server (else a final 422 after 10 s): the second batch has to
+    be sent while the first still waits for its slowest reply."""
+    rows = [{"id": f"w{i}", "messages": json.dumps([{"role": "user", "content": f"window {i}" + (" [fault:wait_for=7]" if i == 0 else "")}])}
+            for i in range(8)]  # fmt: skip
+    endpoint = EndpointConfig(base_url=server.base_url, model="local", api_key_env=None)
+    out = oracle_map(
+        ray.data.from_items(rows, override_num_blocks=1), role="teacher", endpoint=endpoint,
+        base_url=server.base_url, run_dir=str(tmp_path), round_=1, params={"max_tokens": 16},
+        ledger=Ledger.remote(None, None), actors=1, batch_size=4, stage="round-1/window",
+    ).take_all()  # fmt: skip
+    assert read_dead_letters(str(tmp_path), "round-1/window") == []
+    assert sorted(r["id"] for r in out) == [f"w{i}" for i in range(8)]
+
+
 def test_too_many_dead_letters_fail_the_stage_and_a_rerun_asks_only_those_again(
     ray_cluster, server, tmp_path
 ):
