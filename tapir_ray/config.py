@@ -521,6 +521,8 @@ class TapirConfig(_Strict):
             raise ValueError("taxonomy must contain 'Others' (unknown labels map to it)")
         if sum(self.taxonomy.values()) <= 0:
             raise ValueError("taxonomy ratios must not all be zero")
+        if self.judge_random and self.selection != "random":
+            raise ValueError("judge_random applies to selection: random (mfd always judges)")
         return self
 
 

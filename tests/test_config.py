@@ -59,6 +59,10 @@ def problems(data) -> list[str]:
             {"oracle": {"teacher": {"base_url": "ftp://host"}}},
             "oracle.teacher.base_url: got 'ftp://host', expected an http(s) URL",
         ),
+        (
+            {"curriculum": {"tapir": {"judge_random": True}}},
+            "curriculum.tapir: judge_random applies to selection: random",
+        ),
         ({"run": None}, "run: got None, expected a mapping of keys"),
         ({"pool": {"paths": []}}, "pool.paths: got [], expected list should have at least 1 item"),
     ],

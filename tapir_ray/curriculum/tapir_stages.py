@@ -108,17 +108,17 @@ def _plan_counts(batch: pa.Table) -> Counter:
 
 def write_plan(
     run_dir: str, round_: int, scores_dir: str | None, size: int, alpha: float, ratios: dict, seed: int,
-    random_quotas: bool = True, random: bool | None = None,
+    random_quotas: bool = True, random: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """plan/: the round's selection (curriculum/sample.py: exact quotas, seeded ranks, nothing
-    collected); with `random` (default: when there are no scores) the control arm's, which with
-    scores (`judge_random`) also counts the picks the judge found hard, and picks the same rows."""
+    collected); with `random` the control arm's, which never reads the scores for its picks: given
+    them (`judge_random`), it also counts the picks the judge scored and found hard."""
     from tapir_ray.curriculum.sample import select_dataset
 
     run = RunDir(run_dir)
     n_items = frames.rows(run.items)
     candidates = _candidates(run_dir, ["id", "category"])
-    if scores_dir is not None:
+    if not random:  # the control arm's picks never read the scores: no join of the whole pool
         hard = frames.read(scores_dir, ["id", "hard"], {"hard": pa.bool_()})
         candidates = frames.join(candidates, hard, "left_outer", size=n_items)
     used, trained = _used(run_dir, round_)
@@ -127,7 +127,6 @@ def write_plan(
             lambda b: b.append_column("used", pa.array([False] * b.num_rows, pa.bool_())), batch_format="pyarrow")  # fmt: skip
     else:
         candidates = frames.mark(candidates, used, "used", rows=n_items, ids_rows=trained)
-    random = scores_dir is None if random is None else random
     plan, info = select_dataset(
         candidates, size=size, alpha=None if random else alpha,
         ratios=ratios if (random_quotas or not random) else None, seed=seed, round_=round_,
