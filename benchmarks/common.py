@@ -54,3 +54,22 @@ def anonymous_bytes(pid: int) -> int | None:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Anonymous:"))
     except (OSError, StopIteration, ValueError):
         return None
+
+
+def _store_stat(pattern: str) -> float | None:
+    import re
+
+    from ray._private.internal_api import memory_summary
+
+    found = re.search(pattern, memory_summary(stats_only=True))
+    return float(found.group(1)) if found else None
+
+
+def object_store_used_mb() -> float | None:
+    """The cluster's object store in use now (MiB), from Ray's memory summary."""
+    return _store_stat(r"Plasma memory usage (\d+) MiB")
+
+
+def spilled_mb() -> float:
+    """What the cluster's object store has spilled to disk so far (MiB), from Ray's memory summary."""
+    return _store_stat(r"Spilled (\d+) MiB") or 0.0

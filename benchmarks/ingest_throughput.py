@@ -4,7 +4,8 @@
 
 For each size it writes a pool (real Alpaca rows, made unique, plus 1 % exact duplicates and 0.1 %
 bad lines), runs `tapir_ray.ingest.ingest` on a local Ray cluster, samples the driver's resident
-memory every 50 ms, and records rows/s and the driver's peak RSS growth over its baseline. Results
+memory every 50 ms and the cluster's object store in use every 0.5 s, and records rows/s, the
+driver's peak RSS growth over its baseline and the store's peak (`object_store_peak_mb`). Results
 go to benchmarks/results/ingest_throughput.json and a table on stdout.
 """
 
@@ -58,12 +59,14 @@ def write_pool(path: Path, rows: int, seed: int = 0) -> dict[str, int]:
 
 
 class PeakRSS:
-    """Samples this process's RSS in a thread; `peak - baseline` is what the work added."""
+    """Samples this process's RSS in a thread; `peak - baseline` is what the work added. With
+    `store_every` (s), also the cluster's object store in use (`store_peak_mb`)."""
 
-    def __init__(self, interval: float = 0.05):
+    def __init__(self, interval: float = 0.05, store_every: float | None = None):
         self.proc = psutil.Process()
         self.interval = interval
         self.baseline = self.peak = self.proc.memory_info().rss
+        self.store_every, self._store_last, self.store_peak_mb = store_every, 0.0, 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -74,6 +77,14 @@ class PeakRSS:
 
     def sample(self) -> None:
         self.peak = max(self.peak, self.proc.memory_info().rss)
+        if self.store_every is not None and time.time() - self._store_last >= self.store_every:
+            try:  # run as a script, benchmarks/ is on the path; imported by a test, it is a package
+                from common import object_store_used_mb
+            except ImportError:
+                from benchmarks.common import object_store_used_mb
+
+            self._store_last = time.time()
+            self.store_peak_mb = max(self.store_peak_mb, object_store_used_mb() or 0.0)
 
     def __enter__(self) -> PeakRSS:
         self._thread.start()
@@ -109,7 +120,7 @@ def main() -> None:
             pool = Path(tmp) / f"pool-{rows}.jsonl"
             expected = write_pool(pool, rows)
             size_mb = pool.stat().st_size / 2**20
-            with PeakRSS() as rss:
+            with PeakRSS(store_every=0.5) as rss:
                 summary = ingest(PoolConfig(paths=[str(pool)]), f"{tmp}/out-{rows}")
             assert summary.reconciles, summary
             assert summary.quarantined == expected["quarantined"], (summary, expected)
@@ -124,6 +135,8 @@ def main() -> None:
                 "driver_rss_baseline_mb": round(rss.baseline / 2**20),
                 "driver_rss_peak_mb": round(rss.peak / 2**20),
                 "driver_rss_growth_mb": round(rss.growth_mb),
+                # Ray's object store in use, sampled every 0.5 s: what the ingest held there
+                "object_store_peak_mb": round(rss.store_peak_mb),
             }
             results.append(row)
             print(json.dumps(row), file=sys.stderr)

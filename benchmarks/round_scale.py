@@ -19,7 +19,8 @@ Measured per size:
 - peak resident memory of the driver (the `tapir-ray run` process), of the largest Ray worker,
   of vLLM's engine core (a child process of the engine-stage actor, sized by the engine: weights
   and KV cache) and of all of them together (RSS, so shared pages count in each), and the node's
-  memory in use, sampled every 0.5 s; and every 5 s the private memory of the largest Ray worker
+  memory in use, sampled every 0.5 s; and every 5 s the object store in use (`peak_object_store_mb`),
+  the private memory of the largest Ray worker
   and of the driver (`peak_anon_worker_mb`, `peak_anon_driver_mb`: anonymous pages; RSS also
   counts the pages of Ray's object store that a process has mapped, which grow with the store's
   use over a long run, not with the process's own data);
@@ -61,7 +62,14 @@ from pathlib import Path
 import psutil
 import ray
 import yaml
-from common import anonymous_bytes, device_name, print_table, write_results
+from common import (
+    anonymous_bytes,
+    device_name,
+    object_store_used_mb,
+    print_table,
+    spilled_mb,
+    write_results,
+)
 from ingest_throughput import PeakRSS
 
 from tapir_ray.assets import TINY_LLAMA_VLLM, tiny_encoder, tiny_llama
@@ -165,6 +173,7 @@ class Sampler(PeakRSS):
         self.by_process: list[tuple[float, str, float]] = []
         self._process_cpu: dict[int, float] = {}
         self.worker_anon, self.worker_anon_name = 0, ""
+        self.store = 0.0  # the object store in use, MiB (every cpu_every seconds)
         self.driver_anon = 0  # the driver's private memory, with the workers' (every cpu_every s)
         self.cpu_every, self._cpu_last = cpu_every, float("-inf")
 
@@ -196,6 +205,7 @@ class Sampler(PeakRSS):
         if record:
             self._cpu_last = time.time()
             self.driver_anon = max(self.driver_anon, anonymous_bytes(self.pid) or 0)
+            self.store = max(self.store, object_store_used_mb() or 0.0)
         for p in self.proc.children(recursive=True):
             try:
                 cmd = p.cmdline()
@@ -304,14 +314,6 @@ def stage_figures(state: dict) -> dict:
     return out
 
 
-def spilled_mb() -> float:
-    """What the cluster's object store has spilled to disk so far (MiB), from Ray's memory summary."""
-    from ray._private.internal_api import memory_summary
-
-    found = re.search(r"Spilled (\d+) MiB", memory_summary(stats_only=True))
-    return float(found.group(1)) if found else 0.0
-
-
 def one_size(
     rows: int, work: Path, server: LocalOracle, model: str, encoder: str, env: dict, args
 ) -> dict:
@@ -364,6 +366,7 @@ def one_size(
         "peak_rss_workers_total_mb": round(sampled.workers / 2**20),
         "peak_node_memory_in_use_mb": round(sampled.node / 2**20),
         "object_store_spilled_mb": spilled_mb() - spilled_before,
+        "peak_object_store_mb": round(sampled.store),
         "config": {k: config[k] for k in ("student", "oracle", "train")},
         "memory_timeline": {
             "columns": TIMELINE,

@@ -60,6 +60,9 @@ def configure_data() -> None:
     (ListFiles → ReadFiles) took 10–18 s for `read_parquet(folder).take_all()` of 10 rows on a
     warm 2-CPU local cluster, against 0.4 s for V1; every stage reads its input from Parquet, so
     V2 made a 12-stage round wait minutes for nothing."""
+    from ray.data._internal.execution.backpressure_policy.downstream_capacity_backpressure_policy import (
+        DownstreamCapacityBackpressurePolicy,
+    )
     from ray.util.debug import log_once
 
     ctx = ray.data.DataContext.get_current()
@@ -73,6 +76,16 @@ def configure_data() -> None:
     # line that stops moving.
     log_once("cpu_warning")
     ctx.use_datasource_v2 = False
+    # Ray Data holds an operator back once its queued output is `downstream_capacity_backpressure_
+    # ratio` (2) times what the operator after it has in flight, but only after the operator has
+    # used half of its object-store budget, a share of half the store. Ahead of a slow stage
+    # (the student engine, the oracle) the reads and prompt preparation went on until then: four
+    # minutes into a 1,000,000-row scoring phase Ray Data had read all 383 MiB of the student's
+    # input and held 1.2 GB of queued blocks, and every actor that reads from those pages keeps
+    # them mapped (its RSS grew with the pool). Ray offers the threshold only as an environment
+    # variable read when Ray Data is imported, so it is set on the policy here: from the start, an
+    # operator keeps at most twice what its consumer has in flight.
+    DownstreamCapacityBackpressurePolicy.OBJECT_STORE_BUDGET_UTIL_THRESHOLD = 0.0
 
 
 _CONSOLE = {"verbose": False}

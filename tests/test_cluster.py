@@ -173,6 +173,8 @@ from tapir_ray.runtime import ensure_ray
 ensure_ray()
 import ray
 print("cpus", ray.cluster_resources().get("CPU"))
+ds = ray.data.range(10).map_batches(lambda b: b)
+print("rows", ds.count())
 
 @ray.remote(num_cpus=0)
 def parquet_path():
@@ -203,7 +205,8 @@ print(f"idle for 4 s: {alive} of {len(workers)} workers still there")
 
 def test_a_local_cluster_starts_with_our_lines_only(tmp_path):
     """What `tapir-ray run` prints when it starts its own cluster: where Ray's logs are, not Ray's
-    INFO lines or its token-authentication notice. Its tasks read Parquet as the driver does
+    INFO lines (a dataset's execution plan among them) or its token-authentication notice. Its
+    tasks read Parquet as the driver does
     (Ray Data's V1 path: V2 cost a task about 4 s per read). Workers idle for a few seconds are
     kept for the next tasks, more of them than the node has CPUs (Ray's default stops those
     beyond the CPU count after 1 s, and a round's Ray Data tasks then each started a new
@@ -219,7 +222,8 @@ def test_a_local_cluster_starts_with_our_lines_only(tmp_path):
     out = done.stdout + done.stderr
     assert done.returncode == 0 and "cpus" in out, out[-3000:]
     assert "Ray's own logs:" in out and "Token authentication" not in out, out
-    assert "Started a local Ray instance" not in out, out
+    assert "Started a local Ray instance" not in out and "Execution plan" not in out, out
+    assert "rows 10" in out, out
     assert "a task reads Parquet by v1" in out, out
     alive, workers = map(int, re.search(r"idle for 4 s: (\d+) of (\d+) workers", out).groups())
     cpus = float(re.search(r"^cpus (\S+)", out, re.M).group(1))

@@ -23,17 +23,19 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from ray.data.aggregate import Count, Min
 
-from tapir_ray import storage
+from tapir_ray import frames, storage
 from tapir_ray.assets import resolve_data
 from tapir_ray.config import PoolConfig
-from tapir_ray.ingest.canonical import normalize_text
+from tapir_ray.ingest.canonical import SCHEMA, normalize_text
 from tapir_ray.ingest.reader import IngestError, PoolDatasource, resolve_pool_files
 
 log = logging.getLogger(__name__)
 
 ROWS_PER_DEDUP_PARTITION = 100_000
 POOL_COLUMNS = ["id", "instruction", "input", "output", "source", "origin", "order"]
+KEYS = pa.schema([("id", pa.string()), ("order", pa.int64())])
 
 
 @dataclass
@@ -137,15 +139,47 @@ def _uncontaminated(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.invert(batch["contaminated"])).drop_columns(["contaminated"])
 
 
-def _first_per_id(batch: pa.Table) -> pa.Table:
-    """Rows sharing an id sit in one partition after the hash shuffle: keep the earliest."""
-    if batch.num_rows == 0:
-        return batch
-    batch = batch.sort_by([("id", "ascending"), ("order", "ascending")])
-    ids = batch["id"]
-    keep = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))
-    mask = pa.concat_arrays([pa.array([True]), keep.combine_chunks()])
-    return batch.filter(mask)
+def _repeated(keys: pa.Table) -> pa.Table:
+    """(id, first, count) for each id of `keys` (id, order) seen more than once; `first`: its
+    lowest order."""
+    counted = keys.group_by("id").aggregate([("order", "count"), ("order", "min")])
+    counted = counted.filter(pc.greater(counted["order_count"], 1))
+    return pa.table(
+        {"id": counted["id"], "first": counted["order_min"], "count": counted["order_count"]}
+    )
+
+
+@ray.remote(num_cpus=0)
+def _repeated_in(blocks: list) -> pa.Table:
+    tables = [t for t in ray.get(blocks) if t.num_rows]
+    return _repeated(pa.concat_tables(tables)) if tables else _repeated(KEYS.empty_table())
+
+
+def _repeated_of_counts(batch: pa.Table) -> pa.Table:
+    batch = batch.filter(pc.greater(batch["count()"], 1))
+    return pa.table({"id": batch["id"], "first": batch["min(order)"], "count": batch["count()"]})
+
+
+def _repeated_ids(good: ray.data.Dataset, n_good: int) -> pa.Table:
+    """(id, first order, count) of every id that more than one of `good`'s rows carry: only these ids
+    leave Arrow blocks, usually a small share of the pool. A pool larger than
+    ROWS_PER_DEDUP_PARTITION counts its ids with Ray Data's hash aggregate over the (id, order)
+    columns; a smaller one in one task, without starting aggregator actors (seconds)."""
+    keys = good.select_columns(KEYS.names)
+    if n_good <= ROWS_PER_DEDUP_PARTITION:
+        return ray.get(_repeated_in.remote(keys.to_arrow_refs()))
+    partitions = math.ceil(n_good / ROWS_PER_DEDUP_PARTITION)
+    counted = keys.groupby("id", num_partitions=partitions).aggregate(Count(), Min("order"))
+    parts = list(frames.fold(counted, _repeated_of_counts))
+    return pa.concat_tables([_repeated(KEYS.empty_table()), *parts], promote_options="permissive")
+
+
+def _first_copies(batch: pa.Table, repeated: Any) -> pa.Table:
+    """A block without the later copies of a repeated id (the earliest row of each is kept)."""
+    repeated = ray.get(repeated) if isinstance(repeated, ray.ObjectRef) else repeated
+    at = pc.index_in(batch["id"], value_set=repeated["id"])
+    first = pc.take(repeated["first"], at)
+    return batch.filter(pc.or_kleene(pc.is_null(at), pc.equal(batch["order"], first)))
 
 
 def _count_reason_kinds(parsed: ray.data.Dataset) -> dict[str, int]:
@@ -182,10 +216,15 @@ def ingest(
     started = time.perf_counter()
     quarantine_dir = quarantine_dir or storage.join(out_dir, "quarantine")
     pool_dir = storage.join(out_dir, "pool")
+    # The pool parsed once, as Parquet beside it: each pass below reads it back. Held in the object
+    # store (`materialize()`, with a second copy after deduplication), a 1,000,000-row pool took
+    # 0.9 GB of it, and every worker that later read a block from those pages kept them mapped
+    # for the rest of the run (its RSS grew with the pool).
+    parsed_dir = storage.join(out_dir, "_parsed")
     skipped: list[str] = []
     files = resolve_pool_files([resolve_data(p) for p in pool.paths], pool.format, skipped)
     prompts = load_eval_prompts(pool.decontaminate_against)
-    for stale in (pool_dir, quarantine_dir, storage.join(out_dir, "_SUCCESS")):
+    for stale in (pool_dir, quarantine_dir, parsed_dir, storage.join(out_dir, "_SUCCESS")):
         storage.remove(stale)  # Ray appends to existing folders: a re-run must not double rows
 
     datasource = PoolDatasource(
@@ -199,10 +238,8 @@ def ingest(
         ds = ray.data.read_datasource(datasource)
         if pool.limit is not None:
             ds = ds.limit(pool.limit)
-        parsed = (
-            ds.materialize()
-        )  # blocks live in the object store (spilling to disk), not the driver
-        read = parsed.count()
+        read = frames.write(ds, parsed_dir, SCHEMA)
+        parsed = frames.read(parsed_dir, SCHEMA.names, dict(zip(SCHEMA.names, SCHEMA.types, strict=True)))  # fmt: skip
 
         reasons = _count_reason_kinds(parsed)
         quarantined = sum(reasons.values())
@@ -211,18 +248,16 @@ def ingest(
 
         n_good = read - quarantined
         good = parsed.map_batches(_rows_without_reason, batch_format="pyarrow")
-        partitions = math.ceil(n_good / ROWS_PER_DEDUP_PARTITION)
-        # Rows sharing an id must meet in one partition. A hash shuffle does that at any scale but
-        # starts its aggregator actors (seconds); a pool that fits one partition skips it.
-        good = good.repartition(partitions, keys=["id"]) if partitions > 1 else good.repartition(1)
-        unique = (
-            good.map_batches(_first_per_id, batch_size=None, batch_format="pyarrow")
-            .map_batches(_mark_contaminated(frozenset(prompts)), batch_format="pyarrow")
-            .materialize()
-        )
-        n_unique = unique.count()
-        unique.map_batches(_uncontaminated, batch_format="pyarrow").write_parquet(pool_dir)
+        # Exact duplicates: only the ids that repeat go round, and each block keeps its rows but
+        # their later copies. A shuffle of the rows themselves by id held the whole pool in the
+        # object store at once (458 MB of a 1,000,000-row pool), as its partitions finish together.
+        repeated = _repeated_ids(good, n_good)
+        n_unique = n_good - (pc.sum(repeated["count"]).as_py() or 0) + repeated.num_rows
+        unique = good.map_batches(_first_copies, fn_args=(ray.put(repeated),), batch_format="pyarrow")  # fmt: skip
+        marked = unique.map_batches(_mark_contaminated(frozenset(prompts)), batch_format="pyarrow")
+        marked.map_batches(_uncontaminated, batch_format="pyarrow").write_parquet(pool_dir)
         kept = storage.parquet_rows(pool_dir)
+        storage.remove(parsed_dir)
     except Exception as exc:  # surface a clean one-line error for unreadable files
         clean = _unwrap(exc)
         if clean is not None:
