@@ -40,6 +40,9 @@ Measured per size:
 The ratios (`rss_ratio_driver`, `rss_ratio_worker`, `anon_ratio_driver`, `anon_ratio_worker`,
 `wall_ratio`) set the largest size against the next smaller one (`ratios_of`).
 With `--keep DIR --reuse`, a size whose run DIR already holds (its `measured.json`) is not run again.
+With `--time-limit SECONDS` each run is stopped (as Ctrl-C stops it) after that long, and the file
+keeps what it measured until then (`completed: false`: the stages it finished, its memory peaks and
+timeline, the object store's peak); no ratios are taken from it.
 Results: benchmarks/results/round_scale.json (or --out), a plot of rows/s per stage next to it
 (.png) and tables on stdout.
 """
@@ -53,6 +56,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,6 +76,7 @@ from common import (
 )
 from ingest_throughput import PeakRSS
 
+from tapir_ray import storage
 from tapir_ray.assets import TINY_LLAMA_VLLM, tiny_encoder, tiny_llama
 from tapir_ray.oracle.local import LocalOracle
 from tapir_ray.runtime import ensure_ray
@@ -332,8 +337,19 @@ def one_size(
     driver = subprocess.Popen([sys.executable, "-m", "tapir_ray.cli", "run", str(cfg)], cwd=REPO,
                               env=env)  # fmt: skip
     with Sampler(driver.pid, server) as sampled:
-        code = driver.wait()
+        try:
+            code = driver.wait(timeout=args.time_limit)
+        except subprocess.TimeoutExpired:  # --time-limit: stop the run as a user's Ctrl-C would
+            driver.send_signal(signal.SIGINT)
+            try:
+                driver.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                driver.kill()
+                driver.wait()
+            code = None
     wall = time.perf_counter() - started
+    if code is None:
+        return stopped(rows, run_dir, wall, sampled, spilled_before)
     if code != 0:
         sys.exit(f"the run of {rows:,} rows failed ({code}): {run_dir}")
     state = json.loads((run_dir / "state.json").read_text())
@@ -356,6 +372,15 @@ def one_size(
             **overlap(run_dir, phase, sampled),
             "request_count_samples_missed": sampled.missed,
         },
+        **memory_figures(sampled, spilled_before),
+        "config": {k: config[k] for k in ("student", "oracle", "train")},
+    }
+    measured.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def memory_figures(sampled: Sampler, spilled_before: float) -> dict:
+    return {
         "peak_rss_driver_mb": round(sampled.driver / 2**20),
         "peak_anon_driver_mb": round(sampled.driver_anon / 2**20),
         "peak_rss_worker_mb": round(sampled.worker / 2**20),
@@ -367,14 +392,20 @@ def one_size(
         "peak_node_memory_in_use_mb": round(sampled.node / 2**20),
         "object_store_spilled_mb": spilled_mb() - spilled_before,
         "peak_object_store_mb": round(sampled.store),
-        "config": {k: config[k] for k in ("student", "oracle", "train")},
-        "memory_timeline": {
-            "columns": TIMELINE,
-            "rows": sampled.timeline,
-        },
+        "memory_timeline": {"columns": TIMELINE, "rows": sampled.timeline},
     }
-    measured.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+
+
+def stopped(rows: int, run_dir: Path, wall: float, sampled: Sampler, spilled_before: float) -> dict:
+    """A run stopped at --time-limit: the stages it finished and its memory up to then."""
+    state_file = run_dir / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {"stages": {}}
+    finished = {k: v for k, v in state["stages"].items() if v.get("status") == "done"}
+    return {"pool": rows, "completed": False, "stopped_after_s": round(wall, 1),
+            "stage_seconds": {k: v["seconds"] for k, v in stage_figures({"stages": finished}).items()},
+            "answers_written": storage.parquet_rows(str(run_dir / "round-1" / "student")),
+            "judge_requests": sampled.requests[-1][1] if sampled.requests else None,
+            **memory_figures(sampled, spilled_before)}  # fmt: skip
 
 
 def busy_cpu_s() -> float:
@@ -390,7 +421,7 @@ def alone(rows: int, work: Path, server: LocalOracle) -> dict:
     requests, with a fresh cache so every one is sent; each writes its output to Parquet as the
     phase does. Their larger time is what a perfectly overlapped phase would take. Also the CPU
     seconds each used, all the node's cores together and by process."""
-    from tapir_ray import frames, storage
+    from tapir_ray import frames
     from tapir_ray.config import parse_config
     from tapir_ray.oracle import prompts as P
     from tapir_ray.oracle.ledger import Ledger
@@ -465,8 +496,9 @@ def report(runs: list[dict], command: str) -> dict:
     one (1,000,000 rows against 100,000 when both ran)."""
     out = {"benchmark": "round_scale", "command": command, "device": device_name(),
            "ray": ray.__version__, "runs": runs}  # fmt: skip
-    if len(runs) > 1:
-        first, last = sorted(runs, key=lambda r: r["pool"])[-2:]
+    completed = [r for r in runs if r["completed"]]  # not those stopped at --time-limit
+    if len(completed) > 1:
+        first, last = sorted(completed, key=lambda r: r["pool"])[-2:]
         out["ratios_of"] = [first["pool"], last["pool"]]
         out["pool_ratio"] = round(last["pool"] / first["pool"], 1)
         out["rss_ratio_driver"] = round(
@@ -485,7 +517,7 @@ def report(runs: list[dict], command: str) -> dict:
             )
         out["wall_ratio"] = round(last["wall_s"] / first["wall_s"], 2)
     # The largest size whose halves were timed alone (--alone can be limited to smaller sizes).
-    timed = [r for r in runs if r["scoring_phase"].get("overlap_ratio") is not None]
+    timed = [r for r in completed if r["scoring_phase"].get("overlap_ratio") is not None]
     out["overlap_ratio"] = timed[-1]["scoring_phase"]["overlap_ratio"] if timed else None
     out["overlap_ratio_pool"] = timed[-1]["pool"] if timed else None
     out["overlap_ratio_cpu"] = (
@@ -518,6 +550,11 @@ def main() -> None:
         help="also time the student engine alone and the judge alone on each run's scoring phase "
              "(only on the sizes named, if any are)",
     )  # fmt: skip
+    parser.add_argument(
+        "--time-limit", type=float, default=None, metavar="SECONDS",
+        help="stop each run after this long and record what it measured until then (the stages "
+             "it finished, its memory): a look at the start of a long run",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix="round-scale-"))
@@ -531,18 +568,20 @@ def main() -> None:
         f"--round-share {args.round_share} --max-tokens {args.max_tokens} --cpus {args.cpus} "
         f"--encoder {args.encoder}"
         + ("" if args.alone is None else " --alone" + "".join(f" {n}" for n in args.alone))
+        + ("" if args.time_limit is None else f" --time-limit {args.time_limit:g}")
     )
     runs = []
     with LocalOracle("--backend", "scripted", "--latency-ms", "5-20") as server:
         for rows in args.rows:
             run = one_size(rows, work, server, model, encoder, env, args)
             timed = args.alone is not None and (not args.alone or rows in args.alone)
+            timed = timed and run["completed"]
             if timed and "student_alone_s" not in run.get("scoring_phase", {}):
                 run["scoring_phase"].update(alone(rows, work, server))
                 (work / f"run-{rows}" / "measured.json").write_text(
                     json.dumps(run, indent=2) + "\n"
                 )
-            phase = run["scoring_phase"]
+            phase = run.get("scoring_phase", {})
             if phase.get("student_alone_s"):
                 # The phase against its halves alone: 1.0 is perfect overlap, 2.0 one after the other.
                 phase["overlap_ratio"] = round(
@@ -563,6 +602,9 @@ def main() -> None:
             write_results(
                 args.out, report(runs, command)
             )  # after every size: a long run keeps what it measured
+    runs = [r for r in runs if r["completed"]]  # a run stopped at --time-limit: in the file only
+    if not runs:
+        return
     plot(runs, args.out.with_suffix(".png"))
     print_table(
         ["pool", "wall s", "scoring s", "cand./s", "overlap", "driver MB", "worker MB", "worker anon MB",

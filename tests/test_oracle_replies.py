@@ -230,7 +230,7 @@ def test_a_stage_writes_its_dead_letters_under_its_own_name(ray_cluster, server,
 
 def test_a_slow_reply_does_not_hold_back_the_next_batch_of_its_task(ray_cluster, server, tmp_path):
     """One Ray Data task takes 8 rows as two batches of 4. The first row's reply comes only once 7
-    more requests have reached the server (else a final 422 after 10 s): the second batch has to
+    more requests have reached the server (else a final 422 after 30 s): the second batch has to
     be sent while the first still waits for its slowest reply."""
     rows = [{"id": f"w{i}", "messages": json.dumps([{"role": "user", "content": f"window {i}" + (" [fault:wait_for=7]" if i == 0 else "")}])}
             for i in range(8)]  # fmt: skip
