@@ -112,19 +112,19 @@ def load_eval_prompts(refs: list[str]) -> set[str]:
     return prompts
 
 
-def _mark_contaminated(prompts: frozenset[str]):
-    """A batch UDF marking rows whose instruction (alone or with its input) is an evaluation prompt."""
+def _without_eval_prompts(prompts: frozenset[str]):
+    """A batch UDF dropping rows whose instruction (alone or with its input) is an evaluation prompt."""
 
-    def mark(batch: pa.Table) -> pa.Table:
+    def keep(batch: pa.Table) -> pa.Table:
         hits = [
             normalize_text(i) in prompts or (bool(x) and normalize_text(i + "\n" + x) in prompts)
             for i, x in zip(
                 batch["instruction"].to_pylist(), batch["input"].to_pylist(), strict=True
             )
         ]
-        return batch.append_column("contaminated", pa.array(hits, pa.bool_()))
+        return batch.filter(pc.invert(pa.array(hits, pa.bool_())))
 
-    return mark
+    return keep
 
 
 def _rows_with_reason(batch: pa.Table) -> pa.Table:
@@ -133,10 +133,6 @@ def _rows_with_reason(batch: pa.Table) -> pa.Table:
 
 def _rows_without_reason(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_null(batch["reason"])).select(POOL_COLUMNS)
-
-
-def _uncontaminated(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.invert(batch["contaminated"])).drop_columns(["contaminated"])
 
 
 def _repeated(keys: pa.Table) -> pa.Table:
@@ -254,8 +250,8 @@ def ingest(
         repeated = _repeated_ids(good, n_good)
         n_unique = n_good - (pc.sum(repeated["count"]).as_py() or 0) + repeated.num_rows
         unique = good.map_batches(_first_copies, fn_args=(ray.put(repeated),), batch_format="pyarrow")  # fmt: skip
-        marked = unique.map_batches(_mark_contaminated(frozenset(prompts)), batch_format="pyarrow")
-        marked.map_batches(_uncontaminated, batch_format="pyarrow").write_parquet(pool_dir)
+        keep = _without_eval_prompts(frozenset(prompts))
+        unique.map_batches(keep, batch_format="pyarrow").write_parquet(pool_dir)
         kept = storage.parquet_rows(pool_dir)
         storage.remove(parsed_dir)
     except Exception as exc:  # surface a clean one-line error for unreadable files
