@@ -341,15 +341,20 @@ def one_size(
             code = driver.wait(timeout=args.time_limit)
         except subprocess.TimeoutExpired:  # --time-limit: stop the run as a user's Ctrl-C would
             driver.send_signal(signal.SIGINT)
+            interrupted = time.perf_counter()
             try:
-                driver.wait(timeout=120)
+                # how long the driver took to exit after Ctrl-C (None: killed after 120 s)
+                exit_code = driver.wait(timeout=120)
+                stop = {"exit_after_sigint_s": round(time.perf_counter() - interrupted, 1),
+                        "exit_code": exit_code}  # fmt: skip
             except subprocess.TimeoutExpired:
                 driver.kill()
                 driver.wait()
+                stop = {"exit_after_sigint_s": None, "exit_code": "killed after 120 s"}
             code = None
     wall = time.perf_counter() - started
     if code is None:
-        return stopped(rows, run_dir, wall, sampled, spilled_before)
+        return {**stopped(rows, run_dir, wall, sampled, spilled_before), **stop}
     if code != 0:
         sys.exit(f"the run of {rows:,} rows failed ({code}): {run_dir}")
     state = json.loads((run_dir / "state.json").read_text())

@@ -4,7 +4,7 @@ fold a table into a small summary block by block.
 The run layer's glue between stages is built from these, so that no step holds a table that grows
 with the pool in one process: rows stay in blocks on the cluster's nodes, joins are Ray Data's
 hash-partitioned joins (or, for a table of at most LOCAL_JOIN_ROWS, one task or a broadcast of
-its ids), and what comes back to the driver is per-block summaries (counts, sums, histograms)
+it), and what comes back to the driver is per-block summaries (counts, sums, histograms)
 added up as they arrive.
 """
 
@@ -92,42 +92,61 @@ def join(left: ray.data.Dataset, right: ray.data.Dataset, how: str, *, size: int
          on: str = "id", right_on: str | None = None, right_rows: int | None = None) -> ray.data.Dataset:  # fmt: skip
     """`left` joined with `right` on the id column (inner, left_outer, left_semi, left_anti);
     `size`: about how many rows the larger side has. Above LOCAL_JOIN_ROWS it is Ray Data's
-    hash-partitioned join; below, one task joins the two sides' blocks. A semi or anti join
-    whose `right_rows` are at most LOCAL_JOIN_ROWS sends right's ids to every block of left
-    instead (a broadcast join, see `mark`)."""
+    hash-partitioned join; below, one task joins the two sides' blocks. When `right_rows` are at
+    most LOCAL_JOIN_ROWS, right goes to every block of left instead (a broadcast join: a semi or
+    anti join sends right's ids, see `mark`; an inner or outer join the small table), which
+    streams: Ray Data's hash join finishes every partition before the next operator gets a row,
+    so its whole output sits in the object store at once."""
     if size <= LOCAL_JOIN_ROWS:
         return ray.data.from_arrow_refs([_local_join.remote(
             left.to_arrow_refs(), right.to_arrow_refs(), how, on, right_on or on)])  # fmt: skip
-    if (
-        how in ("left_semi", "left_anti")
-        and right_rows is not None
-        and right_rows <= LOCAL_JOIN_ROWS
-    ):
-        wanted = ray.put(_ids_of(right, right_on or on))
-        return left.map_batches(_keep_in, fn_args=(wanted, on, how == "left_semi"), batch_format="pyarrow")  # fmt: skip
+    if right_rows is not None and right_rows <= LOCAL_JOIN_ROWS:
+        if how in ("left_semi", "left_anti"):
+            wanted = ray.put(_ids_of(right, right_on or on))
+            return left.map_batches(_keep_in, fn_args=(wanted, on, how == "left_semi"), batch_format="pyarrow")  # fmt: skip
+        small = ray.put(_small_table(right))
+        return left.map_batches(_join_small, fn_args=(small, how, on, right_on or on), batch_format="pyarrow")  # fmt: skip
     parts = max(2, min(256, math.ceil(size / ROWS_PER_PARTITION)))
     return left.join(right, how, num_partitions=parts, on=(on,),
                      right_on=(right_on,) if right_on else None)  # fmt: skip
 
 
-@ray.remote(num_cpus=0)
-def _local_join(left: list, right: list, how: str, on: str, right_on: str) -> pa.Table:
+def _concat(tables: list[pa.Table], on: str) -> pa.Table:
+    full = [t for t in tables if t.num_columns] or [pa.table({on: pa.array([], pa.string())})]
+    return pa.concat_tables(full, promote_options="default")
+
+
+def _polars_join(left: pa.Table, right: pa.Table, how: str, on: str, right_on: str) -> pa.Table:
+    """`left` joined with `right` in this process, in left's order, each column of its input's
+    type."""
     import polars as pl
 
-    def frame(refs: list) -> tuple[pl.DataFrame, pa.Schema]:
-        tables = [t for t in ray.get(refs) if t.num_columns] or [
-            pa.table({on: pa.array([], pa.string())})
-        ]
-        table = pa.concat_tables(tables, promote_options="default")
-        return pl.from_arrow(table), table.schema
-
-    (lf, ls), (rf, rs) = frame(left), frame(right)
-    out = lf.join(
-        rf, left_on=on, right_on=right_on, how=_HOW[how], coalesce=True, maintain_order="left"
-    ).to_arrow()
+    out = pl.from_arrow(left).join(
+        pl.from_arrow(right), left_on=on, right_on=right_on, how=_HOW[how], coalesce=True,
+        maintain_order="left",
+    ).to_arrow()  # fmt: skip
     # polars hands back its own string types: give each column its input type again
-    types = {f.name: f.type for f in rs} | {f.name: f.type for f in ls}
+    types = {f.name: f.type for f in right.schema} | {f.name: f.type for f in left.schema}
     return out.cast(pa.schema([(name, types[name]) for name in out.column_names]))
+
+
+@ray.remote(num_cpus=0)
+def _local_join(left: list, right: list, how: str, on: str, right_on: str) -> pa.Table:
+    return _polars_join(_concat(ray.get(left), on), _concat(ray.get(right), right_on), how, on, right_on)  # fmt: skip
+
+
+def _small_table(ds: ray.data.Dataset) -> pa.Table:
+    """A small dataset (at most LOCAL_JOIN_ROWS rows) as one table, in this process; an empty one
+    keeps its columns (an outer join still adds them)."""
+    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_columns]
+    if tables:
+        return pa.concat_tables(tables, promote_options="default")
+    return ds.schema().base_schema.empty_table()
+
+
+def _join_small(batch: pa.Table, small: Any, how: str, on: str, right_on: str) -> pa.Table:
+    small = ray.get(small) if isinstance(small, ray.ObjectRef) else small
+    return _polars_join(batch, small, how, on, right_on)
 
 
 def sort(ds: ray.data.Dataset, column: str, *, size: int) -> ray.data.Dataset:

@@ -173,8 +173,19 @@ from tapir_ray.runtime import ensure_ray
 ensure_ray()
 import ray
 print("cpus", ray.cluster_resources().get("CPU"))
-ds = ray.data.range(10).map_batches(lambda b: b)
+import glob, re, time
+# Ray Data's high-memory detector on every scheduling step, against a task asking for a thousandth
+# of a CPU (2.5 MiB of "safe" memory): it fires as soon as one task is done.
+memory = ray.data.DataContext.get_current().issue_detectors_config.high_memory_detector_config
+memory.detection_time_interval_s = 0.0
+def slow(batch):
+    time.sleep(0.3)
+    return batch
+ds = ray.data.range(10, override_num_blocks=5).map_batches(slow, num_cpus=0.001)
 print("rows", ds.count())
+session = ray._private.worker._global_node.get_session_dir_path()
+logged = "".join(open(f).read() for f in glob.glob(f"{session}/logs/**/ray-data.log", recursive=True))
+print("detector lines in Ray Data's log:", len(re.findall(r"memory\\s+per\\s+worker", logged)))
 
 @ray.remote(num_cpus=0)
 def parquet_path():
@@ -205,7 +216,8 @@ print(f"idle for 4 s: {alive} of {len(workers)} workers still there")
 
 def test_a_local_cluster_starts_with_our_lines_only(tmp_path):
     """What `tapir-ray run` prints when it starts its own cluster: where Ray's logs are, not Ray's
-    INFO lines (a dataset's execution plan among them) or its token-authentication notice. Its
+    INFO lines (a dataset's execution plan among them), its token-authentication notice or Ray
+    Data's issue detectors (they stay in Ray Data's log file). Its
     tasks read Parquet as the driver does
     (Ray Data's V1 path: V2 cost a task about 4 s per read). Workers idle for a few seconds are
     kept for the next tasks, more of them than the node has CPUs (Ray's default stops those
@@ -224,6 +236,9 @@ def test_a_local_cluster_starts_with_our_lines_only(tmp_path):
     assert "Ray's own logs:" in out and "Token authentication" not in out, out
     assert "Started a local Ray instance" not in out and "Execution plan" not in out, out
     assert "rows 10" in out, out
+    # Ray Data's issue detectors write to its log file, not to the run's console
+    assert int(re.search(r"detector lines in Ray Data's log: (\d+)", out).group(1)) > 0, out
+    assert not re.search(r"memory\s+per\s+worker", out) and "issue detection" not in out, out
     assert "a task reads Parquet by v1" in out, out
     alive, workers = map(int, re.search(r"idle for 4 s: (\d+) of (\d+) workers", out).groups())
     cpus = float(re.search(r"^cpus (\S+)", out, re.M).group(1))

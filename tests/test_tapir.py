@@ -894,10 +894,22 @@ def test_joins_by_id_agree_between_the_one_task_path_and_ray_datas_hash_join(
     for sizes in ((40, 10**6), (10**6, 40), (10**6, 10**6)):
         again = frames.mark(left, repeated, "seen", rows=sizes[0], ids_rows=sizes[1])
         assert rows(again) == rows(marked), sizes
-    # A semi or anti join against a small right side is a broadcast of its ids at any left size.
+    # A semi or anti join against a small right side is a broadcast of its ids at any left size,
+    # an inner or outer join a broadcast of the table (types and left's order kept per block).
     for how in ("left_semi", "left_anti"):
         broadcast = frames.join(left, repeated, how, size=10**6, right_rows=40)
         assert rows(broadcast) == rows(local[how]), how
+    for how in ("inner", "left_outer"):
+        broadcast = frames.join(left, right, how, size=10**6, right_rows=20)
+        assert rows(broadcast) == rows(local[how]), how
+    table = pa.concat_tables(ray.get(broadcast.to_arrow_refs()))
+    assert table.schema == pa.concat_tables(ray.get(local["left_outer"].to_arrow_refs())).schema
+    nothing = frames.join(
+        left, right.filter(lambda r: False), "left_outer", size=10**6, right_rows=0
+    )
+    assert rows(nothing) == [
+        (f"i{k}", f"t{k}", None) for k in sorted(range(40), key=lambda k: f"i{k}")
+    ]
     monkeypatch.setattr(frames, "LOCAL_JOIN_ROWS", 0)  # Ray Data's hash join, as at scale
     assert rows(frames.join(left, right, "left_outer", size=60)) == rows(local["left_outer"])
     shuffled = left.random_shuffle(seed=1).repartition(4)

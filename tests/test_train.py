@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import pytest
 import ray
@@ -74,10 +75,14 @@ def test_labels_mask_every_prompt_token(smollm2):
 
 
 def test_tiny_llama_trains_under_zero3(ray_cluster, smollm2, vocab, tmp_path):
+    handler = signal.getsignal(signal.SIGINT)
     result = train_round(
         ray.data.from_items(fixed_set() * 2), train_cfg(deepspeed_stage=3, max_steps=8), str(tmp_path / "round-1"),
         model=smollm2, model_config=tiny_config(vocab), heldout=fixed_set(4), heldout_before=True,
     )  # fmt: skip
+    # Ctrl-C after a fit reaches the run again: Ray Train's handler, which asked the finished
+    # fit's controller to abort and swallowed the signal, is not left behind
+    assert signal.getsignal(signal.SIGINT) is handler
     losses = [m["loss"] for m in result.metrics]
     assert [m["step"] for m in result.metrics] == list(range(1, 9))
     assert losses[-1] < 0.85 * losses[0], losses

@@ -158,7 +158,8 @@ def write_plan(
 def _judged(plan: str, scores_dir: str, n_items: int) -> dict[str, int]:
     """How many of a random plan's picks the judge scored, and found hard."""
     hard = frames.read(scores_dir, ["id", "hard"], {"hard": pa.bool_()})
-    picked = frames.join(frames.read(plan, ["id"]), hard, "inner", size=n_items)
+    # the plan's ids (a round's size) go to every block of scores: counted, so order is no matter
+    picked = frames.join(hard, frames.read(plan, ["id"]), "inner", size=n_items, right_rows=frames.rows(plan))  # fmt: skip
     counts = sum(frames.fold(picked, _hard_counts), Counter())
     return {"scored": counts["scored"], "hard": counts["hard"]}
 

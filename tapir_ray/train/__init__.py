@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -149,7 +151,16 @@ def train_round(
         # Resume: Ray Train restores a run from its own checkpoint history when a fit is started
         # again with the same name and storage path (a killed round picks up where it stopped).
     )  # fmt: skip
-    trainer.fit()
+    # Ray Train makes its own SIGINT handler the process's for a fit (Ctrl-C aborts the fit) and
+    # leaves it there: it holds the finished fit's controller actor, which it keeps alive, and a
+    # later Ctrl-C (in the next round's scoring phase) only asks that idle controller to abort:
+    # the run goes on, and the third Ctrl-C exits with status 0. The caller's handler comes back.
+    caller_handler = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit()
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, caller_handler)
     metrics = storage.read_json(cfg["metrics_path"]) if storage.exists(cfg["metrics_path"]) else []
     nll = (
         storage.read_json(cfg["heldout_path"])
