@@ -93,22 +93,21 @@ def join(left: ray.data.Dataset, right: ray.data.Dataset, how: str, *, size: int
     """`left` joined with `right` on the id column (inner, left_outer, left_semi, left_anti);
     `size`: about how many rows the larger side has. Above LOCAL_JOIN_ROWS it is Ray Data's
     hash-partitioned join; below, one task joins the two sides' blocks. When `right_rows` are at
-    most LOCAL_JOIN_ROWS, right goes to every block of left instead (a broadcast join: a semi or
-    anti join sends right's ids, see `mark`; an inner or outer join the small table), which
-    streams: Ray Data's hash join finishes every partition before the next operator gets a row,
-    so its whole output sits in the object store at once."""
+    most LOCAL_JOIN_ROWS, right goes to every block of left instead (a broadcast join; a semi or
+    anti join sends only right's ids), which streams: Ray Data's hash join finishes every
+    partition before the next operator gets a row, so its whole output sits in the object store
+    at once."""
+    right_on = right_on or on
     if size <= LOCAL_JOIN_ROWS:
         return ray.data.from_arrow_refs([_local_join.remote(
-            left.to_arrow_refs(), right.to_arrow_refs(), how, on, right_on or on)])  # fmt: skip
+            left.to_arrow_refs(), right.to_arrow_refs(), how, on, right_on)])  # fmt: skip
     if right_rows is not None and right_rows <= LOCAL_JOIN_ROWS:
         if how in ("left_semi", "left_anti"):
-            wanted = ray.put(_ids_of(right, right_on or on))
-            return left.map_batches(_keep_in, fn_args=(wanted, on, how == "left_semi"), batch_format="pyarrow")  # fmt: skip
+            right = right.select_columns([right_on])
         small = ray.put(_small_table(right))
-        return left.map_batches(_join_small, fn_args=(small, how, on, right_on or on), batch_format="pyarrow")  # fmt: skip
+        return left.map_batches(_join_small, fn_args=(small, how, on, right_on), batch_format="pyarrow")  # fmt: skip
     parts = max(2, min(256, math.ceil(size / ROWS_PER_PARTITION)))
-    return left.join(right, how, num_partitions=parts, on=(on,),
-                     right_on=(right_on,) if right_on else None)  # fmt: skip
+    return left.join(right, how, num_partitions=parts, on=(on,), right_on=(right_on,))
 
 
 def _concat(tables: list[pa.Table], on: str) -> pa.Table:
@@ -213,11 +212,6 @@ def _hits(batch: pa.Table, wanted: Any, on: str) -> pa.ChunkedArray:
 
 def _flag_in(batch: pa.Table, wanted: Any, column: str) -> pa.Table:
     return batch.append_column(column, _hits(batch, wanted, "id"))
-
-
-def _keep_in(batch: pa.Table, wanted: Any, on: str, inside: bool) -> pa.Table:
-    hit = _hits(batch, wanted, on)
-    return batch.filter(hit if inside else pc.invert(hit))
 
 
 def write(ds: ray.data.Dataset, folder: str, schema: pa.Schema) -> int:
