@@ -440,7 +440,7 @@ def alone(rows: int, work: Path, server: LocalOracle) -> dict:
     with Sampler(os.getpid(), server) as sampled:
         started, cpu, wall = time.perf_counter(), busy_cpu_s(), time.time()
         answers, _ = answer(candidates.select_columns(["id", "messages"]), cfg.student,
-                            run_dir=str(out), round_=1)  # fmt: skip
+                            run_dir=str(out), round_=1, rows=storage.parquet_rows(str(run_dir / "round-1" / "student_in")))  # fmt: skip
         frames.write_as_it_goes(answers, str(out / "student"))
         student_s, student_cpu = time.perf_counter() - started, busy_cpu_s() - cpu
     student_by_process = sampled.cpu_by_process(wall, float("inf"))

@@ -282,16 +282,17 @@ class Recipe:
             parts = [before] if before is not None else []
             if kept < n:  # the engine starts only when there is something left to answer
                 fresh, facts["engine"] = answer(todo, cfg, run_dir=self.run_dir, round_=r, adapter=adapter,
-                                                use_gpu=self.use_gpu, carry=tuple(context))  # fmt: skip
+                                                use_gpu=self.use_gpu, carry=tuple(context), rows=n - kept)  # fmt: skip
                 parts.insert(0, persist(fresh, student_dir, tag))
             answers = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
             return scoring_requests(answers, student_in, context, (to_requests, fn_args), early)
 
         # The engine answers in blocks: the progress line counts them as they are kept.
-        answered = lambda: f"{frames.rows(student_dir)}/{n} answered"  # noqa: E731
+        kept_rows = storage.RowsWritten(student_dir)
+        answered = lambda: f"{kept_rows()}/{n} answered"  # noqa: E731
         pre = n if early is not None else 0
         info = self.ask_stream(label, requests, pre + per_row * n, rd.join(out), round_=r,
-                               sent=lambda: pre + per_row * frames.rows(student_dir), detail=answered, **ask)  # fmt: skip
+                               sent=lambda: pre + per_row * kept_rows(), detail=answered, **ask)  # fmt: skip
         answered = frames.rows(student_dir)
         metrics = answers_metrics(
             student_dir, tag, started, round=r, **facts["engine"], rows_in=n, rows_out=answered,

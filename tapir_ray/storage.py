@@ -96,6 +96,28 @@ def parquet_rows(folder: str) -> int:
     return pads.dataset(path, format="parquet", filesystem=fs).count_rows()
 
 
+class RowsWritten:
+    """Rows in a folder that a running stage adds Parquet files to (a file never changes once it
+    has its name): each file's footer is read once, however often the count is asked for (a
+    progress line over a scoring phase's thousand answer files)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self._rows: dict[str, int] = {}
+
+    def __call__(self) -> int:
+        import pyarrow.parquet as pq
+
+        fs, path = fs_and_path(self.folder)
+        if not fs.exists(path):
+            return 0
+        for f in fs.find(path):
+            if f.endswith(".parquet") and "/_" not in f[len(path) :] and f not in self._rows:
+                with fs.open(f, "rb") as fh:
+                    self._rows[f] = pq.ParquetFile(fh).metadata.num_rows
+        return sum(self._rows.values())
+
+
 def read_table(folder: str, columns: list[str] | None = None):
     """A folder of Parquet files as one Arrow table (for the small columns a plan needs).
 

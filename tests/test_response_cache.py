@@ -94,10 +94,14 @@ def test_a_miss_reads_no_file_and_a_resumed_stage_reads_each_segment_once(tmp_pa
     assert len(_segments(root)) == 10
     reads = _count_reads(monkeypatch)
     reader = ResponseCache(str(root))
+    assert not reader.surely_missing(_key(1000))  # no index yet: only a lookup can tell
     assert reader.get(_key(1000)) is None
     assert reads == [["key"]] * 10  # the index: each segment's key column, once
     assert all(reader.get(_key(1000 + i)) is None for i in range(50))
     assert len(reads) == 10  # misses answered from memory
+    # ... and told without a lookup (the oracle client's fast path), never for a cached key
+    assert all(reader.surely_missing(_key(2000 + i)) for i in range(50))
+    assert not any(reader.surely_missing(_key(i)) for i in range(100))
     assert [reader.get(_key(i)) for i in range(100)] == [_entry(i) for i in range(100)]
     assert reads.count(["key", "entry"]) == 10  # rows asked in write order: each segment read once
 
@@ -166,7 +170,8 @@ def test_a_writer_finds_what_it_wrote_without_holding_every_key_it_wrote(tmp_pat
     # Each key indexed once: a merged segment is found under the keys of the ones it replaced.
     assert len(writer._written) + sum(len(prefixes) for prefixes, _ in writer._chunks) == 300
     assert [writer.get(_key(i)) for i in range(300)] == [_entry(i) for i in range(300)]
-    assert writer.get(_key(1000)) is None
+    assert not any(writer.surely_missing(_key(i)) for i in range(300))  # written, folded or not
+    assert writer.get(_key(1000)) is None and writer.surely_missing(_key(1000))
     assert ["key"] not in reads  # found from what it wrote: the folder was not indexed again
 
 
@@ -178,3 +183,4 @@ def test_keys_sharing_an_index_prefix_are_told_apart(tmp_path):
     reader = ResponseCache(str(root))
     assert reader.get(a) == _entry(1) and reader.get(b) == _entry(2)
     assert reader.get("ab" * 8 + "2" * 48) is None
+    assert not reader.surely_missing("ab" * 8 + "2" * 48)  # its prefix is there: a lookup tells

@@ -191,6 +191,22 @@ class ResponseCache:
                     self._decoded.clear()
         return None
 
+    def surely_missing(self, key: str) -> bool:
+        """Whether the index in memory already tells that `key` is not cached: a miss needs no
+        thread and no I/O (False when the index is not built yet or is being changed)."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self._paths is None or key in self._written:
+                return False
+            p = np.uint64(_prefix(key))
+            return not any(
+                np.searchsorted(prefixes, p, "left") < np.searchsorted(prefixes, p, "right")
+                for prefixes, _ in (*self._chunks, (self._prefixes, self._owners))
+            )
+        finally:
+            self._lock.release()
+
     def _lookup(self, key: str) -> dict[str, Any] | None:
         with self._lock:
             self._ensure_index()
