@@ -191,6 +191,11 @@ class ResponseCache:
                     self._decoded.clear()
         return None
 
+    def load_index(self) -> None:
+        """Indexes the segments now, rather than at the first `get`."""
+        with self._lock:
+            self._ensure_index()
+
     def surely_missing(self, key: str) -> bool:
         """Whether the index in memory already tells that `key` is not cached: a miss needs no
         thread and no I/O (False when the index is not built yet or is being changed)."""

@@ -93,6 +93,9 @@ class OracleStage:
             identity=identity,
             pool=pool,
         )  # made on the loop's thread would be the same: it holds no loop-bound state until used
+        # Indexed before the first batch: every miss then takes the client's path without a
+        # thread, and the first rows' requests do not leave after later ones.
+        self.client.cache.load_index()
         self.dead_dir = RunDir(run_dir).dead_letter
         self.dead_prefix = dead_letter_prefix(stage or f"round-{round_}-{role}")
         self.tag = uuid.uuid4().hex[:8]
