@@ -183,9 +183,14 @@ def slow(batch):
     return batch
 ds = ray.data.range(10, override_num_blocks=5).map_batches(slow, num_cpus=0.001)
 print("rows", ds.count())
+# Ray Data's warning that an operator has made no output for a minute (a step waiting for the
+# student engine to start), as its executor prints it
+from ray.data._internal.execution.streaming_executor_state import IdleDetector
+IdleDetector.print_warning_if_idle_for_too_long("TaskPoolMapOperator[StreamingRepartition]", 61.0)
 session = ray._private.worker._global_node.get_session_dir_path()
 logged = "".join(open(f).read() for f in glob.glob(f"{session}/logs/**/ray-data.log", recursive=True))
 print("detector lines in Ray Data's log:", len(re.findall(r"memory\\s+per\\s+worker", logged)))
+print("idle lines in Ray Data's log:", logged.count("is running but has no outputs"))
 
 @ray.remote(num_cpus=0)
 def parquet_path():
@@ -239,6 +244,8 @@ def test_a_local_cluster_starts_with_our_lines_only(tmp_path):
     # Ray Data's issue detectors write to its log file, not to the run's console
     assert int(re.search(r"detector lines in Ray Data's log: (\d+)", out).group(1)) > 0, out
     assert not re.search(r"memory\s+per\s+worker", out) and "issue detection" not in out, out
+    assert int(re.search(r"idle lines in Ray Data's log: (\d+)", out).group(1)) > 0, out
+    assert "has no outputs" not in out, out
     assert "a task reads Parquet by v1" in out, out
     alive, workers = map(int, re.search(r"idle for 4 s: (\d+) of (\d+) workers", out).groups())
     cpus = float(re.search(r"^cpus (\S+)", out, re.M).group(1))

@@ -1,6 +1,7 @@
 """Student inference: the current student answers every candidate instruction, every round.
 
     rows (id, messages JSON) → PreparePrompts (chat template → ids; over-long: truncate or dead-letter)
+                             → blocks of one engine batch (`engine_blocks`: answers leave batch by batch)
                              → vLLM (ray.data.llm, dynamic LoRA) or transformers (batched generate)
                              → rows + response, prompt/completion tokens, finish reason, engine,
                                adapter id and sha256, latency
