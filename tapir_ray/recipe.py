@@ -288,12 +288,12 @@ class Recipe:
             return scoring_requests(answers, student_in, context, (to_requests, fn_args), early)
 
         # The engine answers in blocks: the progress line counts them as they are kept.
-        kept_rows = storage.RowsWritten(student_dir)
-        answered = lambda: f"{kept_rows()}/{n} answered"  # noqa: E731
+        answered_rows = storage.RowsWritten(student_dir)
+        answered = lambda: f"{answered_rows()}/{n} answered"  # noqa: E731
         pre = n if early is not None else 0
         info = self.ask_stream(label, requests, pre + per_row * n, rd.join(out), round_=r,
-                               sent=lambda: pre + per_row * kept_rows(), detail=answered, **ask)  # fmt: skip
-        answered = frames.rows(student_dir)
+                               sent=lambda: pre + per_row * answered_rows(), detail=answered, **ask)  # fmt: skip
+        answered = answered_rows()
         metrics = answers_metrics(
             student_dir, tag, started, round=r, **facts["engine"], rows_in=n, rows_out=answered,
             adapter_id=adapter.id if adapter else "base", adapter_sha256=adapter.sha256 if adapter else "",

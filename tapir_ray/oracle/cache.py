@@ -202,35 +202,32 @@ class ResponseCache:
         if not self._lock.acquire(blocking=False):
             return False
         try:
-            if self._paths is None or key in self._written:
-                return False
-            p = np.uint64(_prefix(key))
-            return not any(
-                np.searchsorted(prefixes, p, "left") < np.searchsorted(prefixes, p, "right")
-                for prefixes, _ in (*self._chunks, (self._prefixes, self._owners))
-            )
+            return self._paths is not None and not self._indexed(key)
         finally:
             self._lock.release()
+
+    def _indexed(self, key: str) -> list[int]:
+        """The segments the index maps `key`'s prefix to, the newest mapping first (more than one
+        for a key-prefix collision or a merged segment); called with the lock held."""
+        written = self._written.get(key)
+        if written is not None:
+            return [written]
+        p = np.uint64(_prefix(key))
+        return [
+            owner
+            for prefixes, segments in (*reversed(self._chunks), (self._prefixes, self._owners))
+            for owner in segments[
+                np.searchsorted(prefixes, p, "left") : np.searchsorted(prefixes, p, "right")
+            ].tolist()
+        ]  # fmt: skip
 
     def _lookup(self, key: str) -> dict[str, Any] | None:
         with self._lock:
             self._ensure_index()
-            written = self._written.get(key)
-            if written is not None:
-                owners = [written]
-            else:  # the newest mapping first
-                p = np.uint64(_prefix(key))
-                owners = [
-                    owner
-                    for prefixes, segments in (*reversed(self._chunks), (self._prefixes, self._owners))
-                    for owner in segments[
-                        np.searchsorted(prefixes, p, "left") : np.searchsorted(prefixes, p, "right")
-                    ].tolist()
-                ]  # fmt: skip
             # A segment this writer merged away: the one it went into.
-            owners = list(dict.fromkeys(self._live(o) for o in owners))
+            owners = list(dict.fromkeys(self._live(o) for o in self._indexed(key)))
         missing = False
-        for index in owners:  # more than one for a key-prefix collision or a merged segment
+        for index in owners:
             try:
                 text = self._decoded_segment(index).get(key)
             except FileNotFoundError:
