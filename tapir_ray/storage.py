@@ -86,14 +86,31 @@ def is_done(stage_dir: str) -> bool:
 # --- Parquet folders (stage outputs) -------------------------------------------------------------
 
 
-def parquet_rows(folder: str) -> int:
-    """Rows in a folder of Parquet files, from the footers (no data is read)."""
-    import pyarrow.dataset as pads
+def _data_files(fs: Any, path: str) -> list[str]:
+    """The files under a Parquet folder that a reader takes for data: as pyarrow's datasets, a
+    name (or a folder's name) that starts with `_` or `.` (success marker, metrics, temporaries)
+    is not data."""
+    if fs.isfile(path):
+        return [path]
+    return [f for f in fs.find(path) if not any(part[:1] in ("_", ".") for part in f[len(path) :].split("/") if part)]  # fmt: skip
 
+
+def _footer_rows(fs: Any, f: str) -> int:
+    import pyarrow.parquet as pq
+
+    with fs.open(f, "rb") as fh:
+        return pq.ParquetFile(fh).metadata.num_rows
+
+
+def parquet_rows(folder: str) -> int:
+    """Rows in a folder of Parquet files, from the footers (no data is read), one file at a time:
+    a pyarrow dataset's `count_rows` keeps every file's footer in the process, and the memory
+    stays with it (277 MB in a driver that counted a 1,000,000-row round's verdicts, 1,200 files
+    of 78 row groups)."""
     fs, path = fs_and_path(folder)
     if not fs.exists(path):
         return 0
-    return pads.dataset(path, format="parquet", filesystem=fs).count_rows()
+    return sum(_footer_rows(fs, f) for f in _data_files(fs, path))
 
 
 class RowsWritten:
@@ -106,15 +123,12 @@ class RowsWritten:
         self._rows: dict[str, int] = {}
 
     def __call__(self) -> int:
-        import pyarrow.parquet as pq
-
         fs, path = fs_and_path(self.folder)
         if not fs.exists(path):
             return 0
-        for f in fs.find(path):
-            if f.endswith(".parquet") and "/_" not in f[len(path) :] and f not in self._rows:
-                with fs.open(f, "rb") as fh:
-                    self._rows[f] = pq.ParquetFile(fh).metadata.num_rows
+        for f in _data_files(fs, path):
+            if f.endswith(".parquet") and f not in self._rows:
+                self._rows[f] = _footer_rows(fs, f)
         return sum(self._rows.values())
 
 
