@@ -8,7 +8,9 @@ over task types; the student is a tiny random-weight Llama with the bundled toke
 (transformers where vllm is not installed); the sentence encoder is a tiny random-weight one with
 the bundled MiniLM's tokenizer (`tapir_ray.assets.tiny_encoder`; `--encoder minilm`: the real
 one); the oracle is the scripted OpenAI-compatible server (`tapir-ray oracle serve --backend
-scripted`, a few ms per reply) as classifier, expander, refiner and judge. One TAPIR
+scripted`, a few ms per reply) as classifier, expander, refiner and judge; it stands in for a
+remote provider, so it runs at the oracle actors' low CPU priority (`oracle.nice`) and takes
+the CPU the engine leaves, as the actors do. One TAPIR
 round runs as a user runs it (`tapir-ray run`, attached to one Ray cluster): ingest, labels (the
 embedding classifier, trained on an oracle-labelled sample), items, the streaming scoring phase
 (student answers → judge verdicts), scores, plan, expansion, refinement, training set, a LoRA fit
@@ -78,6 +80,7 @@ from ingest_throughput import PeakRSS
 
 from tapir_ray import storage
 from tapir_ray.assets import TINY_LLAMA_VLLM, tiny_encoder, tiny_llama
+from tapir_ray.config import OracleConfig
 from tapir_ray.oracle.local import LocalOracle
 from tapir_ray.runtime import ensure_ray
 
@@ -455,7 +458,7 @@ def alone(rows: int, work: Path, server: LocalOracle) -> dict:
         verdicts = oracle_map(
             requests, role="judge", endpoint=cfg.oracle.endpoint("judge"), base_url=server.base_url,
             run_dir=str(out), round_=1, params=P.verdict_params(judge, prefill), ledger=Ledger.remote(None, None),
-            actors=cfg.oracle.actors, cpus_per_actor=cfg.oracle.cpus_per_actor,
+            actors=cfg.oracle.actors, cpus_per_actor=cfg.oracle.cpus_per_actor, nice=cfg.oracle.nice,
             batch_size=max(8, min(64, math.ceil(total / (4 * cfg.oracle.actors)))),
         )  # fmt: skip
         frames.write_as_it_goes(verdicts, str(out / "judge"))
@@ -576,7 +579,8 @@ def main() -> None:
         + ("" if args.time_limit is None else f" --time-limit {args.time_limit:g}")
     )
     runs = []
-    with LocalOracle("--backend", "scripted", "--latency-ms", "5-20") as server:
+    nice = OracleConfig().nice  # a remote provider's stand-in: the actors' priority
+    with LocalOracle("--backend", "scripted", "--latency-ms", "5-20", nice=nice) as server:
         for rows in args.rows:
             run = one_size(rows, work, server, model, encoder, env, args)
             timed = args.alone is not None and (not args.alone or rows in args.alone)

@@ -363,6 +363,15 @@ class OracleConfig(_Strict):
     )
     actors: PositiveInt = 4
     cpus_per_actor: Annotated[float, Field(gt=0)] = 0.25
+    nice: int = Field(
+        19,
+        ge=0,
+        le=19,
+        description="The oracle actors' CPU priority (Unix nice value; Ray starts its workers, the "
+        "student engine's among them, at 15). They mostly wait on the endpoint: on a node they share "
+        "with the engine its processes come first, and the actors take the CPU it leaves (15 or "
+        "less: the same priority as the engine).",
+    )
     teacher_max_tokens: PositiveInt = Field(
         1024, description="max_tokens of teacher answers and refinements."
     )

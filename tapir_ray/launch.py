@@ -23,6 +23,7 @@ from tapir_ray.lease import LeaseHeld, RunLease
 from tapir_ray.recipe import RunError, StopAfter
 from tapir_ray.rounds import TapirRun
 from tapir_ray.rundir import RunDir
+from tapir_ray.student import preload_engine
 
 __all__ = ["RunError", "oracle_endpoints", "run", "runner_class"]
 
@@ -152,6 +153,7 @@ def run(
         raise RunError(str(exc)) from None
     storage.write_text_atomic(RunDir(run_dir).config, cfg.to_yaml())
     ensure_ray(cfg.resources)
+    preload_engine(cfg.student)  # imported while the first stages run, not when the engine starts
     started = time.perf_counter()
     with (
         lease,

@@ -236,6 +236,7 @@ class Recipe:
             requests(), role=role, endpoint=ep, base_url=url, identity=identity, stage=stage,
             run_dir=self.run_dir, round_=round_, params=params, ledger=self.ledger, parse=parse,
             limiter=self.limiters[key], actors=self.cfg.oracle.actors, cpus_per_actor=self.cfg.oracle.cpus_per_actor,
+            nice=self.cfg.oracle.nice,
             batch_size=max(8, min(64, math.ceil(total / (4 * self.cfg.oracle.actors)))), mode=self.cfg.oracle.mode_for(role),
         )  # fmt: skip
         started = time.perf_counter()

@@ -33,6 +33,31 @@ def cpu_threads_env() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in CPU_THREADS_ENV.items()}
 
 
+_reniced = False  # every thread of this process has been reniced once
+
+
+def lower_cpu_priority(niceness: int) -> None:
+    """Raise the calling thread's nice value to `niceness`, and on its first call in a process
+    every thread's (on Linux the nice value is a thread's: os.nice and psutil's nice change the
+    calling or main thread only; a thread started later takes its starter's). For processes that
+    mostly wait on the network, on a node they share with work that computes (the student
+    engine): the kernel gives them the CPU the other work leaves. Never lowers a nice value
+    (that needs privileges)."""
+    global _reniced
+    if niceness <= 0 or not hasattr(os, "setpriority"):
+        return
+    tids = [0]  # 0: the calling thread
+    if not _reniced and os.path.isdir("/proc/self/task"):
+        tids += [int(t) for t in os.listdir("/proc/self/task")]
+    _reniced = True
+    for tid in tids:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
+                os.setpriority(os.PRIO_PROCESS, tid, niceness)
+        except (OSError, ValueError):  # a thread that has just ended
+            continue
+
+
 # The raylet stops the idle workers beyond `num_workers_soft_limit` (the node's CPU count) once
 # they have been idle for 1 s, and a round runs more Ray Data tasks at once than a small node has
 # CPUs (light tasks at a fraction of a CPU, writers at none, beside the actors). Nearly every task

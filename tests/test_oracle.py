@@ -220,7 +220,9 @@ def _rows(n: int, prefix: str = "q") -> list[dict]:
     ]
 
 
-def _run(ray_cluster, server, rows, run_dir, *, role="answer", parse=None, ledger=None, **ep):
+def _run(
+    ray_cluster, server, rows, run_dir, *, role="answer", parse=None, ledger=None, nice=0, **ep
+):
     endpoint = EndpointConfig(
         base_url=server.base_url,
         model="local",
@@ -232,7 +234,7 @@ def _run(ray_cluster, server, rows, run_dir, *, role="answer", parse=None, ledge
     ds = oracle_map(
         ray.data.from_items(rows), role=role, endpoint=endpoint, base_url=server.base_url, run_dir=str(run_dir),
         round_=1, params={"max_tokens": 64, "temperature": 0.0}, ledger=ledger, parse=parse, actors=2,
-        cpus_per_actor=0.25, batch_size=16,
+        cpus_per_actor=0.25, batch_size=16, nice=nice,
     )  # fmt: skip
     out = ds.take_all()
     return out, ray.get(ledger.snapshot.remote())["rounds"]["1"][role]
@@ -251,6 +253,26 @@ def test_answers_come_back_and_a_repeat_run_is_served_from_cache(ray_cluster, tm
         assert server.stats()["ok"] == 40  # no new request reached the server
         assert ledger2["cache_hits"] == 40 and ledger2["requests"] == 0
         assert sorted(r["response"] for r in again) == sorted(r["response"] for r in out)
+
+
+def _nice_values(text: str) -> dict:
+    """A parser that tells the nice values in the actor it runs in: of its own thread (the
+    client's loop) and of the process's main thread."""
+    import os
+
+    return {
+        "thread": os.getpriority(os.PRIO_PROCESS, 0),
+        "main": os.getpriority(os.PRIO_PROCESS, os.getpid()),
+    }
+
+
+def test_the_oracle_actors_run_at_the_configured_cpu_priority(ray_cluster, tmp_path):
+    """oracle.nice: the actors' threads yield the CPU to the student engine on a shared node
+    (Ray's workers, the engine's among them, run at 15)."""
+    with LocalOracle("--backend", "scripted") as server:
+        out, _ = _run(ray_cluster, server, _rows(8), tmp_path, parse=_nice_values, nice=19)
+    assert len(out) == 8
+    assert [json.loads(r["parsed"]) for r in out] == [{"thread": 19, "main": 19}] * 8
 
 
 def test_a_prefilled_verdict_is_continued_and_parsed_with_its_prefill(ray_cluster, tmp_path):

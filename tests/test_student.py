@@ -214,6 +214,28 @@ def test_torch_threads_wait_passively_unless_the_environment_says(monkeypatch):
     assert worker_env()["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
+def test_the_vllm_stage_is_imported_ahead_by_a_background_thread():
+    """A run imports ray.data.llm's vLLM stage (and vLLM) while its first stages work, not when
+    its first scoring phase builds the processor: the module the processor imports is the one
+    preloaded, and the preload leaves it in sys.modules (in a fresh process)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("vllm")
+    code = (
+        "import sys\n"
+        "from tapir_ray.student.vllm_engine import ENGINE_STAGE_MODULE, preload\n"
+        "assert ENGINE_STAGE_MODULE not in sys.modules and 'vllm' not in sys.modules\n"
+        "preload().join()\n"
+        "print(ENGINE_STAGE_MODULE in sys.modules and 'vllm' in sys.modules)\n"
+        "from ray.llm._internal.batch.stages import vLLMEngineStage\n"
+        "assert vLLMEngineStage.__module__ == ENGINE_STAGE_MODULE, vLLMEngineStage.__module__\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "True"
+
+
 # --- vLLM engine (one engine start for the session) and LoRA ----------------------------------------
 
 

@@ -44,8 +44,10 @@ def vllm_available() -> bool:
 
 
 class LocalOracle:
-    def __init__(self, *args: str, startup_timeout: float = 300.0, log_path: str | None = None):
+    def __init__(self, *args: str, startup_timeout: float = 300.0, log_path: str | None = None,
+                 nice: int = 0):  # fmt: skip
         self.args = list(args)
+        self.nice = nice  # the server's CPU priority (`nice -n`)
         self.startup_timeout = startup_timeout
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
@@ -83,6 +85,8 @@ class LocalOracle:
         from tapir_ray.runtime import cpu_threads_env
 
         env = {**os.environ, **cpu_threads_env()}  # an hf backend computes on every core
+        if self.nice > 0:
+            cmd = ["nice", "-n", str(self.nice), *cmd]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
         self._wait_until(lambda: os.path.exists(ready), "the local oracle server", 0.1)
         with open(ready) as f:

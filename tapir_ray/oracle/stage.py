@@ -34,7 +34,7 @@ from tapir_ray.oracle.cache import ResponseCache
 from tapir_ray.oracle.client import Answer, DeadLetter, OracleClient
 from tapir_ray.oracle.ledger import COUNTERS, BudgetExceeded, empty_entry
 from tapir_ray.rundir import RunDir
-from tapir_ray.runtime import map_batches_once
+from tapir_ray.runtime import lower_cpu_priority, map_batches_once
 
 # What an oracle (or student) stage reads: a row id and the chat messages (JSON).
 REQUESTS = pa.schema([("id", pa.string()), ("messages", pa.string())])
@@ -79,7 +79,10 @@ class OracleStage:
         stage: str | None = None,
         mode: str = "online",
         pool: tuple[str, int] | None = None,
+        nice: int = 0,
     ):
+        self.nice = nice
+        lower_cpu_priority(nice)  # before the loop's thread starts: it takes this thread's value
         self.endpoint = EndpointConfig.model_validate(endpoint)
         self.role, self.round, self.params, self.parse = role, round_, params, parse
         self.ledger = ledger
@@ -114,6 +117,7 @@ class OracleStage:
     async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Ray Data's loop runs this; the requests run on the client's own loop (made with the
         # actor, where the ledger's reports run too).
+        lower_cpu_priority(self.nice)  # Ray Data's loop thread, started apart from __init__
         ids = [str(x) for x in batch["id"]]
         messages = [json.loads(m) for m in batch["messages"]]
         try:
@@ -297,6 +301,7 @@ def oracle_map(
     parse: Callable | None = None,
     actors: int = 4,
     cpus_per_actor: float = 0.25,
+    nice: int = 0,
     batch_size: int = 64,
     identity: str | None = None,
     limiter=None,
@@ -307,7 +312,7 @@ def oracle_map(
     `stage` names the dead-letter files (default: round and role). `mode="batch"` sends the
     requests through the provider's Batch API (batch.py): each Ray Data batch of up to
     `endpoint.batch.max_requests` rows is one provider batch, and every actor keeps several in
-    flight."""
+    flight. `nice`: the actors' CPU priority (OracleConfig.nice)."""
     from tapir_ray.oracle.limiter import limiter_for
 
     # A caller running several stages passes its limiter and keeps it alive between them (a named
@@ -325,7 +330,7 @@ def oracle_map(
         fn_constructor_kwargs=dict(
             endpoint=endpoint.model_dump(), base_url=base_url, role=role, run_dir=run_dir, round_=round_,
             params=params, parse=parse, limiter=limiter, ledger=ledger, identity=identity, stage=stage,
-            mode=mode, pool=(uuid.uuid4().hex, actors * endpoint.max_concurrency),
+            mode=mode, pool=(uuid.uuid4().hex, actors * endpoint.max_concurrency), nice=nice,
         ),
         batch_size=batch_size,
         batch_format="numpy",

@@ -35,7 +35,7 @@ from tapir_ray.student.adapter import Adapter, adapter_sha256
 from tapir_ray.student.prepare import PreparePrompts
 
 __all__ = ["Adapter", "adapter_sha256", "answer", "answers_metrics", "persist", "pick_engine",
-           "run_student"]  # fmt: skip
+           "preload_engine", "run_student"]  # fmt: skip
 
 # CPUs of each light per-block task (prompt rendering, output columns, persisting): a fraction,
 # so that a streaming phase's glue still runs on a 2-CPU node next to an engine actor holding a
@@ -54,6 +54,15 @@ def pick_engine(engine: str) -> str:
     if engine != "auto":
         return engine
     return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+
+
+def preload_engine(student: StudentConfig) -> None:
+    """Start importing the student engine's modules in the background (vllm_engine.preload),
+    for a driver whose first stages come before its first engine stage."""
+    if pick_engine(student.engine) == "vllm":
+        from tapir_ray.student.vllm_engine import preload
+
+        preload()
 
 
 def _split_problems(

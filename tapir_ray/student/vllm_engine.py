@@ -8,6 +8,9 @@ the engine on first use, never merged).
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import threading
 from typing import Any
 
 from tapir_ray import storage
@@ -87,6 +90,26 @@ def engine_config(
         **extra,
     )
     return config, lora_name
+
+
+# The module of ray.data.llm's vLLM stage. Building a processor imports it, and vLLM with it.
+ENGINE_STAGE_MODULE = "ray.llm._internal.batch.stages.vllm_engine_stage"
+
+
+def preload() -> threading.Thread:
+    """Import ray.data.llm's vLLM stage, and vLLM, in a background thread of this process. A
+    streaming phase builds its processor when it starts, and the import (6-10 s of a core on the
+    2-core bench node) held up the phase's oracle stage and the engine's start, which come after
+    it. Ray has no public name for the stage's module: if the private path moves, the processor
+    imports what it needs when it is built, as before."""
+
+    def load() -> None:
+        with contextlib.suppress(Exception):
+            importlib.import_module(ENGINE_STAGE_MODULE)
+
+    thread = threading.Thread(target=load, name="preload-vllm", daemon=True)
+    thread.start()
+    return thread
 
 
 def build_vllm_processor(
