@@ -2,7 +2,11 @@
 citing.py: the 8:1:1 split of the items, the curriculum questions of a round, the warm-up set,
 question types (induced, merged, assigned, typed by description), rubrics and the rubric book,
 rubric retrieval for every question, the round's student and revision requests, the revision
-training set, and the evaluation's requests and per-criterion results."""
+training set, and the evaluation's requests and per-criterion results.
+
+The tables read whole here (types, rubrics, a round's answers, revisions and verdicts) hold a
+round's curriculum or evaluation questions: their size is `curriculum_questions`,
+`eval_questions` or `max_types`, never the pool's; the split and the retrieval run over blocks."""
 
 from __future__ import annotations
 
